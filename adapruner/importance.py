@@ -1,0 +1,310 @@
+"""Importance of every prunable group, from pool statistics, for any calibration subset.
+
+A metric first scores *units* (rows of q/k/v/gate/up_proj, columns of o/down_proj) of each module;
+a module's score for a group is the sum over the units the group owns; the group's importance is an
+aggregate (``sum | mean | max | prod | last``, as LLM-Pruner's group reduction) over the modules of
+the group — ``last`` being o_proj for attention and down_proj for the MLP.
+
+Element-wise metrics (``w`` weight, ``g_n`` gradient of sample ``n``'s loss, ``x`` input activation):
+
+=========================  ===============================================  ==============
+metric                     unit score                                       per-sample sum
+=========================  ===============================================  ==============
+``magnitude_l1``           Σ |w|                                            (no data)
+``magnitude_l2``           Σ w²                                             (no data)
+``taylor_first``           Σ |w · Σ_n g_n|  (LLM-Pruner ``param_first``)    no: backward
+``taylor_first_persample`` Σ_n Σ |w · g_n|                                  yes
+``taylor_second``          Σ_n Σ (w · g_n)²  (Fisher, ``param_second``)     yes
+``taylor_vector``          |Σ_n Σ w · g_n|  (LLM-Pruner ``vectorize``)      yes
+``wanda_sp``               Σ |w_ij| · ‖x_j‖₂                                yes
+=========================  ===============================================  ==============
+
+Two metrics score groups directly and ignore the aggregation: ``flap_fluctuation`` (FLAP: the
+variance of each input channel of o_proj/down_proj over the calibration tokens times the squared
+norm of its weight column, summed over the group's channels) and ``random``.
+
+A :class:`Mixture` normalises each metric per layer (scores divided by their layer mean, separately
+for attention groups and MLP channels, so metrics on different scales can be mixed) and adds them
+with non-negative weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import AdaPrunerError
+from .statistics import PoolStatistics, SubsetStatistics, check_subset, taylor_first_exact
+from .structure import ATTN_MODULES, COLUMN_MODULES, MLP_MODULES, LayerShape, decoder_layers, layer_linears
+
+AGGREGATIONS = ("sum", "mean", "max", "prod", "last")
+METRICS = (
+    "magnitude_l1", "magnitude_l2", "taylor_first", "taylor_first_persample", "taylor_second",
+    "taylor_vector", "wanda_sp", "flap_fluctuation", "random",
+)
+# Metrics whose value for a subset is assembled from per-sample statistics (no backward per trial).
+DECOMPOSABLE = tuple(m for m in METRICS if m != "taylor_first")
+GRADIENT_METRICS = ("taylor_first", "taylor_first_persample", "taylor_second", "taylor_vector")
+ACTIVATION_METRICS = ("wanda_sp", "flap_fluctuation")
+
+
+@dataclass
+class GroupScores:
+    """Importance per layer: ``attn[i]`` has one value per attention group, ``mlp[i]`` per channel."""
+
+    attn: list[torch.Tensor]
+    mlp: list[torch.Tensor]
+
+
+@dataclass
+class Mixture:
+    """A weighted mixture of metrics with one aggregation; weights need not sum to one."""
+
+    weights: Mapping[str, float]
+    aggregation: str = "sum"
+    seed: int = 0  # for ``random``
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.weights) - set(METRICS))
+        if unknown:
+            raise AdaPrunerError(f"unknown importance metric {unknown[0]!r} (choose from {', '.join(METRICS)})")
+        if any(w < 0 for w in self.weights.values()):
+            raise AdaPrunerError("importance metric weights must be non-negative")
+        if not any(w > 0 for w in self.weights.values()):
+            raise AdaPrunerError("at least one importance metric needs a positive weight")
+        if self.aggregation not in AGGREGATIONS:
+            raise AdaPrunerError(f"unknown aggregation {self.aggregation!r} (choose from {', '.join(AGGREGATIONS)})")
+
+    @classmethod
+    def single(cls, metric: str, aggregation: str = "sum", seed: int = 0) -> Mixture:
+        return cls({metric: 1.0}, aggregation, seed)
+
+    @property
+    def active(self) -> dict[str, float]:
+        return {m: w for m, w in self.weights.items() if w > 0}
+
+    @property
+    def needs_backward(self) -> bool:
+        return "taylor_first" in self.active
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether the pool's per-sample statistics are needed (``taylor_first`` runs its own backward)."""
+        return any(m in GRADIENT_METRICS + ACTIVATION_METRICS and m != "taylor_first" for m in self.active)
+
+
+# -- unit scores --------------------------------------------------------------------------------
+
+@dataclass
+class WeightSummary:
+    """Per-unit weight statistics, ``Σ|w|`` and ``Σw²`` (biases of q/k/v/gate/up rows included).
+
+    They depend on the weights alone, so a search computes them once for its (never modified) dense
+    model instead of once per trial; for o_proj/down_proj columns they are also what Wanda-sp and
+    FLAP multiply their activation statistics with.
+    """
+
+    l1: dict[tuple[int, str], torch.Tensor]
+    l2: dict[tuple[int, str], torch.Tensor]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> WeightSummary:
+        l1, l2 = {}, {}
+        for i, layer in enumerate(decoder_layers(model)):
+            for module, linear in layer_linears(layer).items():
+                weight = linear.weight.detach().float()
+                dim = 0 if module in COLUMN_MODULES else 1
+                l1[(i, module)], l2[(i, module)] = weight.abs().sum(dim), weight.square().sum(dim)
+                if linear.bias is not None and module not in COLUMN_MODULES:
+                    l1[(i, module)] += linear.bias.detach().float().abs()
+                    l2[(i, module)] += linear.bias.detach().float().square()
+        return cls({k: v.cpu() for k, v in l1.items()}, {k: v.cpu() for k, v in l2.items()})
+
+
+UnitScore = Callable[[nn.Linear, str, int, SubsetStatistics | None, WeightSummary], torch.Tensor]
+
+
+def _magnitude_l1(_linear, module, layer, _stats, weights):
+    return weights.l1[(layer, module)]
+
+
+def _magnitude_l2(_linear, module, layer, _stats, weights):
+    return weights.l2[(layer, module)]
+
+
+def _taylor_term(term: int, absolute: bool = False) -> UnitScore:
+    def score(_linear, module, layer, stats, _weights):
+        value = stats.taylor[(layer, module)][term]
+        return value.abs() if absolute else value
+
+    return score
+
+
+def _wanda_sp(linear, module, layer, stats, weights):
+    norm = stats.input_norm(layer, module)
+    if module in COLUMN_MODULES:
+        return weights.l1[(layer, module)] * norm  # Σ_i |W_ij| · ‖x_j‖
+    weight = linear.weight.detach()
+    return (weight.abs().float() @ norm.to(weight.device)).cpu()
+
+
+UNIT_SCORES: dict[str, UnitScore] = {
+    "magnitude_l1": _magnitude_l1,
+    "magnitude_l2": _magnitude_l2,
+    "taylor_first_persample": _taylor_term(2),
+    "taylor_second": _taylor_term(1),
+    "taylor_vector": _taylor_term(0, absolute=True),
+    "wanda_sp": _wanda_sp,
+}
+
+
+def _unit_to_group(shape: LayerShape, module: str, units: torch.Tensor) -> torch.Tensor:
+    if module in MLP_MODULES:
+        return units
+    return units.view(shape.n_groups, shape.rows_per_group(module)).sum(1)
+
+
+def aggregate(per_module: torch.Tensor, how: str) -> torch.Tensor:
+    """Reduce ``[modules, groups]`` to ``[groups]``; the last module is o_proj / down_proj."""
+    if how == "sum":
+        return per_module.sum(0)
+    if how == "mean":
+        return per_module.mean(0)
+    if how == "max":
+        return per_module.max(0).values
+    if how == "prod":
+        return per_module.prod(0)
+    if how == "last":
+        return per_module[-1]
+    raise AdaPrunerError(f"unknown aggregation {how!r}")
+
+
+def _elementwise_scores(
+    model: nn.Module, shapes: Sequence[LayerShape], unit_score: UnitScore, stats: SubsetStatistics | None,
+    aggregation: str, weights: WeightSummary,
+) -> GroupScores:
+    attn, mlp = [], []
+    for i, layer in enumerate(decoder_layers(model)):
+        linears = layer_linears(layer)
+        for modules, out in ((ATTN_MODULES, attn), (MLP_MODULES, mlp)):
+            per_module = torch.stack([
+                _unit_to_group(shapes[i], m, unit_score(linears[m], m, i, stats, weights).cpu()) for m in modules
+            ])
+            out.append(aggregate(per_module, aggregation))
+    return GroupScores(attn, mlp)
+
+
+def _flap_fluctuation(shapes: Sequence[LayerShape], stats: SubsetStatistics, weights: WeightSummary) -> GroupScores:
+    attn, mlp = [], []
+    for i, shape in enumerate(shapes):
+        for module, out in (("o_proj", attn), ("down_proj", mlp)):
+            units = stats.input_variance(i, module) * weights.l2[(i, module)]  # variance x ‖W_:,j‖²
+            out.append(_unit_to_group(shape, module, units))
+    return GroupScores(attn, mlp)
+
+
+def _random_scores(shapes: Sequence[LayerShape], seed: int) -> GroupScores:
+    generator = torch.Generator().manual_seed(seed)
+    return GroupScores(
+        [torch.rand(s.n_groups, generator=generator) for s in shapes],
+        [torch.rand(s.n_channels, generator=generator) for s in shapes],
+    )
+
+
+def metric_scores(
+    model: nn.Module,
+    shapes: Sequence[LayerShape],
+    metric: str,
+    aggregation: str = "sum",
+    stats: SubsetStatistics | None = None,
+    exact_taylor: Mapping[tuple[int, str], torch.Tensor] | None = None,
+    seed: int = 0,
+    weights: WeightSummary | None = None,
+) -> GroupScores:
+    """Group importance of one metric. ``stats`` are the subset's statistics; ``exact_taylor`` the
+    result of :func:`~adapruner.statistics.taylor_first_exact` on the same subset; ``weights`` the
+    model's :class:`WeightSummary` (computed here when not given)."""
+    if metric == "random":
+        return _random_scores(shapes, seed)
+    if metric in GRADIENT_METRICS + ACTIVATION_METRICS and metric != "taylor_first" and stats is None:
+        raise AdaPrunerError(f"metric {metric!r} needs calibration statistics")
+    weights = weights if weights is not None else WeightSummary.of(model)
+    if metric == "flap_fluctuation":
+        return _flap_fluctuation(shapes, stats, weights)
+    if metric == "taylor_first":
+        if exact_taylor is None:
+            raise AdaPrunerError("metric 'taylor_first' needs a backward pass over the calibration subset")
+        unit_score: UnitScore = lambda _lin, module, layer, _stats, _w: exact_taylor[(layer, module)]  # noqa: E731
+    else:
+        unit_score = UNIT_SCORES[metric]
+    return _elementwise_scores(model, shapes, unit_score, stats, aggregation, weights)
+
+
+def _normalise(scores: torch.Tensor) -> torch.Tensor:
+    # Dividing by the layer mean keeps each metric's within-layer shape but puts all metrics on one
+    # scale; a layer where a metric is identically zero contributes nothing rather than NaN.
+    mean = scores.mean()
+    return scores / mean if mean > 0 else torch.zeros_like(scores)
+
+
+def mixture_scores(
+    model: nn.Module,
+    shapes: Sequence[LayerShape],
+    mixture: Mixture,
+    stats: SubsetStatistics | None = None,
+    exact_taylor: Mapping[tuple[int, str], torch.Tensor] | None = None,
+    weights: WeightSummary | None = None,
+) -> GroupScores:
+    """Group importance of a weighted mixture of per-layer-normalised metrics."""
+    active = mixture.active
+    weights = weights if weights is not None else WeightSummary.of(model)
+    if len(active) == 1:  # a single metric is used as is, so it matches its reference exactly
+        (metric,) = active
+        return metric_scores(model, shapes, metric, mixture.aggregation, stats, exact_taylor, mixture.seed, weights)
+    total = sum(active.values())
+    attn = [torch.zeros(s.n_groups) for s in shapes]
+    mlp = [torch.zeros(s.n_channels) for s in shapes]
+    for metric, weight in active.items():
+        scores = metric_scores(model, shapes, metric, mixture.aggregation, stats, exact_taylor, mixture.seed,
+                               weights)
+        for i in range(len(shapes)):
+            attn[i] += weight / total * _normalise(scores.attn[i])
+            mlp[i] += weight / total * _normalise(scores.mlp[i])
+    return GroupScores(attn, mlp)
+
+
+def subset_importance(
+    model: nn.Module,
+    shapes: Sequence[LayerShape],
+    mixture: Mixture,
+    subset: Sequence[int],
+    stats: PoolStatistics | None = None,
+    windows: torch.Tensor | None = None,
+    weights: WeightSummary | None = None,
+) -> GroupScores:
+    """Importance of every group when calibrated on ``subset`` of the pool.
+
+    ``stats`` are the pool's per-sample statistics (needed by gradient and activation metrics);
+    ``windows`` the pool's token windows (needed only by ``taylor_first``, which runs a backward pass
+    over the subset's windows); ``weights`` the model's :class:`WeightSummary`, if already computed.
+    """
+    pool_size = stats.n_samples if stats is not None else (windows.shape[0] if windows is not None else None)
+    if pool_size is None:
+        if mixture.needs_data or mixture.needs_backward:
+            raise AdaPrunerError("this importance mixture needs calibration data")
+        return mixture_scores(model, shapes, mixture, weights=weights)
+    idx = check_subset(subset, pool_size)
+    sub = None
+    if mixture.needs_data:
+        if stats is None:
+            raise AdaPrunerError("this importance mixture needs the pool's statistics")
+        sub = stats.subset(idx)
+    exact = None
+    if mixture.needs_backward:
+        if windows is None:
+            raise AdaPrunerError("metric 'taylor_first' needs the calibration windows for its backward pass")
+        exact = taylor_first_exact(model, windows[idx])
+    return mixture_scores(model, shapes, mixture, sub, exact, weights)

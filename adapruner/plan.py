@@ -1,0 +1,245 @@
+"""Pruning plans: how many parameters each layer gives up, and which groups go.
+
+The target is a share of *all* parameters (what papers report; embeddings included) or a parameter
+count. It is spread over layers by an :class:`Allocation`:
+
+* ``uniform`` — every layer gives up the same share of its prunable parameters;
+* ``layer_range`` — only layers ``first .. last-1`` are pruned (LLM-Pruner spares the first four and
+  the last two: ``first=4, last=-2``);
+* ``adaptive`` — Adapt-Pruner: a layer that changes its input more (lower cosine similarity between
+  its input and output hidden states on the calibration samples) is more important and is pruned
+  less. Shares are mapped linearly from that importance, between ``(1 - strength)`` and
+  ``(1 + strength)`` times the mean share.
+
+All three are points of one :class:`Allocation` (a pruned layer range times adaptive factors).
+
+Inside a layer, attention groups and MLP channels are paid for in one currency, parameters:
+``attn_share`` of the layer's budget is taken as whole attention groups (default: the attention's
+share of the layer's parameters), the rest as MLP channels. Rounding errors are carried from layer
+to layer, so the plan removes the target within one MLP channel's parameters. A layer always keeps
+at least one attention group and one MLP channel.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .errors import AdaPrunerError
+from .importance import GroupScores
+from .structure import ModelStructure
+
+STRATEGIES = ("uniform", "layer_range", "adaptive")
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """How the budget is spread over layers: one formula covering all three named strategies.
+
+    Layers ``first .. last-1`` are pruned (``last`` <= 0 counts from the end; ``0`` = through the
+    last layer); within them each layer's share of the budget is scaled by Adapt-Pruner's factor with
+    ``strength`` (0 = uniform). ``uniform`` is ``(0, 0, 0)``, LLM-Pruner's ``layer_range`` is
+    ``(4, -2, 0)`` and ``adaptive`` is ``(0, 0, s)``; a search may also combine them.
+    """
+
+    first: int = 0
+    last: int = 0
+    strength: float = 0.0
+    attn_share: float | None = None  # share of each layer's budget taken from attention
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.strength <= 1.0:
+            raise AdaPrunerError(f"allocation strength must be in [0, 1], got {self.strength}")
+        if self.attn_share is not None and not 0.0 <= self.attn_share <= 1.0:
+            raise AdaPrunerError(f"attn_share must be in [0, 1], got {self.attn_share}")
+
+    @classmethod
+    def named(cls, strategy: str, first: int = 4, last: int = -2, strength: float = 0.5,
+              attn_share: float | None = None) -> Allocation:
+        """``uniform``, ``layer_range`` (uses first/last) or ``adaptive`` (uses strength)."""
+        if strategy == "uniform":
+            return cls(attn_share=attn_share)
+        if strategy == "layer_range":
+            return cls(first, last, attn_share=attn_share)
+        if strategy == "adaptive":
+            return cls(strength=strength, attn_share=attn_share)
+        raise AdaPrunerError(f"unknown allocation {strategy!r} (choose from {', '.join(STRATEGIES)})")
+
+    @property
+    def needs_layer_cos(self) -> bool:
+        return self.strength > 0
+
+    def layer_range(self, n_layers: int) -> range:
+        first = self.first if self.first >= 0 else n_layers + self.first
+        last = self.last if self.last > 0 else n_layers + self.last
+        if not 0 <= first < last <= n_layers:
+            raise AdaPrunerError(f"layer range {self.first}..{self.last} is empty for {n_layers} layers")
+        return range(first, last)
+
+    def layer_weights(self, n_layers: int, layer_cos: torch.Tensor | None) -> list[float]:
+        """Relative pruning share of each layer (before the budget is scaled to the target)."""
+        pruned = self.layer_range(n_layers)
+        weights = [1.0 if i in pruned else 0.0 for i in range(n_layers)]
+        if self.strength == 0:
+            return weights
+        if layer_cos is None:
+            raise AdaPrunerError("adaptive allocation needs the layers' input/output cosine similarities")
+        change = 1.0 - layer_cos.double()[pruned.start : pruned.stop]
+        span = change.max() - change.min()
+        importance = (change - change.min()) / span if span > 0 else torch.full_like(change, 0.5)
+        for i, u in zip(pruned, importance.tolist(), strict=True):
+            weights[i] = 1.0 + self.strength * (1.0 - 2.0 * u)
+        return weights
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    keep_groups: tuple[int, ...]
+    keep_channels: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class PruningPlan:
+    layers: tuple[LayerPlan, ...]
+    removed_params: int
+    total_params: int
+
+    @property
+    def ratio(self) -> float:
+        """Share of all parameters removed."""
+        return self.removed_params / self.total_params
+
+    def sizes(self) -> list[dict[str, int]]:
+        return [{"num_key_value_heads": len(lp.keep_groups), "intermediate_size": len(lp.keep_channels)}
+                for lp in self.layers]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PruningPlan:
+        layers = tuple(LayerPlan(tuple(lp["keep_groups"]), tuple(lp["keep_channels"])) for lp in data["layers"])
+        return cls(layers, int(data["removed_params"]), int(data["total_params"]))
+
+    @classmethod
+    def keep_all(cls, structure: ModelStructure) -> PruningPlan:
+        layers = tuple(LayerPlan(tuple(range(s.n_groups)), tuple(range(s.n_channels))) for s in structure.layers)
+        return cls(layers, 0, structure.total_params)
+
+
+def params_to_remove(structure: ModelStructure, target: float | int) -> int:
+    """A ratio in (0, 1) of all parameters, or a parameter count (an int >= 1)."""
+    if isinstance(target, bool) or not isinstance(target, int | float) or math.isnan(target):
+        raise AdaPrunerError(f"pruning target must be a ratio in (0, 1) or a parameter count, got {target!r}")
+    if isinstance(target, float) or target < 1:
+        if not 0.0 < target < 1.0:
+            raise AdaPrunerError(f"pruning ratio must be in (0, 1), got {target}")
+        return round(target * structure.total_params)
+    if target > structure.prunable_params:
+        raise AdaPrunerError(f"cannot remove {target} parameters: only {structure.prunable_params} are prunable")
+    return int(target)
+
+
+def _layer_budgets(structure: ModelStructure, n_remove: int, weights: Sequence[float]) -> list[float]:
+    """Scale ``weight_i * prunable_i`` to sum to ``n_remove``, capping each layer at its capacity."""
+    layers = structure.layers
+    capacity = [s.prunable_params - s.group_params - s.channel_params for s in layers]
+    budgets = [0.0] * len(layers)
+    free = [i for i, w in enumerate(weights) if w > 0]
+    remaining = float(n_remove)
+    while free:
+        mass = sum(weights[i] * layers[i].prunable_params for i in free)
+        scale = remaining / mass
+        capped = [i for i in free if weights[i] * layers[i].prunable_params * scale > capacity[i]]
+        if not capped:
+            for i in free:
+                budgets[i] = weights[i] * layers[i].prunable_params * scale
+            return budgets
+        for i in capped:  # fill the layers that cannot take their share, spread the rest again
+            budgets[i] = capacity[i]
+            remaining -= capacity[i]
+        free = [i for i in free if i not in capped]
+    if remaining > max(s.channel_params for s in layers):
+        raise AdaPrunerError(
+            f"cannot remove {n_remove} parameters from the chosen layers without emptying a layer "
+            "(lower the ratio or prune more layers)"
+        )
+    return budgets
+
+
+def layer_counts(structure: ModelStructure, n_remove: int, allocation: Allocation,
+                 layer_cos: torch.Tensor | None = None) -> list[tuple[int, int]]:
+    """``(attention groups, MLP channels)`` to remove from each layer."""
+    layers = structure.layers
+    budgets = _layer_budgets(structure, n_remove, allocation.layer_weights(len(layers), layer_cos))
+    counts, carry_groups, carry = [], 0.0, 0.0
+    for shape, budget in zip(layers, budgets, strict=True):
+        if budget <= 0:
+            counts.append((0, 0))
+            continue
+        share = allocation.attn_share
+        if share is None:
+            share = shape.n_groups * shape.group_params / shape.prunable_params
+        want_groups = share * budget / shape.group_params + carry_groups
+        groups = min(max(round(want_groups), 0), shape.n_groups - 1)
+        carry_groups = want_groups - groups
+        rest = budget - groups * shape.group_params + carry
+        channels = min(max(round(rest / shape.channel_params), 0), shape.n_channels - 1)
+        carry = rest - channels * shape.channel_params
+        counts.append((groups, channels))
+    # Whatever the caps left over goes to layers that still have channels to give (or take back).
+    for i, shape in sorted(enumerate(layers), key=lambda item: -budgets[item[0]]):
+        if abs(carry) < shape.channel_params / 2 or budgets[i] <= 0:
+            continue
+        groups, channels = counts[i]
+        step = max(-channels, min(round(carry / shape.channel_params), shape.n_channels - 1 - channels))
+        counts[i] = (groups, channels + step)
+        carry -= step * shape.channel_params
+    if abs(carry) > max(s.channel_params for s in layers):
+        raise AdaPrunerError(f"cannot remove {n_remove} parameters without emptying a layer (lower the ratio)")
+    return counts
+
+
+def _lowest(scores: torch.Tensor, n: int) -> set[int]:
+    # A stable sort breaks ties by index, so plans are reproducible.
+    return set(torch.sort(scores.double(), stable=True).indices[:n].tolist())
+
+
+def make_plan(
+    structure: ModelStructure,
+    scores: GroupScores,
+    target: float | int,
+    allocation: Allocation = Allocation(),
+    layer_cos: torch.Tensor | None = None,
+) -> PruningPlan:
+    """Remove ``target`` parameters: per-layer counts from ``allocation``, the least important groups."""
+    n_remove = params_to_remove(structure, target)
+    counts = layer_counts(structure, n_remove, allocation, layer_cos)
+    layers, removed = [], 0
+    for shape, attn, mlp, (n_groups, n_channels) in zip(structure.layers, scores.attn, scores.mlp, counts,
+                                                        strict=True):
+        if attn.numel() != shape.n_groups or mlp.numel() != shape.n_channels:
+            raise AdaPrunerError("importance scores do not match the model's layer sizes")
+        drop_groups, drop_channels = _lowest(attn, n_groups), _lowest(mlp, n_channels)
+        layers.append(LayerPlan(
+            tuple(g for g in range(shape.n_groups) if g not in drop_groups),
+            tuple(c for c in range(shape.n_channels) if c not in drop_channels),
+        ))
+        removed += n_groups * shape.group_params + n_channels * shape.channel_params
+    return PruningPlan(tuple(layers), removed, structure.total_params)
+
+
+def check_plan(structure: ModelStructure, plan: PruningPlan) -> None:
+    """Reject a plan that does not fit the model or would empty a layer's attention or MLP."""
+    if len(plan.layers) != len(structure.layers):
+        raise AdaPrunerError(f"plan has {len(plan.layers)} layers, the model {len(structure.layers)}")
+    for i, (shape, lp) in enumerate(zip(structure.layers, plan.layers, strict=True)):
+        for name, keep, size in (("attention group", lp.keep_groups, shape.n_groups),
+                                 ("MLP channel", lp.keep_channels, shape.n_channels)):
+            if any(not 0 <= k < size for k in keep) or len(set(keep)) != len(keep):
+                raise AdaPrunerError(f"layer {i}: plan keeps an invalid {name} index")
+            if not keep:
+                raise AdaPrunerError(f"layer {i}: plan would remove every {name}")

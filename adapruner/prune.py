@@ -1,0 +1,112 @@
+"""Apply a :class:`~adapruner.plan.PruningPlan`: slice the projections, record the new sizes.
+
+The result is an ordinary, physically smaller ``nn.Module`` of the same class: every affected
+``nn.Linear`` is replaced by one holding only the kept rows (q/k/v/gate/up_proj, with their biases)
+or columns (o_proj/down_proj). The hidden size, embeddings and norms are untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .plan import PruningPlan, check_plan
+from .structure import (
+    ATTN_MODULES,
+    COLUMN_MODULES,
+    MLP_MODULES,
+    decoder_layers,
+    group_index,
+    layer_linears,
+    model_structure,
+)
+
+
+def slice_linear(linear: nn.Linear, index: torch.Tensor, columns: bool) -> nn.Linear:
+    """A new Linear keeping ``index`` of its output rows (or input columns)."""
+    index = index.to(linear.weight.device)
+    weight = linear.weight.detach().index_select(1 if columns else 0, index)
+    out_features, in_features = weight.shape
+    bias = linear.bias is not None
+    new = nn.Linear(in_features, out_features, bias=bias, device="meta")
+    new.weight = nn.Parameter(weight.clone(), requires_grad=linear.weight.requires_grad)
+    if bias:
+        b = linear.bias.detach() if columns else linear.bias.detach().index_select(0, index)
+        new.bias = nn.Parameter(b.clone(), requires_grad=linear.bias.requires_grad)
+    return new
+
+
+def set_layer_sizes(config, sizes: list[dict[str, int]], head_dim: int) -> None:
+    """Record per-layer sizes in the config; when all layers agree, make it a plain config too."""
+    n_rep = config.num_attention_heads // config.num_key_value_heads
+    config.head_dim = head_dim  # no longer hidden_size / num_attention_heads once heads are removed
+    config.adapruner = {**getattr(config, "adapruner", {}), "layers": sizes}
+    if all(s == sizes[0] for s in sizes):
+        config.num_key_value_heads = sizes[0]["num_key_value_heads"]
+        config.num_attention_heads = sizes[0]["num_key_value_heads"] * n_rep
+        config.intermediate_size = sizes[0]["intermediate_size"]
+
+
+def _copy_except_sliced(model: nn.Module, structure, plan: PruningPlan) -> nn.Module:
+    """A deep copy that does not copy the weights about to be replaced by sliced ones.
+
+    The copy's untouched modules own fresh tensors (so fine-tuning it can never write into
+    ``model``); the projections that will be sliced briefly share the original's tensors, which
+    slicing then replaces with new ones.
+    """
+    memo: dict[int, object] = {}
+    for layer, shape, lp in zip(decoder_layers(model), structure.layers, plan.layers, strict=True):
+        linears = layer_linears(layer)
+        sliced = (ATTN_MODULES if len(lp.keep_groups) < shape.n_groups else ()) + \
+                 (MLP_MODULES if len(lp.keep_channels) < shape.n_channels else ())
+        for name in sliced:
+            for p in linears[name].parameters():
+                memo[id(p)] = p
+    return copy.deepcopy(model, memo)
+
+
+def prune_model(model: nn.Module, plan: PruningPlan, inplace: bool = False) -> nn.Module:
+    """Apply ``plan`` to a copy of ``model`` (or to ``model`` itself with ``inplace=True``)."""
+    structure = model_structure(model)
+    check_plan(structure, plan)
+    pruned = model if inplace else _copy_except_sliced(model, structure, plan)
+    for layer, shape, lp in zip(decoder_layers(pruned), structure.layers, plan.layers, strict=True):
+        linears = layer_linears(layer)
+        if len(lp.keep_groups) < shape.n_groups:
+            groups = torch.tensor(lp.keep_groups, dtype=torch.long)
+            for name in ATTN_MODULES:
+                idx = group_index(shape, name, groups)
+                setattr(layer.self_attn, name, slice_linear(linears[name], idx, name in COLUMN_MODULES))
+        if len(lp.keep_channels) < shape.n_channels:
+            channels = torch.tensor(lp.keep_channels, dtype=torch.long)
+            for name in MLP_MODULES:
+                setattr(layer.mlp, name, slice_linear(linears[name], channels, name in COLUMN_MODULES))
+    if plan.removed_params:
+        set_layer_sizes(pruned.config, plan.sizes(), structure.layers[0].head_dim)
+    return pruned
+
+
+def mask_model(model: nn.Module, plan: PruningPlan) -> nn.Module:
+    """A copy with the removed groups' weights set to zero instead of sliced out (for checking)."""
+    structure = model_structure(model)
+    check_plan(structure, plan)
+    masked = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer, shape, lp in zip(decoder_layers(masked), structure.layers, plan.layers, strict=True):
+            linears = layer_linears(layer)
+            dropped_groups = torch.tensor(sorted(set(range(shape.n_groups)) - set(lp.keep_groups)), dtype=torch.long)
+            dropped_channels = torch.tensor(sorted(set(range(shape.n_channels)) - set(lp.keep_channels)),
+                                            dtype=torch.long)
+            for names, dropped in ((ATTN_MODULES, dropped_groups), (MLP_MODULES, dropped_channels)):
+                for name in names:
+                    idx = group_index(shape, name, dropped)
+                    linear = linears[name]
+                    if name in COLUMN_MODULES:
+                        linear.weight[:, idx] = 0
+                    else:
+                        linear.weight[idx] = 0
+                        if linear.bias is not None:
+                            linear.bias[idx] = 0
+    return masked

@@ -1,0 +1,39 @@
+"""Baselines run as the first trials of every study, so each study shows them side by side.
+
+* ``llm-pruner`` — LLM-Pruner's default: element-wise first-order Taylor (``param_first``), 10 random
+  calibration samples, sum over the group, the first four and last two layers spared.
+* ``wanda-sp`` — structured Wanda as FLAP defines it: ``|W|·‖x‖`` on o_proj/down_proj columns
+  (aggregation ``last``), all pool samples, every layer pruned uniformly.
+* ``magnitude`` — weight magnitude (L2, the better of LLM-Pruner's two), LLM-Pruner's layer range.
+* ``random`` — random groups, LLM-Pruner's layer range: the floor.
+"""
+
+from __future__ import annotations
+
+from ..errors import AdaPrunerError
+from ..importance import Mixture
+from ..plan import Allocation
+from ..session import PruneConfig, PruningSession
+
+BASELINES = ("llm-pruner", "wanda-sp", "magnitude", "random")
+DEFAULT_BASELINES = ("llm-pruner", "wanda-sp", "magnitude")
+
+
+def llm_pruner_layers(n_layers: int) -> Allocation:
+    """LLM-Pruner spares the first 4 and the last 2 layers; a shallow model spares proportionally fewer."""
+    return Allocation(first=min(4, n_layers // 4), last=-min(2, n_layers // 8))
+
+
+def baseline_config(name: str, session: PruningSession, seed: int = 0) -> PruneConfig:
+    everything = tuple(range(len(session.pool)))
+    llm_pruner_range = llm_pruner_layers(len(session.structure.layers))
+    if name == "llm-pruner":
+        k = min(10, len(session.pool))
+        return PruneConfig(Mixture.single("taylor_first"), session.random_subset(k, seed), llm_pruner_range)
+    if name == "wanda-sp":
+        return PruneConfig(Mixture.single("wanda_sp", "last"), everything, Allocation.named("uniform"))
+    if name == "magnitude":
+        return PruneConfig(Mixture.single("magnitude_l2"), everything, llm_pruner_range)
+    if name == "random":
+        return PruneConfig(Mixture.single("random", seed=seed), everything, llm_pruner_range)
+    raise AdaPrunerError(f"unknown baseline {name!r} (choose from {', '.join(BASELINES)})")

@@ -1,0 +1,153 @@
+"""One trial: params -> importance from cached statistics -> plan -> pruned copy -> validation perplexity.
+
+The validation windows are visited in one fixed shuffled order and each window's loss is reported,
+so Optuna's pruner can stop a bad trial after a few windows. A completed trial that becomes the
+best so far (and every baseline) is also scored on the test windows; the test perplexity is
+recorded, never optimised.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import time
+from collections.abc import Mapping
+from contextlib import contextmanager
+
+import optuna
+import torch
+
+from ..evaluate import window_losses
+from ..prune import prune_model
+from ..session import PruneConfig, PruningSession
+from .space import PoolClusters, SearchSpace, suggest_config
+
+logger = logging.getLogger(__name__)
+WORKER = f"{socket.gethostname()}:{os.getpid()}"
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def paired_estimate(evaluated: Mapping[int, float], best_losses: Mapping[int, float], best_ppl: float) -> float:
+    """Perplexity a stopped trial would have reached on all windows, estimated from the windows it saw.
+
+    The best trial's mean loss over all windows, plus this trial's mean paired difference on the windows
+    it was evaluated on — not its own partial mean, which depends on how easy those windows happen
+    to be. A trial stopped for being worse than the best is never reported as better than it.
+    """
+    shared = [i for i in evaluated if i in best_losses]
+    if not shared or not best_losses:
+        return math.inf
+    full = sum(best_losses.values()) / len(best_losses)
+    difference = sum(evaluated[i] - best_losses[i] for i in shared) / len(shared)
+    return max(math.exp(full + difference), math.nextafter(best_ppl, math.inf))
+
+
+class Objective:
+    """Callable for ``study.optimize``; returns the pruned model's validation perplexity."""
+
+    def __init__(
+        self,
+        session: PruningSession,
+        space: SearchSpace,
+        clusters: PoolClusters,
+        target: float | int,
+        baselines: Mapping[str, PruneConfig],
+        seed: int = 0,
+        running_mean: bool = False,
+        batch_size: int = 4,
+        estimate_stopped: bool = False,
+    ):
+        """``estimate_stopped``: a trial stopped early completes with :func:`paired_estimate` instead of
+        being pruned — for samplers that learn only from completed trials (GP, BoTorch)."""
+        self.session, self.space, self.clusters = session, space, clusters
+        self.target, self.baselines, self.seed = target, baselines, seed
+        self.running_mean, self.batch_size = running_mean, batch_size
+        self.estimate_stopped = estimate_stopped and not running_mean
+        n_val = session.windows("validation").shape[0]
+        # One fixed order for every trial, so early windows are a fair sample and losses pair up.
+        self.order = torch.randperm(n_val, generator=torch.Generator().manual_seed(seed)).tolist()
+
+    def config(self, trial: optuna.Trial) -> PruneConfig:
+        baseline = trial.user_attrs.get("baseline")
+        if baseline:
+            return self.baselines[baseline]
+        return suggest_config(trial, self.space, self.clusters, len(self.session.structure.layers), self.seed)
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        seconds: dict[str, float] = {}
+
+        @contextmanager
+        def phase(name: str):
+            start = time.perf_counter()
+            yield
+            seconds[name] = round(seconds.get(name, 0.0) + time.perf_counter() - start, 3)
+            trial.set_user_attr("seconds", seconds)
+
+        trial.set_user_attr("worker", WORKER)
+        try:
+            with phase("importance"):
+                config = self.config(trial)
+                scores = self.session.importance(config)
+            with phase("plan"):
+                plan = self.session.plan(config, self.target, scores)
+            with phase("prune"):
+                pruned = prune_model(self.session.model, plan)
+            trial.set_user_attr("config", config.to_dict())
+            trial.set_user_attr("params_kept", plan.total_params - plan.removed_params)
+            trial.set_user_attr("ratio", round(plan.ratio, 6))
+            trial.set_user_attr("sizes", [[s["num_key_value_heads"], s["intermediate_size"]] for s in plan.sizes()])
+            with phase("validation"):
+                val_nll, stopped = self._validate(trial, pruned, prunable=not trial.user_attrs.get("baseline"))
+            if stopped is not None:
+                return stopped
+            val_ppl = math.exp(val_nll)
+            trial.set_user_attr("val_ppl", val_ppl)
+            if trial.user_attrs.get("baseline") or self._is_new_best(trial, val_ppl):
+                with phase("test"):
+                    test_nll = self._mean_nll(pruned, self.session.windows("test"))
+                trial.set_user_attr("test_ppl", math.exp(test_nll))
+            return val_ppl
+        except optuna.TrialPruned:
+            raise
+        except Exception as exc:  # recorded on the trial, which Optuna then marks FAIL
+            trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}"[:500])
+            raise
+
+    def _validate(self, trial: optuna.Trial, model: torch.nn.Module, prunable: bool) -> tuple[float, float | None]:
+        """(mean validation loss, None), or (partial mean, estimated ppl) for a trial stopped early."""
+        windows = self.session.windows("validation")
+        losses: dict[int, float] = {}
+        for index, nll in window_losses(model, windows, self.batch_size, order=self.order):
+            if not math.isfinite(nll):
+                raise NonFiniteLoss(f"non-finite loss on validation window {index}")
+            losses[index] = nll
+            mean = sum(losses.values()) / len(losses)
+            if self.running_mean:
+                trial.report(mean, step=len(losses))
+            else:
+                trial.report(nll, step=index)
+            if prunable and trial.should_prune():
+                trial.set_user_attr("windows", len(losses))
+                trial.set_user_attr("partial_val_ppl", math.exp(mean))
+                message = f"stopped after {len(losses)} of {windows.shape[0]} validation windows"
+                if not self.estimate_stopped:
+                    raise optuna.TrialPruned(message)
+                best = trial.study.best_trial
+                trial.set_user_attr("estimated", True)
+                return mean, paired_estimate(losses, best.intermediate_values, best.value)
+        trial.set_user_attr("windows", len(losses))
+        return sum(losses.values()) / len(losses), None
+
+    def _mean_nll(self, model: torch.nn.Module, windows: torch.Tensor) -> float:
+        losses = [nll for _, nll in window_losses(model, windows, self.batch_size)]
+        return sum(losses) / len(losses)
+
+    @staticmethod
+    def _is_new_best(trial: optuna.Trial, value: float) -> bool:
+        done = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        return all(value < t.value for t in done if t.value is not None)

@@ -1,0 +1,175 @@
+"""A study's report: the job, the baselines beside the best configuration, the best-so-far curve
+(PNG), parameter importances and where the time went."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from .study import SearchJob
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    finished: int  # how many trials had finished
+    trial: int  # the best trial at that point
+    val_ppl: float
+    test_ppl: float | None
+
+
+def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    return sorted(trials, key=lambda t: (t.datetime_complete, t.number))
+
+
+def best_so_far(study: optuna.Study) -> list[CurvePoint]:
+    """The best validation perplexity (and that trial's test perplexity) after each finished trial."""
+    points, best = [], None
+    for n, trial in enumerate(finished_trials(study), start=1):
+        if trial.state == TrialState.COMPLETE and (best is None or trial.value < best.value):
+            best = trial
+        if best is not None:
+            points.append(CurvePoint(n, best.number, best.value, best.user_attrs.get("test_ppl")))
+    return points
+
+
+def baseline_trials(study: optuna.Study) -> dict[str, FrozenTrial]:
+    found = {}
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        name = trial.user_attrs.get("baseline")
+        if name and name not in found:
+            found[name] = trial
+    return found
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "—" if value is None or not math.isfinite(value) else f"{value:,.{digits}f}"
+
+
+def describe_config(config: dict) -> str:
+    weights = {m: w for m, w in config["mixture"]["weights"].items() if w > 0}
+    total = sum(weights.values())
+    mixture = ", ".join(f"{m} {w / total:.2f}" for m, w in sorted(weights.items(), key=lambda kv: -kv[1]))
+    alloc = config["allocation"]
+    share = "proportional" if alloc["attn_share"] is None else f"{alloc['attn_share']:.2f}"
+    return (f"metrics: {mixture}; aggregation: {config['mixture']['aggregation']}; "
+            f"calibration: {len(config['subset'])} samples; layers {alloc['first']}..{alloc['last'] or 'end'}, "
+            f"adaptive strength {alloc['strength']:.2f}, attention share {share}")
+
+
+def plot_curve(study: optuna.Study, path: Path) -> Path | None:
+    points = best_so_far(study)
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.step([p.finished for p in points], [p.val_ppl for p in points], where="post", label="best validation ppl")
+    tests = [(p.finished, p.test_ppl) for p in points if p.test_ppl is not None]
+    if tests:
+        ax.step(*zip(*tests, strict=True), where="post", linestyle="--", label="its test ppl")
+    references = {f"{name} (test)": t.user_attrs.get("test_ppl") for name, t in baseline_trials(study).items()}
+    references["unpruned (test)"] = study.user_attrs.get("dense", {}).get("test")
+    for label, value in references.items():
+        if value:
+            ax.axhline(value, linewidth=0.8, color="grey", linestyle=":")
+            ax.annotate(label, (1, value), fontsize=7, color="grey", va="bottom")
+    ax.set_yscale("log")  # baselines can sit orders of magnitude above the search
+    ax.set_xlabel("finished trials")
+    ax.set_ylabel("perplexity")
+    ax.set_title(study.study_name)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def report_markdown(study: optuna.Study, curve_png: str | None = None) -> str:
+    job = SearchJob.from_dict(study.user_attrs["job"])
+    data, dense = study.user_attrs.get("data", {}), study.user_attrs.get("dense", {})
+    trials = study.get_trials(deepcopy=False)
+    states = {s: sum(t.state == s for t in trials) for s in TrialState}
+    searched = [t for t in finished_trials(study) if not t.user_attrs.get("baseline")]
+    estimated = sum(bool(t.user_attrs.get("estimated")) for t in trials)
+    lines = [f"# AdaPruner search `{study.study_name}`", ""]
+    lines += [
+        f"- model: `{job.model}` ({_fmt(data.get('params'), 0)} parameters), target: remove {job.ratio:.0%} "
+        "of all parameters",
+        f"- calibration: {', '.join(job.calibration)} — pool of {job.pool_size} windows of {job.seq_len} tokens "
+        f"(sha256 {str(data.get('pool_hash', ''))[:12]})",
+        f"- evaluation: {data.get('val_windows', '?')} validation / {data.get('test_windows', '?')} test windows; "
+        + "; ".join(f"{name}: val {h['validation'][:12]}, test {h['test'][:12]}"
+                    for name, h in data.get("sources", {}).items()),
+        f"- sampler `{job.sampler}`, pruner `{job.pruner}`, seed {job.seed}, budget {job.trials} trials "
+        f"({states[TrialState.COMPLETE] - estimated} complete, "
+        f"{states[TrialState.PRUNED] + estimated} stopped early, {states[TrialState.FAIL]} failed)",
+        "",
+        "## Results (perplexity; lower is better)",
+        "",
+        "| configuration | validation | test | parameters kept |",
+        "|---|---:|---:|---:|",
+        f"| unpruned | {_fmt(dense.get('validation'))} | {_fmt(dense.get('test'))} | {_fmt(data.get('params'), 0)} |",
+    ]
+    baselines = baseline_trials(study)
+    for name, trial in baselines.items():
+        lines.append(f"| baseline: {name} | {_fmt(trial.value)} | {_fmt(trial.user_attrs.get('test_ppl'))} | "
+                     f"{_fmt(trial.user_attrs.get('params_kept'), 0)} |")
+    try:
+        best = study.best_trial
+    except ValueError:
+        best = None
+    if best is not None:
+        lines.append(f"| **best: trial {best.number}** | **{_fmt(best.value)}** | "
+                     f"**{_fmt(best.user_attrs.get('test_ppl'))}** | {_fmt(best.user_attrs.get('params_kept'), 0)} |")
+        lines += ["", f"Best configuration (trial {best.number}"
+                  + (f", baseline {best.user_attrs['baseline']}" if best.user_attrs.get("baseline") else "")
+                  + f"): {describe_config(best.user_attrs['config'])}."]
+        reference = baselines.get("llm-pruner")
+        if reference and reference.user_attrs.get("test_ppl") and best.user_attrs.get("test_ppl"):
+            margin = 1 - best.user_attrs["test_ppl"] / reference.user_attrs["test_ppl"]
+            lines.append(f"Test perplexity {margin:+.1%} lower than the LLM-Pruner default of this study."
+                         if margin >= 0 else f"Test perplexity {-margin:.1%} higher than the LLM-Pruner default.")
+    recovery = study.user_attrs.get("recovery")
+    if recovery:
+        lines += ["", f"Recovery of the best configuration: LoRA r={recovery['r']}, {recovery['steps']} steps of "
+                  f"{recovery['batch_size']} windows, lr {recovery['lr']:g} ({recovery['seconds']:.0f}s): test "
+                  f"perplexity {_fmt(recovery['test_ppl_before'])} -> **{_fmt(recovery['test_ppl_after'])}** "
+                  "(the exported model is the fine-tuned one)."]
+    if curve_png:
+        lines += ["", f"![best so far]({curve_png})"]
+    if searched:
+        windows = [t.user_attrs.get("windows", 0) for t in searched]
+        full = data.get("val_windows") or max(windows)
+        seconds = [t.user_attrs.get("seconds", {}) for t in searched]
+        phases = sorted({k for s in seconds for k in s})
+        lines += ["", "## Cost", "",
+                  f"Searched trials evaluated {statistics.mean(windows):.1f} of {full} validation windows on average "
+                  f"({1 - statistics.mean(windows) / full:.0%} saved by early stopping).", "",
+                  "| phase | mean seconds per searched trial |", "|---|---:|"]
+        lines += [f"| {p} | {statistics.mean(s.get(p, 0.0) for s in seconds):.2f} |" for p in phases]
+    try:
+        importances = optuna.importance.get_param_importances(study)
+    except (RuntimeError, ValueError, ZeroDivisionError):
+        importances = {}
+    if importances:
+        lines += ["", "## Parameter importances (fANOVA)", "", "| parameter | importance |", "|---|---:|"]
+        lines += [f"| {k} | {v:.3f} |" for k, v in importances.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(study: optuna.Study, out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    png = plot_curve(study, out / "best_so_far.png")
+    path = out / "report.md"
+    path.write_text(report_markdown(study, png.name if png else None))
+    return path

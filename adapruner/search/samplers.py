@@ -1,0 +1,60 @@
+"""Optuna samplers and pruners by name."""
+
+from __future__ import annotations
+
+import optuna
+
+from ..errors import AdaPrunerError
+
+SAMPLERS = ("tpe", "gp", "botorch", "random", "qmc")
+PRUNERS = ("wilcoxon", "median", "sha", "hyperband", "none")
+# Samplers that learn only from completed trials: a trial stopped early completes with an estimate.
+ESTIMATING_SAMPLERS = ("gp", "botorch")
+
+
+def make_sampler(name: str, seed: int = 0, n_startup_trials: int = 8) -> optuna.samplers.BaseSampler:
+    if name == "tpe":
+        # group + multivariate model the joint space; constant_liar keeps parallel workers apart.
+        return optuna.samplers.TPESampler(multivariate=True, group=True, constant_liar=True, seed=seed,
+                                          n_startup_trials=n_startup_trials)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=n_startup_trials)
+    if name == "botorch":
+        try:
+            import botorch  # noqa: F401
+            from optuna_integration import BoTorchSampler
+        except ImportError:
+            raise AdaPrunerError("the botorch sampler needs: pip install 'adapruner[botorch]'") from None
+        return BoTorchSampler(seed=seed, n_startup_trials=n_startup_trials)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "qmc":
+        return optuna.samplers.QMCSampler(seed=seed, scramble=True, warn_independent_sampling=False)
+    raise AdaPrunerError(f"unknown sampler {name!r} (choose from {', '.join(SAMPLERS)})")
+
+
+def make_pruner(name: str, n_windows: int) -> optuna.pruners.BasePruner:
+    """A pruner for trials that report one loss per validation window (step = window index).
+
+    ``wilcoxon`` pairs each window's loss with the best trial's loss on the same window and stops a
+    trial once it is significantly worse; the others compare running means, which is what they
+    expect, so the objective reports those to them instead.
+    """
+    if name == "wilcoxon":
+        # At least 6 paired windows: with fewer, the exact test cannot reach a small p-value, and
+        # "worse on the first 4 windows" alone would stop a trial.
+        return optuna.pruners.WilcoxonPruner(p_threshold=0.1, n_startup_steps=6)
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=4)
+    if name == "sha":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(2, n_windows // 8), reduction_factor=2)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=max(2, n_windows // 8), max_resource=n_windows,
+                                              reduction_factor=2)
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    raise AdaPrunerError(f"unknown pruner {name!r} (choose from {', '.join(PRUNERS)})")
+
+
+def reports_running_mean(pruner_name: str) -> bool:
+    return pruner_name not in ("wilcoxon", "none")

@@ -1,0 +1,197 @@
+"""AdaPruner's search space: calibration subset x importance mixture x layer allocation.
+
+**Calibration subset.** A subset of an ``N``-sample pool is a point in ``{0,1}^N``; asked to search
+that directly (or as ``k`` categorical slot indices), TPE and GP see ``N`` unrelated dimensions in
+which neighbouring values mean nothing, and learn little in a few dozen trials. Instead the pool is
+clustered once (k-means on each sample's mean final hidden state, recorded by the statistics pass),
+and a trial chooses a subset size ``k`` and one weight per cluster: ``k`` is shared among clusters in
+proportion to the weights, and each cluster contributes its samples nearest to its centroid first.
+This is a low-dimensional, continuous encoding in which nearby parameters give overlapping subsets,
+which is what Bayesian optimization can exploit; with several text sources the clusters follow the
+sources, so it also covers a per-source mixture. ``bench/search.py`` measures it against plain
+random subsets (``calibration="random"``: a size and a seed per trial).
+
+**Importance.** One weight in ``[0, 1]`` per metric (normalised to sum 1 by :class:`Mixture`) and the
+aggregation. The default metrics are those computed from cached statistics; ``taylor_first`` may be
+added but costs a backward pass per trial.
+
+**Allocation.** One flat parameterisation of :class:`Allocation`: layers spared at the start and at
+the end, the adaptive strength, and the share of each layer's budget taken from attention. Flat (no
+conditional parameters), so every sampler — TPE, GP, BoTorch, QMC — handles it.
+
+Any parameter can be fixed (``SearchSpace(fixed={"aggregation": "sum"})``): it is then not
+searched, and a study's trials record only what was searched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import optuna
+import torch
+
+from ..errors import AdaPrunerError
+from ..importance import AGGREGATIONS, METRICS, Mixture
+from ..plan import Allocation
+from ..session import PruneConfig
+
+DEFAULT_METRICS = ("magnitude_l1", "magnitude_l2", "taylor_first_persample", "taylor_second", "taylor_vector",
+                   "wanda_sp", "flap_fluctuation")
+CALIBRATION_MODES = ("clusters", "random", "all")
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    metrics: tuple[str, ...] = DEFAULT_METRICS
+    aggregations: tuple[str, ...] = AGGREGATIONS
+    calibration: str = "clusters"
+    subset_size: tuple[int, int] = (4, 32)
+    n_clusters: int = 8
+    attn_share: bool = True  # search it; else the attention's proportional share
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.metrics) - set(METRICS))
+        if unknown or not self.metrics:
+            raise AdaPrunerError(f"unknown search metric {unknown[0] if unknown else None!r} "
+                                 f"(choose from {', '.join(METRICS)})")
+        bad = sorted(set(self.aggregations) - set(AGGREGATIONS))
+        if bad or not self.aggregations:
+            raise AdaPrunerError(f"unknown aggregation {bad[0] if bad else None!r}")
+        if self.calibration not in CALIBRATION_MODES:
+            raise AdaPrunerError(f"unknown calibration mode {self.calibration!r} "
+                                 f"(choose from {', '.join(CALIBRATION_MODES)})")
+        lo, hi = self.subset_size
+        if not 1 <= lo <= hi:
+            raise AdaPrunerError(f"subset_size must be 1 <= min <= max, got {self.subset_size}")
+        if self.n_clusters < 1:
+            raise AdaPrunerError("n_clusters must be at least 1")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "fixed": dict(self.fixed)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SearchSpace:
+        data = dict(data)
+        for key in ("metrics", "aggregations", "subset_size"):
+            if key in data:
+                data[key] = tuple(data[key])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class PoolClusters:
+    """Pool sample indices per cluster, each list ordered nearest-to-centroid first."""
+
+    members: tuple[tuple[int, ...], ...]
+
+    @property
+    def pool_size(self) -> int:
+        return sum(len(m) for m in self.members)
+
+
+def cluster_pool(embedding: torch.Tensor, n_clusters: int, seed: int = 0, iterations: int = 50) -> PoolClusters:
+    """k-means (k-means++ start, Lloyd iterations) on L2-normalised sample embeddings."""
+    x = torch.nn.functional.normalize(embedding.double(), dim=1)
+    n = x.shape[0]
+    k = max(1, min(n_clusters, n))
+    generator = torch.Generator().manual_seed(seed)
+    centroids = x[torch.randint(n, (1,), generator=generator)]
+    while centroids.shape[0] < k:
+        distance = torch.cdist(x, centroids).min(1).values.square()
+        pick = torch.multinomial(distance / distance.sum(), 1, generator=generator) if distance.sum() > 0 else \
+            torch.randint(n, (1,), generator=generator)
+        centroids = torch.cat([centroids, x[pick]])
+    for _ in range(iterations):
+        assign = torch.cdist(x, centroids).argmin(1)
+        moved = torch.stack([x[assign == c].mean(0) if (assign == c).any() else centroids[c] for c in range(k)])
+        if torch.allclose(moved, centroids):
+            break
+        centroids = moved
+    distance = torch.cdist(x, centroids)
+    assign = distance.argmin(1)
+    members = []
+    for c in range(k):
+        idx = (assign == c).nonzero().flatten()
+        if idx.numel():
+            members.append(tuple(int(i) for i in idx[distance[idx, c].argsort(stable=True)]))
+    return PoolClusters(tuple(members))
+
+
+def allocate(total: int, weights: Sequence[float], capacity: Sequence[int]) -> list[int]:
+    """Split ``total`` in proportion to ``weights`` (largest remainder), never above ``capacity``."""
+    total = min(total, sum(capacity))
+    counts = [0] * len(weights)
+    open_ = [i for i, c in enumerate(capacity) if c > 0]
+    while total > sum(counts) and open_:
+        left = total - sum(counts)
+        mass = sum(weights[i] for i in open_)
+        share = {i: (weights[i] / mass if mass > 0 else 1 / len(open_)) * left for i in open_}
+        floors = {i: min(int(share[i]), capacity[i] - counts[i]) for i in open_}
+        for i, f in floors.items():
+            counts[i] += f
+        rest = total - sum(counts)
+        for i in sorted(open_, key=lambda i: (-(share[i] - int(share[i])), i)):
+            if rest == 0:
+                break
+            if counts[i] < capacity[i]:
+                counts[i] += 1
+                rest -= 1
+        open_ = [i for i in open_ if counts[i] < capacity[i]]
+    return counts
+
+
+def subset_from_clusters(clusters: PoolClusters, weights: Sequence[float], k: int) -> tuple[int, ...]:
+    counts = allocate(k, weights, [len(m) for m in clusters.members])
+    return tuple(sorted(i for members, n in zip(clusters.members, counts, strict=True) for i in members[:n]))
+
+
+class _Params:
+    """Suggest a parameter unless the space fixes it."""
+
+    def __init__(self, trial: optuna.Trial, fixed: Mapping[str, Any]):
+        self.trial, self.fixed = trial, fixed
+
+    def float(self, name: str, low: float, high: float) -> float:
+        return self.fixed[name] if name in self.fixed else self.trial.suggest_float(name, low, high)
+
+    def int(self, name: str, low: int, high: int) -> int:
+        return self.fixed[name] if name in self.fixed else self.trial.suggest_int(name, low, high)
+
+    def categorical(self, name: str, choices: Sequence[Any]) -> Any:
+        if name in self.fixed:
+            return self.fixed[name]
+        return choices[0] if len(choices) == 1 else self.trial.suggest_categorical(name, list(choices))
+
+
+def suggest_config(trial: optuna.Trial, space: SearchSpace, clusters: PoolClusters, n_layers: int,
+                   seed: int = 0) -> PruneConfig:
+    """The :class:`PruneConfig` of one trial."""
+    p = _Params(trial, space.fixed)
+    pool_size = clusters.pool_size
+    if space.calibration == "all":
+        subset = tuple(range(pool_size))
+    else:
+        lo, hi = (min(v, pool_size) for v in space.subset_size)
+        k = p.int("calib_size", lo, hi)
+        if space.calibration == "random":
+            generator = torch.Generator().manual_seed(p.int("calib_seed", 0, 2**20))
+            subset = tuple(sorted(torch.randperm(pool_size, generator=generator)[:k].tolist()))
+        else:
+            weights = [p.float(f"calib_c{c}", 0.0, 1.0) for c in range(len(clusters.members))]
+            subset = subset_from_clusters(clusters, weights, k)
+    weights = {m: 1.0 for m in space.metrics}
+    if len(space.metrics) > 1:
+        weights = {m: p.float(f"w_{m}", 0.0, 1.0) for m in space.metrics}
+        if not any(w > 0 for w in weights.values()):  # all-zero weights mean "no preference"
+            weights = {m: 1.0 for m in space.metrics}
+    aggregation = p.categorical("aggregation", space.aggregations)
+    allocation = Allocation(
+        first=p.int("layer_first", 0, n_layers // 4),
+        last=-p.int("layer_last", 0, n_layers // 8),
+        strength=p.float("strength", 0.0, 1.0),
+        attn_share=p.float("attn_share", 0.0, 1.0) if space.attn_share else None,
+    )
+    return PruneConfig(Mixture(weights, aggregation, seed), subset, allocation)

@@ -1,0 +1,173 @@
+"""A pruning session: everything computed once per job and shared by all its prunings.
+
+Model + texts -> calibration pool -> pool statistics (cached on disk) -> for each
+:class:`PruneConfig`: importance -> plan -> pruned copy -> perplexity. The search runs one trial per
+config through :meth:`PruningSession.prune`; ``adapruner prune`` runs exactly one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .cache import cache_dir
+from .data import TextSource, load_source
+from .data.windows import CalibrationPool, build_pool, eval_windows, even_counts, parse_draw
+from .evaluate import Perplexity, perplexity
+from .importance import GroupScores, Mixture, WeightSummary, subset_importance
+from .models import load_model, model_fingerprint
+from .plan import Allocation, PruningPlan, make_plan
+from .prune import prune_model
+from .statistics import FORMAT_VERSION, PoolStatistics, check_subset, collect_statistics
+from .structure import ModelStructure, model_structure
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """One structured-pruning configuration: what a search trial proposes and a baseline fixes."""
+
+    mixture: Mixture
+    subset: tuple[int, ...]
+    allocation: Allocation = Allocation()
+
+    def to_dict(self) -> dict:
+        return {"mixture": {"weights": dict(self.mixture.weights), "aggregation": self.mixture.aggregation,
+                            "seed": self.mixture.seed},
+                "subset": list(self.subset), "allocation": asdict(self.allocation)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PruneConfig:
+        return cls(Mixture(**data["mixture"]), tuple(data["subset"]), Allocation(**data["allocation"]))
+
+
+@dataclass
+class PruningSession:
+    """A model, its calibration pool and its evaluation texts, with what is derived from them.
+
+    Build one with :meth:`open` from names, or directly from objects (tests, notebooks).
+    """
+
+    model: nn.Module
+    tokenizer: object
+    pool: CalibrationPool
+    eval_sources: Sequence[TextSource] = ()
+    train_sources: Sequence[TextSource] = ()  # whose pool parts recovery fine-tunes on
+    model_name: str = "model"
+    max_eval_windows: int | dict[str, int | None] | None = 64  # per source; a dict sets each split
+    batch_size: int | None = None
+    cache_statistics: bool = True
+    progress: bool = True
+    _windows: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def open(
+        cls,
+        model: str,
+        calibration: Sequence[str] = ("builtin:books",),
+        evaluation: Sequence[str] | None = None,
+        *,
+        pool_size: int = 64,
+        seq_len: int = 128,
+        seed: int = 0,
+        device: str | None = None,
+        dtype: str | None = None,
+        trust_remote_code: bool = False,
+        max_eval_windows: int | dict[str, int | None] | None = 64,
+        **options,
+    ) -> PruningSession:
+        """Load ``model`` and texts. ``calibration`` specs may carry a count (``builtin:books:10``);
+        those without share the rest of ``pool_size``. Evaluation defaults to the calibration sources."""
+        draws = [parse_draw(spec, 0) for spec in calibration]
+        sources = {spec: load_source(spec) for spec, _ in draws}  # bad text fails before the slow model load
+        evaluation = list(evaluation) if evaluation else list(sources)
+        eval_sources = [sources.get(spec) or load_source(spec) for spec in evaluation]
+        net, tokenizer = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        unsized = [spec for spec, n in draws if n == 0]
+        rest = pool_size - sum(n for _, n in draws)
+        if unsized:
+            shares = dict(zip(unsized, even_counts(rest, len(unsized)), strict=True))
+            draws = [(spec, n or shares[spec]) for spec, n in draws]
+        pool = build_pool(tokenizer, [(sources[spec], n) for spec, n in draws], seq_len, seed)
+        return cls(net, tokenizer, pool, eval_sources, list(sources.values()), model_name=model,
+                   max_eval_windows=max_eval_windows, **options)
+
+    # -- derived once --------------------------------------------------------------------------
+    @cached_property
+    def structure(self) -> ModelStructure:
+        return model_structure(self.model)
+
+    @cached_property
+    def weight_summary(self) -> WeightSummary:
+        """Weight-only unit statistics of the dense model, computed once (the model is never modified)."""
+        return WeightSummary.of(self.model)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        return model_fingerprint(self.model)
+
+    @property
+    def statistics_path(self) -> Path:
+        name = f"{self.fingerprint}-{self.pool.content_hash[:16]}-v{FORMAT_VERSION}.safetensors"
+        return cache_dir("statistics") / name
+
+    @cached_property
+    def statistics(self) -> PoolStatistics:
+        """Per-sample statistics of the pool: loaded from the cache, or computed and cached."""
+        path = self.statistics_path
+        if self.cache_statistics and path.is_file():
+            logger.info("pool statistics from cache %s", path)
+            return PoolStatistics.load(path)
+        stats = collect_statistics(self.model, self.pool.windows, progress=self.progress)
+        stats.meta |= {"model": self.model_name, "pool": self.pool.content_hash}
+        if self.cache_statistics:
+            stats.save(path)
+        return stats
+
+    def windows(self, split: str) -> torch.Tensor:
+        """Evaluation windows of ``split`` over all evaluation sources (at most ``max_eval_windows`` each)."""
+        if split not in self._windows:
+            if not self.eval_sources:
+                raise ValueError("this session has no evaluation sources")
+            limit = self.max_eval_windows
+            limit = limit.get(split) if isinstance(limit, dict) else limit
+            seq_len = self.pool.seq_len
+            self._windows[split] = torch.cat([eval_windows(self.tokenizer, source, split, seq_len, limit)
+                                              for source in self.eval_sources])
+        return self._windows[split]
+
+    # -- one pruning ------------------------------------------------------------------------------
+    def importance(self, config: PruneConfig) -> GroupScores:
+        stats = self.statistics if config.mixture.needs_data else None
+        return subset_importance(self.model, self.structure.layers, config.mixture, config.subset, stats,
+                                 self.pool.windows, self.weight_summary)
+
+    def plan(self, config: PruneConfig, target: float | int, scores: GroupScores | None = None) -> PruningPlan:
+        scores = scores if scores is not None else self.importance(config)
+        layer_cos = None
+        if config.allocation.needs_layer_cos:
+            layer_cos = self.statistics.subset(config.subset).layer_cos
+        return make_plan(self.structure, scores, target, config.allocation, layer_cos)
+
+    def prune(self, config: PruneConfig, target: float | int) -> tuple[nn.Module, PruningPlan]:
+        plan = self.plan(config, target)
+        return prune_model(self.model, plan), plan
+
+    def perplexity(self, model: nn.Module, split: str, desc: str | None = None) -> Perplexity:
+        size = self.batch_size or max(1, 1024 // self.pool.seq_len)
+        return perplexity(model, self.windows(split), size, progress=self.progress, desc=desc or split)
+
+    def random_subset(self, k: int, seed: int = 0) -> tuple[int, ...]:
+        """``k`` pool samples drawn uniformly (LLM-Pruner's calibration: random samples)."""
+        if not 1 <= k <= len(self.pool):
+            raise ValueError(f"cannot draw {k} samples from a pool of {len(self.pool)}")
+        generator = torch.Generator().manual_seed(seed)
+        chosen = torch.randperm(len(self.pool), generator=generator)[:k]
+        return tuple(int(i) for i in check_subset(sorted(chosen.tolist()), len(self.pool)))

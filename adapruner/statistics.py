@@ -1,0 +1,282 @@
+"""Per-sample statistics of a calibration pool: computed once per job, reused by every trial.
+
+A search trial asks "what would the importance be if only these k pool samples calibrated it?".
+Answering with a fresh backward pass per trial would cost minutes; instead one pass over the pool
+keeps, for every sample ``n``, what each metric needs, reduced to *units* (the rows of
+q/k/v/gate/up_proj and the columns of o_proj/down_proj, i.e. the smallest slices a group is made of):
+
+* ``Σ w·g_n``, ``Σ (w·g_n)²`` and ``Σ |w·g_n|`` over each unit's weights (and bias), where ``g_n`` is
+  the gradient of sample ``n``'s LM loss — the first-order (vector-wise, per-sample) and second-order
+  (Fisher) Taylor terms;
+* ``Σ_t x`` and ``Σ_t x²`` of every input channel of every projection (Wanda-sp norms, FLAP's
+  fluctuation);
+* ``Σ_t cos(h_in, h_out)`` of every decoder layer (Adapt-Pruner's layer importance);
+* the mean final hidden state of each sample (an embedding, to group similar samples).
+
+Every one of these is a sum over samples, so the statistic of any subset is a sum of rows: memory
+and time grow with ``N × units``, not ``N × parameters``. LLM-Pruner's element-wise Taylor
+``Σ |w · Σ_n g_n|`` is *not* such a sum; :func:`taylor_first_exact` computes it for a given subset.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import AdaPrunerError
+from .structure import ATTN_MODULES, COLUMN_MODULES, MLP_MODULES, decoder_layers, layer_linears, model_structure
+
+FORMAT_VERSION = 2  # bump when the stored statistics change, so stale cache files are not read
+MODULES = ATTN_MODULES + MLP_MODULES
+# Input activations we track, by the module that reads them (q/k/v share one input, gate/up another).
+ACTIVATION_INPUTS = {"q_proj": "attn_in", "o_proj": "o_in", "gate_proj": "mlp_in", "down_proj": "down_in"}
+TAYLOR_TERMS = ("wg", "wg2", "wg_abs")  # Σ w·g, Σ (w·g)², Σ |w·g| per unit
+
+
+def unit_count(linear: nn.Linear, module: str) -> int:
+    return linear.in_features if module in COLUMN_MODULES else linear.out_features
+
+
+def unit_taylor_terms(linear: nn.Linear, module: str) -> torch.Tensor:
+    """``[3, units]``: Σ w·g, Σ (w·g)² and Σ |w·g| over each unit of ``linear`` (current ``.grad``)."""
+    dim = 0 if module in COLUMN_MODULES else 1
+    e = linear.weight.detach().float() * linear.weight.grad.float()
+    terms = torch.stack([e.sum(dim), e.square().sum(dim), e.abs().sum(dim)])
+    if linear.bias is not None and module not in COLUMN_MODULES and linear.bias.grad is not None:
+        eb = linear.bias.detach().float() * linear.bias.grad.float()
+        terms += torch.stack([eb, eb.square(), eb.abs()])
+    return terms
+
+
+def check_subset(indices: Sequence[int], pool_size: int) -> torch.Tensor:
+    """Indices of a calibration subset as a tensor; out-of-pool, repeated or no indices are errors."""
+    idx = torch.as_tensor([int(i) for i in indices], dtype=torch.long)
+    if idx.numel() == 0:
+        raise AdaPrunerError("a calibration subset needs at least one sample")
+    outside = idx[(idx < 0) | (idx >= pool_size)]
+    if outside.numel():
+        raise AdaPrunerError(f"calibration sample index {int(outside[0])} is outside the pool of {pool_size} samples")
+    if idx.unique().numel() != idx.numel():
+        raise AdaPrunerError("calibration subset repeats a sample index")
+    return idx
+
+
+@dataclass
+class PoolStatistics:
+    """Per-sample statistics of ``n_samples`` calibration windows (see the module docstring).
+
+    ``taylor[(layer, module)]`` is ``[N, 3, units]`` (terms in :data:`TAYLOR_TERMS` order);
+    ``act_sum`` / ``act_sq`` map ``(layer, input_name)`` to ``[N, channels]``; ``layer_cos`` is
+    ``[N, layers]``; ``embedding`` is ``[N, hidden]``; every window has ``tokens`` tokens.
+    """
+
+    taylor: dict[tuple[int, str], torch.Tensor]
+    act_sum: dict[tuple[int, str], torch.Tensor]
+    act_sq: dict[tuple[int, str], torch.Tensor]
+    layer_cos: torch.Tensor
+    embedding: torch.Tensor
+    tokens: int
+    meta: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def n_samples(self) -> int:
+        return self.layer_cos.shape[0]
+
+    @property
+    def n_layers(self) -> int:
+        return self.layer_cos.shape[1]
+
+    def subset(self, indices: Sequence[int]) -> SubsetStatistics:
+        """The statistics of a subset of the pool: sums over its samples."""
+        idx = check_subset(indices, self.n_samples)
+        pick = lambda table: {k: v.index_select(0, idx).sum(0) for k, v in table.items()}  # noqa: E731
+        return SubsetStatistics(
+            taylor=pick(self.taylor), act_sum=pick(self.act_sum), act_sq=pick(self.act_sq),
+            layer_cos=self.layer_cos.index_select(0, idx).sum(0) / (idx.numel() * self.tokens),
+            tokens=idx.numel() * self.tokens,
+        )
+
+    # -- storage --------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        tensors = {"layer_cos": self.layer_cos.contiguous(), "embedding": self.embedding.contiguous()}
+        for prefix, table in (("taylor", self.taylor), ("act_sum", self.act_sum), ("act_sq", self.act_sq)):
+            tensors |= {f"{prefix}.{layer}.{name}": t.contiguous() for (layer, name), t in table.items()}
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".part")
+        save_file(tensors, partial, metadata={"tokens": str(self.tokens), "meta": json.dumps(self.meta)})
+        partial.replace(path)  # atomic: concurrent workers never read half a file
+
+    @classmethod
+    def load(cls, path: str | Path) -> PoolStatistics:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata()
+        tensors = load_file(str(path))
+        tables: dict[str, dict[tuple[int, str], torch.Tensor]] = {"taylor": {}, "act_sum": {}, "act_sq": {}}
+        for key, tensor in tensors.items():
+            if key not in ("layer_cos", "embedding"):
+                prefix, layer, name = key.split(".")
+                tables[prefix][(int(layer), name)] = tensor
+        return cls(**tables, layer_cos=tensors["layer_cos"], embedding=tensors["embedding"],
+                   tokens=int(header["tokens"]),
+                   meta=json.loads(header["meta"]))
+
+
+@dataclass
+class SubsetStatistics:
+    """Statistics summed over one calibration subset (what a metric consumes)."""
+
+    taylor: dict[tuple[int, str], torch.Tensor]  # [3, units]
+    act_sum: dict[tuple[int, str], torch.Tensor]  # [channels]
+    act_sq: dict[tuple[int, str], torch.Tensor]  # [channels]
+    layer_cos: torch.Tensor  # [layers], mean cosine over the subset's tokens
+    tokens: int
+
+    def input_norm(self, layer: int, module: str) -> torch.Tensor:
+        """‖X_j‖₂ over the subset's tokens of each input channel of ``module``."""
+        return self.act_sq[(layer, ACTIVATION_INPUTS[_input_owner(module)])].sqrt()
+
+    def input_variance(self, layer: int, module: str) -> torch.Tensor:
+        key = (layer, ACTIVATION_INPUTS[_input_owner(module)])
+        mean = self.act_sum[key] / self.tokens
+        return (self.act_sq[key] / self.tokens - mean.square()).clamp_min(0.0)
+
+
+def _input_owner(module: str) -> str:
+    return {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}.get(module, module)
+
+
+class _ActivationRecorder:
+    """Forward hooks that sum each tracked input's moments and each layer's in/out cosine."""
+
+    def __init__(self, model: nn.Module):
+        self.sums: dict[tuple[int, str], torch.Tensor] = {}
+        self.squares: dict[tuple[int, str], torch.Tensor] = {}
+        self.cos: dict[int, torch.Tensor] = {}
+        self.embedding: torch.Tensor | None = None
+        self.handles = [model.model.norm.register_forward_hook(self._embedding_hook)]
+        for i, layer in enumerate(decoder_layers(model)):
+            linears = layer_linears(layer)
+            for module, name in ACTIVATION_INPUTS.items():
+                self.handles.append(linears[module].register_forward_pre_hook(self._input_hook((i, name))))
+            self.handles.append(layer.register_forward_hook(self._layer_hook(i), with_kwargs=True))
+
+    def _input_hook(self, key):
+        def hook(_module, args):
+            x = args[0].detach().float().flatten(0, -2)
+            self.sums[key] = x.sum(0)
+            self.squares[key] = x.square().sum(0)
+
+        return hook
+
+    def _layer_hook(self, index):
+        def hook(_module, args, kwargs, output):
+            h_in = (args[0] if args else kwargs["hidden_states"]).detach().float()
+            h_out = (output[0] if isinstance(output, tuple) else output).detach().float()
+            self.cos[index] = torch.cosine_similarity(h_in, h_out, dim=-1).sum()
+
+        return hook
+
+    def _embedding_hook(self, _module, _args, output):
+        self.embedding = output.detach().float().flatten(0, -2).mean(0)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _grad_only_on_projections(model: nn.Module) -> dict[nn.Parameter, bool]:
+    """Gradients for the prunable projections only: embeddings and lm_head need none."""
+    before = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in decoder_layers(model):
+        for linear in layer_linears(layer).values():
+            for p in linear.parameters():
+                p.requires_grad_(True)
+    return before
+
+
+def collect_statistics(model: nn.Module, windows: torch.Tensor, progress: bool = True) -> PoolStatistics:
+    """One forward and backward per pool window (``[N, seq_len]``), reduced to per-sample statistics.
+
+    Runs on the model's device with fp32 accumulators and ``use_cache=False``; the model's weights
+    are left untouched and its gradients cleared.
+    """
+    structure = model_structure(model)
+    device = next(model.parameters()).device
+    n = windows.shape[0]
+    taylor = {
+        (i, m): torch.zeros(n, 3, unit_count(lin, m))
+        for i, layer in enumerate(decoder_layers(model)) for m, lin in layer_linears(layer).items()
+    }
+    act_sum: dict[tuple[int, str], torch.Tensor] = {}
+    act_sq: dict[tuple[int, str], torch.Tensor] = {}
+    layer_cos = torch.zeros(n, len(structure.layers))
+    embedding = torch.zeros(n, structure.layers[0].hidden)
+    was_training = model.training
+    model.eval()  # no dropout: the statistics describe the model as it will be evaluated
+    before = _grad_only_on_projections(model)
+    recorder = _ActivationRecorder(model)
+    start = time.perf_counter()
+    try:
+        for s in tqdm(range(n), desc="pool statistics", unit="sample", disable=not progress, leave=False):
+            model.zero_grad(set_to_none=True)
+            ids = windows[s : s + 1].to(device)
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+            for i, layer in enumerate(decoder_layers(model)):
+                for m, linear in layer_linears(layer).items():
+                    taylor[(i, m)][s] = unit_taylor_terms(linear, m).cpu()
+            for key in recorder.sums:
+                act_sum.setdefault(key, torch.zeros(n, recorder.sums[key].numel()))[s] = recorder.sums[key].cpu()
+                act_sq.setdefault(key, torch.zeros(n, recorder.squares[key].numel()))[s] = recorder.squares[key].cpu()
+            layer_cos[s] = torch.stack([recorder.cos[i] for i in range(len(structure.layers))]).cpu()
+            embedding[s] = recorder.embedding.cpu()
+    finally:
+        recorder.remove()
+        model.zero_grad(set_to_none=True)
+        for p, flag in before.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+    meta = {"seconds": f"{time.perf_counter() - start:.1f}", "samples": str(n)}
+    return PoolStatistics(taylor, act_sum, act_sq, layer_cos, embedding, tokens=windows.shape[1], meta=meta)
+
+
+def taylor_first_exact(
+    model: nn.Module, windows: torch.Tensor, batch_size: int = 4
+) -> dict[tuple[int, str], torch.Tensor]:
+    """LLM-Pruner's element-wise first-order Taylor on a subset: per unit ``Σ |w · G|``.
+
+    ``G`` is the gradient of the subset's mean LM loss (one backward over the subset, accumulated in
+    mini-batches), so this cannot be assembled from per-sample statistics.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    before = _grad_only_on_projections(model)
+    n = windows.shape[0]
+    try:
+        model.zero_grad(set_to_none=True)
+        for start in range(0, n, batch_size):
+            ids = windows[start : start + batch_size].to(device)
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            (loss * ids.shape[0] / n).backward()  # mean over the whole subset, as one batch would give
+        return {
+            (i, m): unit_taylor_terms(linear, m)[2].cpu()
+            for i, layer in enumerate(decoder_layers(model)) for m, linear in layer_linears(layer).items()
+        }
+    finally:
+        model.zero_grad(set_to_none=True)
+        for p, flag in before.items():
+            p.requires_grad_(flag)
+        model.train(was_training)

@@ -1,0 +1,58 @@
+"""How fast is importance for a calibration subset, from cached per-sample statistics vs. recomputed?
+
+On SmolLM2-135M with a pool of 64 book windows: milliseconds to assemble each metric's importance
+for a subset of k samples from the pool statistics, beside what the same numbers cost without them
+(a forward and backward pass per sample of the subset), measured side by side in one run.
+
+    python bench/importance.py
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+import torch
+
+from adapruner.importance import DECOMPOSABLE, Mixture, subset_importance
+from adapruner.search import SearchJob, open_session
+from adapruner.statistics import collect_statistics, taylor_first_exact
+
+
+def timed(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    session = open_session(SearchJob(pool_size=64), progress=False)
+    stats = session.statistics  # cached on disk after the first run
+    shapes = session.structure.layers
+    print(f"Command: `python bench/importance.py {' '.join(sys.argv[1:])}`".rstrip("` ") + "`\n")
+    print(f"SmolLM2-135M, pool of {stats.n_samples} windows x {stats.tokens} tokens, "
+          f"{torch.get_num_threads()} CPU threads.\n")
+    rows = []
+    for k in (4, 10, 32):
+        subset = session.random_subset(k, seed=k)
+        windows = session.pool.windows[list(subset)]
+        per_sample = timed(lambda w=windows: collect_statistics(session.model, w, progress=False), 1)
+        exact = timed(lambda w=windows: taylor_first_exact(session.model, w), 1)
+        for metric in [m for m in DECOMPOSABLE if m != "random"]:
+            mixture = Mixture.single(metric)
+            seconds = timed(lambda m=mixture, s=subset: subset_importance(session.model, shapes, m, s, stats,
+                                                                          session.pool.windows), 5)
+            rows.append((metric, k, seconds, per_sample))
+        rows.append(("taylor_first (exact, needs a backward)", k, exact, exact))
+    print("| metric | subset k | importance from statistics (ms) | recomputing it (s) | speed-up |")
+    print("|---|---:|---:|---:|---:|")
+    for metric, k, seconds, direct in rows:
+        print(f"| {metric} | {k} | {1000 * seconds:.1f} | {direct:.1f} | {direct / seconds:,.0f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""The HTTP API (FastAPI): submit search jobs, follow them, fetch the best pruned model.
+
+Routes are thin: they check access, call :mod:`service.jobs`, and shape the answer. Writes need
+``Authorization: Bearer <token>``; reads too unless ``ADAPRUNER_PUBLIC_READS`` is on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+import optuna
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from adapruner import __version__
+from adapruner.errors import AdaPrunerError
+from adapruner.search import make_storage
+from adapruner.search.artifacts import artifact_store
+
+from . import jobs
+from .db import JobStatus, check_schema, make_engine, session_factory
+from .policy import InvalidField, PolicyError, check_spec
+from .schemas import SAFE_NAME, JobList, JobOut, JobSpec, TrialList
+from .settings import Settings
+
+bearer = HTTPBearer(auto_error=False)
+
+
+# -- dependencies -------------------------------------------------------------------------------
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_db(request: Request) -> Iterator[Session]:
+    with request.app.state.sessions() as session:
+        yield session
+
+
+def get_storage(request: Request) -> optuna.storages.BaseStorage:
+    return request.app.state.storage
+
+
+def _unauthorized(message: str) -> HTTPException:
+    return HTTPException(401, message, headers={"WWW-Authenticate": "Bearer"})
+
+
+def require_writer(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+                   settings: Annotated[Settings, Depends(get_settings)]) -> str:
+    if credentials is None:
+        raise _unauthorized("this request needs an Authorization: Bearer <token> header")
+    owner = settings.token_id(credentials.credentials)
+    if owner is None:
+        raise _unauthorized("invalid API token")
+    return owner
+
+
+def require_reader(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+                   settings: Annotated[Settings, Depends(get_settings)]) -> str | None:
+    if settings.public_reads:
+        return None
+    return require_writer(credentials, settings)
+
+
+DB = Annotated[Session, Depends(get_db)]
+Storage = Annotated[optuna.storages.BaseStorage, Depends(get_storage)]
+Config = Annotated[Settings, Depends(get_settings)]
+Writer = Annotated[str, Depends(require_writer)]
+Reader = Annotated[str | None, Depends(require_reader)]
+
+
+# -- routes -------------------------------------------------------------------------------------
+
+router = APIRouter(prefix="/v1", tags=["jobs"])
+
+
+@router.post("/jobs", status_code=202, response_model=JobOut)
+def submit_job(spec: JobSpec, request: Request, response: Response, owner: Writer, db: DB, storage: Storage,
+               settings: Config) -> JobOut:
+    """Queue a search job. Answers 202 with the job and a Location header to follow it."""
+    job = jobs.create_job(db, storage, check_spec(spec, settings), owner)
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return jobs.job_view(job, storage, settings, str(request.base_url))
+
+
+@router.get("/jobs", response_model=JobList)
+def list_jobs(request: Request, _: Reader, db: DB, storage: Storage, settings: Config,
+              status: JobStatus | None = None, offset: Annotated[int, Query(ge=0)] = 0,
+              limit: Annotated[int, Query(ge=1, le=100)] = 20) -> JobList:
+    items, total = jobs.list_jobs(db, status, offset, limit)
+    views = [jobs.job_view(j, storage, settings, str(request.base_url), detail=False) for j in items]
+    return JobList(items=views, total=total, offset=offset, limit=limit)
+
+
+@router.get("/jobs/{job_id}", response_model=JobOut)
+def get_job(job_id: str, request: Request, _: Reader, db: DB, storage: Storage, settings: Config) -> JobOut:
+    """Status, progress (n/N, ETA), best configuration so far, baselines, and links."""
+    return jobs.job_view(jobs.get_job(db, job_id), storage, settings, str(request.base_url))
+
+
+@router.get("/jobs/{job_id}/trials", response_model=TrialList)
+def get_trials(job_id: str, _: Reader, db: DB, storage: Storage) -> TrialList:
+    study = jobs.load_study(storage, jobs.get_job(db, job_id))
+    trials = study.get_trials(deepcopy=False) if study else []
+    return TrialList(items=[jobs.trial_summary(t) for t in trials])
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=JobOut)
+def cancel_job(job_id: str, request: Request, _: Writer, db: DB, storage: Storage, settings: Config) -> JobOut:
+    """Stop handing out trials; running trials finish first."""
+    return jobs.job_view(jobs.cancel_job(db, job_id), storage, settings, str(request.base_url))
+
+
+@router.get("/jobs/{job_id}/model")
+def download_model(job_id: str, _: Reader, db: DB, settings: Config,
+                   filename: Annotated[str | None, Query(pattern=SAFE_NAME)] = None) -> StreamingResponse:
+    """The best pruned model as a tar archive (``model/`` with safetensors, config and tokenizer)."""
+    job = jobs.get_job(db, job_id)
+    if not job.artifact_id:
+        raise jobs.Conflict(f"job {job_id} has no model yet (status {job.status})")
+    reader = artifact_store(settings.artifacts).open_reader(job.artifact_id)
+    name = filename or f"{job.name or job.id}-model"
+    return StreamingResponse(iter(lambda: reader.read(1 << 20), b""), media_type="application/x-tar",
+                             headers={"Content-Disposition": f'attachment; filename="{name}.tar"'})
+
+
+@router.get("/jobs/{job_id}/report", response_class=PlainTextResponse)
+def get_report(job_id: str, _: Reader, db: DB, storage: Storage) -> PlainTextResponse:
+    """The study's markdown report: baselines beside the best configuration, cost, importances."""
+    from adapruner.search.report import report_markdown
+
+    study = jobs.load_study(storage, jobs.get_job(db, job_id))
+    if study is None or "job" not in study.user_attrs:
+        raise jobs.NotFound(f"job {job_id} has no study")
+    return PlainTextResponse(report_markdown(study), media_type="text/markdown")
+
+
+def health(request: Request) -> dict:
+    with request.app.state.sessions() as session:
+        session.execute(text("SELECT 1"))
+    return {"status": "ok", "version": __version__}
+
+
+# -- the app --------------------------------------------------------------------------------------
+
+
+def _field_error(status: int, field: str, message: str, kind: str) -> JSONResponse:
+    loc = ["body", *field.split(".")]
+    return JSONResponse({"detail": [{"loc": loc, "msg": message, "type": kind}]}, status_code=status)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    engine = make_engine(settings.db_url)
+    check_schema(engine)
+    app = FastAPI(title="AdaPruner", version=__version__,
+                  description="Bayesian-optimization search for structured-pruning configurations.")
+    app.state.settings = settings
+    app.state.sessions = session_factory(engine)
+    app.state.storage = make_storage(settings.db_url, create_tables=False)
+    app.include_router(router)
+    app.add_api_route("/healthz", health, methods=["GET"], tags=["health"])
+
+    @app.exception_handler(PolicyError)
+    def _forbidden(_request, exc: PolicyError):
+        return _field_error(403, exc.field, str(exc), "forbidden")
+
+    @app.exception_handler(InvalidField)
+    def _invalid(_request, exc: InvalidField):
+        return _field_error(422, exc.field, str(exc), "value_error")
+
+    @app.exception_handler(AdaPrunerError)
+    def _bad_job(_request, exc: AdaPrunerError):
+        return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    @app.exception_handler(jobs.NotFound)
+    def _not_found(_request, exc: jobs.NotFound):
+        return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(jobs.Conflict)
+    def _conflict(_request, exc: jobs.Conflict):
+        return JSONResponse({"detail": str(exc)}, status_code=409)
+
+    return app

@@ -1,0 +1,208 @@
+"""Job operations shared by the API routes and the workers: create, look up, summarise, claim, finish.
+
+A job's trials live in its Optuna study (same database); the ``jobs`` row holds what Optuna does not:
+the submitted spec, the lifecycle status, the owner and the result's artifact.
+"""
+
+from __future__ import annotations
+
+import statistics
+import uuid
+import warnings
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy import func, select, text, update
+from sqlalchemy.orm import Session
+
+from adapruner.search import create_study
+from adapruner.search.study import count_trials
+
+from .db import Job, JobStatus, utcnow
+from .schemas import JobOut, JobSpec, Links, Progress, TrialSummary
+from .settings import Settings
+
+
+class NotFound(Exception):
+    pass
+
+
+class Conflict(Exception):
+    pass
+
+
+def create_job(db: Session, storage: optuna.storages.BaseStorage, spec: JobSpec, owner: str | None) -> Job:
+    """Store the job and create its study, baselines queued, so workers find everything ready."""
+    job_id = uuid.uuid4().hex
+    job = Job(id=job_id, name=spec.name, spec=spec.model_dump(mode="json"), owner=owner, study_name=f"job-{job_id}")
+    create_study(storage, job.study_name, spec.to_search_job())
+    db.add(job)
+    db.commit()
+    return job
+
+
+def get_job(db: Session, job_id: str) -> Job:
+    job = db.get(Job, job_id)
+    if job is None:
+        raise NotFound(f"no job {job_id!r}")
+    return job
+
+
+def list_jobs(db: Session, status: JobStatus | None, offset: int, limit: int) -> tuple[list[Job], int]:
+    query = select(Job)
+    counter = select(func.count()).select_from(Job)
+    if status is not None:
+        query, counter = query.where(Job.status == status.value), counter.where(Job.status == status.value)
+    jobs = db.scalars(query.order_by(Job.created_at.desc()).offset(offset).limit(limit)).all()
+    return list(jobs), db.scalar(counter)
+
+
+def cancel_job(db: Session, job_id: str) -> Job:
+    job = get_job(db, job_id)
+    if not JobStatus(job.status).active:
+        raise Conflict(f"job {job_id} is already {job.status}")
+    db.execute(update(Job).where(Job.id == job_id, Job.status.in_(["queued", "running"]))
+               .values(status=JobStatus.cancelled.value, finished_at=utcnow()))
+    db.commit()
+    db.refresh(job)
+    return job
+
+
+# -- views ----------------------------------------------------------------------------------------
+
+
+def trial_summary(trial: FrozenTrial) -> TrialSummary:
+    attrs = trial.user_attrs
+    return TrialSummary(
+        number=trial.number, state=trial.state.name.lower(),
+        value=trial.value if trial.state == TrialState.COMPLETE else None,
+        test_ppl=attrs.get("test_ppl"), baseline=attrs.get("baseline"), params=trial.params,
+        windows=attrs.get("windows"), ratio=attrs.get("ratio"), seconds=attrs.get("seconds"),
+        worker=attrs.get("worker"), fail_reason=attrs.get("fail_reason"),
+        started=trial.datetime_start, completed=trial.datetime_complete,
+    )
+
+
+def load_study(storage: optuna.storages.BaseStorage, job: Job) -> optuna.Study | None:
+    try:
+        return optuna.load_study(study_name=job.study_name, storage=storage)
+    except KeyError:
+        return None
+
+
+def job_view(job: Job, storage: optuna.storages.BaseStorage, settings: Settings, base_url: str,
+             detail: bool = True) -> JobOut:
+    path = f"{base_url.rstrip('/')}/v1/jobs/{job.id}"
+    study = load_study(storage, job) if detail else None
+    dashboard = None
+    if study is not None:
+        study_id = storage.get_study_id_from_name(job.study_name)
+        dashboard = f"{settings.dashboard_url.rstrip('/')}/dashboard/studies/{study_id}"
+    out = JobOut(
+        id=job.id, name=job.name, status=job.status, spec=job.spec, created_at=job.created_at,
+        started_at=job.started_at, finished_at=job.finished_at, error=job.error, study_name=job.study_name,
+        links=Links(self=path, trials=f"{path}/trials", model=f"{path}/model", report=f"{path}/report",
+                    dashboard=dashboard),
+    )
+    if study is None:
+        return out
+    trials = study.get_trials(deepcopy=False)
+    count = {state: sum(t.state == state for t in trials) for state in TrialState}
+    finished = count[TrialState.COMPLETE] + count[TrialState.PRUNED]
+    budget = int(job.spec["trials"])
+    durations = [(t.datetime_complete - t.datetime_start).total_seconds() for t in trials
+                 if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and t.datetime_start and t.datetime_complete]
+    workers = max(1, count[TrialState.RUNNING])
+    eta = statistics.mean(durations) * (budget - finished) / workers if durations and finished < budget else None
+    out.progress = Progress(finished=finished, running=count[TrialState.RUNNING], pruned=count[TrialState.PRUNED],
+                            failed=count[TrialState.FAIL], budget=budget, eta_seconds=eta)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    if complete:
+        out.best = trial_summary(min(complete, key=lambda t: t.value))
+    seen = set()
+    for t in complete:
+        name = t.user_attrs.get("baseline")
+        if name and name not in seen:
+            seen.add(name)
+            out.baselines.append(trial_summary(t))
+    out.dense = study.user_attrs.get("dense")
+    out.recovery = study.user_attrs.get("recovery")
+    return out
+
+
+# -- workers --------------------------------------------------------------------------------------
+
+
+def claim_job(db: Session, storage: optuna.storages.BaseStorage, settings: Settings) -> Job | None:
+    """The next job a worker should serve: a running one with work left, else the oldest queued one.
+
+    PostgreSQL rows are taken with ``FOR UPDATE SKIP LOCKED`` (and job starts serialised by a
+    transaction-level advisory lock, so at most ``max_concurrent_jobs`` run); SQLite serialises the
+    whole claim through its write lock (``BEGIN IMMEDIATE``, see ``db.make_engine``).
+    """
+    # Before the claim transaction: Optuna writes through its own connection, which SQLite's write
+    # lock, once the claim holds it, would block.
+    with db.begin():
+        running_ids = db.scalars(select(Job.id).where(Job.status == "running")).all()
+    for job_id in running_ids:
+        fail_stale_trials(storage, f"job-{job_id}")
+    postgres = db.bind.dialect.name == "postgresql"
+    with db.begin():
+        if postgres:
+            db.execute(text("SELECT pg_advisory_xact_lock(727274)"))
+        else:
+            db.connection(execution_options={"sqlite_immediate": True})
+        running = db.scalars(select(Job).where(Job.status == "running").order_by(Job.started_at)).all()
+        for job in running:
+            if has_open_slots(storage, job):
+                return job
+        if len(running) >= settings.max_concurrent_jobs:
+            return None
+        query = select(Job).where(Job.status == "queued").order_by(Job.created_at).limit(1)
+        if postgres:
+            query = query.with_for_update(skip_locked=True)
+        job = db.scalar(query)
+        if job is None:
+            return None
+        job.status, job.started_at = JobStatus.running.value, utcnow()
+    return job
+
+
+def fail_stale_trials(storage: optuna.storages.BaseStorage, study_name: str) -> None:
+    """Fail (and queue again) the trials of workers whose heartbeat stopped."""
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def has_open_slots(storage: optuna.storages.BaseStorage, job: Job) -> bool:
+    """Whether the job's study still has trials to hand out (or its end still needs recording).
+
+    A worker that joins a job whose last slots are all running would only wait; it is better used on
+    a queued job. The exact budget is kept by the study's own lock, not by this check.
+    """
+    study = load_study(storage, job)
+    if study is None:
+        return False
+    finished, running = count_trials(study)
+    return finished >= int(job.spec["trials"]) or finished + running < int(job.spec["trials"])
+
+
+def finish_job(db: Session, job_id: str, status: JobStatus, error: str | None = None, best_trial: int | None = None,
+               artifact_id: str | None = None) -> bool:
+    """Move a running job to a final state; False if another worker (or a cancel) got there first."""
+    values: dict = {"status": status.value, "finished_at": utcnow(), "error": error}
+    if best_trial is not None:
+        values |= {"best_trial": best_trial, "artifact_id": artifact_id}
+    with db.begin():
+        result = db.execute(update(Job).where(Job.id == job_id, Job.status == "running").values(**values))
+    return result.rowcount == 1
+
+
+def job_status(db: Session, job_id: str) -> str:
+    with db.begin():
+        return db.scalar(select(Job.status).where(Job.id == job_id))

@@ -1,0 +1,108 @@
+"""What a submitted job may touch: models and texts are checked against the operator's settings.
+
+Nothing outside the configured roots is ever read on a user's say-so: a local path must resolve
+(symlinks followed, ``..`` collapsed) inside ``models_root`` / ``texts_root``; hub models must be on
+the allow-list; remote code runs only if the operator allows it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from adapruner.data import BUILTIN_SOURCES, parse_draw
+from adapruner.models import BUILTIN_MODELS
+
+from .schemas import JobSpec
+from .settings import Settings
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class PolicyError(Exception):
+    """The request is well-formed but not allowed here (HTTP 403)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+class InvalidField(Exception):
+    """A field's value is not valid (HTTP 422, naming the field)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+def inside(root: Path | None, value: str, field: str, what: str) -> Path:
+    """``value`` as a path inside ``root`` (relative values are taken relative to it)."""
+    if root is None:
+        raise PolicyError(field, f"local {what} are not allowed on this server (no {what} root configured)")
+    if value.startswith("~"):
+        raise PolicyError(field, f"{value!r} is outside the allowed {what} folder")
+    base = root.resolve()
+    candidate = Path(value) if Path(value).is_absolute() else base / value
+    resolved = candidate.resolve()
+    if not resolved.is_relative_to(base):
+        raise PolicyError(field, f"{value!r} is outside the allowed {what} folder")
+    if not resolved.exists():
+        raise InvalidField(field, f"{value!r} does not exist in the {what} folder")
+    return resolved
+
+
+def check_model(model: str, settings: Settings) -> str:
+    """The model reference a worker should load (a resolved path for local folders)."""
+    root = settings.models_root
+    local = root is not None and not model.startswith("~") and (root / model).exists()
+    if model in BUILTIN_MODELS:
+        return model
+    if HUB_ID.match(model) and not local:
+        if any(model == a or (a.endswith("/*") and model.startswith(a[:-1])) for a in settings.allowed_hub_models):
+            return model
+        raise PolicyError("model", f"model {model!r} is not on this server's allow-list")
+    if local or "/" in model or model.startswith((".", "~")) or model.endswith(".gguf"):
+        return str(inside(root, model, "model", "models"))
+    raise InvalidField("model", f"unknown model {model!r}: use a built-in name ({', '.join(BUILTIN_MODELS)}), "
+                                "an allowed hub id, or a folder below the models root")
+
+
+def check_text(spec: str, settings: Settings, field: str) -> str:
+    """A text source (optionally with a ``:N`` sample count), local paths resolved inside the texts root."""
+    source, count = parse_draw(spec, 0)
+    suffix = f":{count}" if count else ""
+    if source.startswith("builtin:"):
+        name = source.removeprefix("builtin:")
+        if name not in BUILTIN_SOURCES:
+            raise InvalidField(field, f"unknown built-in text {name!r} (choose from {', '.join(BUILTIN_SOURCES)})")
+        return spec
+    if source.startswith("hf:"):
+        target = source[3:].split("?", 1)[0].split(":", 1)[0]
+        if target.startswith(("/", ".", "~")):
+            return f"hf:{inside(settings.texts_root, target, field, 'texts')}{source[3 + len(target):]}{suffix}"
+        if not settings.allow_hub_datasets:
+            raise PolicyError(field, "Hugging Face hub datasets are not allowed on this server")
+        return spec
+    return f"{inside(settings.texts_root, source, field, 'texts')}{suffix}"
+
+
+def check_spec(spec: JobSpec, settings: Settings) -> JobSpec:
+    """Check a job against the policy and limits; returns it with local paths resolved."""
+    if spec.trust_remote_code and not settings.allow_trust_remote_code:
+        raise PolicyError("trust_remote_code", "this server does not run model code from the hub")
+    limits = {"trials": settings.max_trials, "pool_size": settings.max_pool_size,
+              "val_windows": settings.max_eval_windows, "test_windows": settings.max_eval_windows}
+    for name, limit in limits.items():
+        if getattr(spec, name) > limit:
+            raise InvalidField(name, f"{name} must be at most {limit} on this server, got {getattr(spec, name)}")
+    if spec.recover is not None and spec.recover.steps > settings.max_recover_steps:
+        raise InvalidField("recover.steps", f"recover.steps must be at most {settings.max_recover_steps} on this "
+                                            f"server, got {spec.recover.steps}")
+    lo, hi = spec.space.subset_size
+    if not 1 <= lo <= hi:
+        raise InvalidField("space.subset_size", f"subset_size must satisfy 1 <= min <= max, got {[lo, hi]}")
+    return spec.model_copy(update={
+        "model": check_model(spec.model, settings),
+        "calibration": [check_text(s, settings, "calibration") for s in spec.calibration],
+        "evaluation": [check_text(s, settings, "evaluation") for s in spec.evaluation],
+    })

@@ -1,0 +1,134 @@
+"""Request and response bodies of the HTTP API (pydantic), separate from the table in ``db.py``."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from adapruner.importance import AGGREGATIONS, METRICS
+from adapruner.search import BASELINES, DEFAULT_BASELINES, DEFAULT_METRICS, PRUNERS, SAMPLERS, SearchJob, SearchSpace
+
+SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # no slashes, no leading dot: safe as a file name
+
+
+class SpaceSpec(BaseModel):
+    """Which parts of the configuration are searched, and any fixed parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    metrics: list[Literal[METRICS]] = Field(default=list(DEFAULT_METRICS), min_length=1)  # type: ignore[valid-type]
+    aggregations: list[Literal[AGGREGATIONS]] = Field(default=list(AGGREGATIONS), min_length=1)  # type: ignore[valid-type]
+    calibration: Literal["clusters", "random", "all"] = "clusters"
+    subset_size: tuple[int, int] = (4, 32)
+    n_clusters: int = Field(default=8, ge=1, le=64)
+    attn_share: bool = True
+    fixed: dict[str, float | int | str | None] = Field(default_factory=dict)
+
+
+class RecoverSpec(BaseModel):
+    """LoRA fine-tuning of the best configuration after the search (not of every trial)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(default=100, ge=1, le=100_000)
+    lr: float = Field(default=2e-4, gt=0, le=1)
+    r: int = Field(default=8, ge=1, le=256)
+    alpha: int = Field(default=16, ge=1, le=1024)
+    batch_size: int = Field(default=4, ge=1, le=256)
+
+
+class JobSpec(BaseModel):
+    """A search job: what to prune, on which texts, how far, and how to search."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"name": "smollm-20", "model": "smollm2-135m", "ratio": 0.2, "trials": 12, "pool_size": 16,
+         "val_windows": 16, "test_windows": 32}]})
+
+    name: str | None = Field(default=None, pattern=SAFE_NAME, description="also names the model archive")
+    model: str = Field(default="smollm2-135m", min_length=1, max_length=200)
+    calibration: list[str] = Field(default=["builtin:books"], min_length=1, max_length=8)
+    evaluation: list[str] = Field(default_factory=list, max_length=8)
+    ratio: float = Field(default=0.2, gt=0, lt=1, description="share of all parameters to remove")
+    trials: int = Field(default=30, ge=1, description="finished trials, baselines included")
+    sampler: Literal[SAMPLERS] = "tpe"  # type: ignore[valid-type]
+    pruner: Literal[PRUNERS] = "wilcoxon"  # type: ignore[valid-type]
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    pool_size: int = Field(default=64, ge=1)
+    seq_len: int = Field(default=128, ge=8, le=8192)
+    val_windows: int = Field(default=32, ge=1)
+    test_windows: int = Field(default=64, ge=1)
+    baselines: list[Literal[BASELINES]] = Field(default=list(DEFAULT_BASELINES))  # type: ignore[valid-type]
+    space: SpaceSpec = Field(default_factory=SpaceSpec)
+    recover: RecoverSpec | None = None
+    trust_remote_code: bool = False
+
+    def to_search_job(self) -> SearchJob:
+        data = self.model_dump(exclude={"name", "trust_remote_code", "space"})
+        space = self.space.model_dump()
+        space["subset_size"] = tuple(space["subset_size"])
+        return SearchJob.from_dict({**data, "space": SearchSpace.from_dict(space).to_dict(),
+                                    "recover": {**data["recover"], "seed": self.seed} if self.recover else None})
+
+
+class Links(BaseModel):
+    self: str
+    trials: str
+    model: str
+    report: str
+    dashboard: str | None
+
+
+class Progress(BaseModel):
+    finished: int
+    running: int
+    pruned: int
+    failed: int
+    budget: int
+    eta_seconds: float | None
+
+
+class TrialSummary(BaseModel):
+    number: int
+    state: str
+    value: float | None = Field(description="validation perplexity")
+    test_ppl: float | None
+    baseline: str | None
+    params: dict[str, Any]
+    windows: int | None
+    ratio: float | None
+    seconds: dict[str, float] | None
+    worker: str | None
+    fail_reason: str | None
+    started: datetime | None
+    completed: datetime | None
+
+
+class JobOut(BaseModel):
+    id: str
+    name: str | None
+    status: str
+    spec: dict[str, Any]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    error: str | None
+    study_name: str
+    progress: Progress | None = None
+    best: TrialSummary | None = None
+    baselines: list[TrialSummary] = Field(default_factory=list)
+    dense: dict[str, float] | None = None
+    recovery: dict[str, Any] | None = None
+    links: Links
+
+
+class JobList(BaseModel):
+    items: list[JobOut]
+    total: int
+    offset: int
+    limit: int
+
+
+class TrialList(BaseModel):
+    items: list[TrialSummary]

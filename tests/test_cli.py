@@ -1,0 +1,67 @@
+"""The command line on the tiny model and local text: output, saved models, one-line errors."""
+
+import pytest
+import torch
+from conftest import make_documents
+
+from adapruner.export import load_pruned
+from service.cli import main
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corpus")
+    for i, doc in enumerate(make_documents(40, words_per_doc=200)):
+        (folder / f"doc{i:02d}.txt").write_text(doc)
+    return folder
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_eval(capsys, tiny_model_dir, corpus):
+    code, out, _ = run(capsys, "eval", "--model", tiny_model_dir, "--data", corpus, "--seq-len", 32,
+                       "--max-windows", 4, "--split", "validation")
+    assert code == 0
+    assert "4 windows x 32 tokens" in out and float(out.split("ppl")[-1].split()[0]) > 1
+
+
+@pytest.mark.parametrize("metric", ["wanda_sp", "taylor_first", "taylor_second=0.5,flap_fluctuation=0.5"])
+def test_prune_saves_a_loadable_model(capsys, tmp_path, tiny_model_dir, corpus, metric):
+    out_dir = tmp_path / "pruned"
+    code, out, err = run(capsys, "prune", "--model", tiny_model_dir, "--calib", f"{corpus}:4", "--ratio", 0.2,
+                         "--metric", metric, "--allocation", "uniform", "--seq-len", 32, "--max-windows", 2,
+                         "--out", out_dir)
+    assert code == 0, err
+    assert "removed" in out and "validation ppl" in out and "test       ppl" in out
+    model, _ = load_pruned(out_dir)
+    assert model.config.adapruner["config"]["mixture"]["weights"]
+    assert 0.19 < model.config.adapruner["ratio"] < 0.21
+    assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape[-1] == 320
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["prune", "--ratio", "-0.2"], "--ratio must be in (0, 1)"),
+    (["prune", "--ratio", "abc"], "--ratio takes a fraction"),
+    (["prune", "--layers", "x"], "--layers takes FIRST:LAST"),
+    (["eval", "--split", "train"], "invalid choice: 'train'"),
+    (["nonsense"], "invalid choice"),
+])
+def test_bad_arguments_exit_2_with_one_line(capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and message in err and err.count("\n") == 1
+
+
+def test_user_errors_exit_2_with_one_line(capsys, tmp_path, tiny_model_dir, corpus):
+    code, _, err = run(capsys, "eval", "--model", tmp_path / "missing")
+    assert code == 2 and err.startswith("adapruner: error: model folder not found") and err.count("\n") == 1
+    code, _, err = run(capsys, "prune", "--model", tiny_model_dir, "--calib", f"{corpus}:4", "--metric", "l0",
+                       "--seq-len", 32)
+    assert code == 2 and "unknown importance metric 'l0'" in err and err.count("\n") == 1
+    code, _, err = run(capsys, "eval", "--model", tiny_model_dir, "--data", "builtin:poems")
+    assert code == 2 and "built-in text source 'poems'" in err and err.count("\n") == 1

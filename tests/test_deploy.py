@@ -1,0 +1,97 @@
+"""The deployment files are checked against the code, so they cannot rot silently.
+
+No Docker engine runs on the test machines: these tests parse the files, they do not build images.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from adapruner.cache import ENV_VAR as CACHE_VAR
+from service.cli import build_parser
+from service.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
+DOCKERFILES = [ROOT / "docker" / "Dockerfile", ROOT / "docker" / "Dockerfile.gpu"]
+LIBRARY_VARS = {CACHE_VAR, "ADAPRUNER_HEARTBEAT_SECONDS", "ADAPRUNER_GRACE_SECONDS"}
+SETTINGS_VARS = {f"ADAPRUNER_{name.upper()}" for name in Settings.model_fields}
+
+
+def parses(argv: list[str]) -> None:
+    assert argv[0] == "adapruner", argv
+    build_parser().parse_args(argv[1:])  # argparse exits (and the test fails) on anything unknown
+
+
+def test_compose_names_the_five_services():
+    assert {"postgres", "migrate", "api", "dashboard", "worker"} <= set(COMPOSE["services"])
+
+
+@pytest.mark.parametrize("service", ["migrate", "api", "dashboard", "worker"])
+def test_compose_commands_exist_in_the_cli(service):
+    parses(COMPOSE["services"][service]["command"])
+
+
+def test_compose_env_vars_exist_in_settings():
+    used = set()
+    for service in COMPOSE["services"].values():
+        used |= {k for k in (service.get("environment") or {}) if k.startswith("ADAPRUNER_")}
+    assert used, "the compose file configures nothing through ADAPRUNER_ variables"
+    assert used <= SETTINGS_VARS | LIBRARY_VARS, used - SETTINGS_VARS - LIBRARY_VARS
+
+
+def test_compose_variables_are_in_the_example_env():
+    text = (ROOT / "docker" / "compose.yaml").read_text()
+    example = {line.split("=", 1)[0] for line in (ROOT / "docker" / ".env.example").read_text().splitlines()
+               if "=" in line and not line.startswith("#")}
+    required = set(re.findall(r"\$\{(\w+):\?", text))
+    assert required <= example, required - example
+    assert {k for k in example if k.startswith("ADAPRUNER_")} <= SETTINGS_VARS | LIBRARY_VARS
+
+
+def test_compose_gpu_worker_and_private_dashboard():
+    worker = COMPOSE["services"]["worker"]
+    devices = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["capabilities"] == ["gpu"] and "container_name" not in worker  # --scale worker=N works
+    assert all(port.startswith("127.0.0.1:") for port in COMPOSE["services"]["dashboard"]["ports"])
+    assert COMPOSE["services"]["worker"]["build"]["dockerfile"] == "docker/Dockerfile.gpu"
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfiles_copy_what_exists_and_run_real_commands(dockerfile):
+    text = dockerfile.read_text()
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines() if line.strip()}
+    copies = re.findall(r"^COPY\s+(.+)$", text, flags=re.M)
+    assert copies
+    for line in copies:
+        *sources, _dest = shlex.split(line)
+        for source in sources:
+            assert (ROOT / source).exists(), f"{dockerfile.name} copies missing {source}"
+            assert source not in ignored, f"{source} is copied but .dockerignore excludes it"
+    cmd = re.search(r"^CMD\s+(\[.*\])$", text, flags=re.M).group(1)
+    parses(yaml.safe_load(cmd))
+    assert re.search(r"^USER\s+adapruner$", text, flags=re.M), "images run as a non-root user"
+    for var in re.findall(r"\b(ADAPRUNER_\w+)=", text):
+        assert var in SETTINGS_VARS | LIBRARY_VARS, var
+    assert not re.search(r"(TOKEN|PASSWORD)\s*=", text), "no secrets baked into images"
+
+
+def test_cpu_image_has_a_healthcheck_on_healthz():
+    assert "/healthz" in (ROOT / "docker" / "Dockerfile").read_text().split("HEALTHCHECK", 1)[1]
+
+
+def test_the_deploy_guide_commands_exist():
+    guide = (ROOT / "docs" / "deploy.md").read_text()
+    blocks = re.findall(r"```(?:bash|sh)\n(.*?)```", guide, flags=re.S)
+    commands = [line.strip().removeprefix("$ ") for block in blocks for line in block.splitlines()]
+    commands = [shlex.split(c.split(" &")[0].split(" |")[0]) for c in commands if c.startswith("adapruner ")]
+    assert len(commands) >= 5
+    for argv in commands:
+        parses(argv)
+    variables = set(re.findall(r"\b(ADAPRUNER_[A-Z_]+)\b", guide))
+    assert variables <= SETTINGS_VARS | LIBRARY_VARS, variables - SETTINGS_VARS - LIBRARY_VARS

@@ -1,0 +1,250 @@
+"""Importance from cached per-sample statistics equals a direct computation on the subset."""
+
+import pytest
+import torch
+from conftest import make_tiny_model
+
+from adapruner.errors import AdaPrunerError
+from adapruner.importance import DECOMPOSABLE, METRICS, Mixture, metric_scores, subset_importance
+from adapruner.statistics import PoolStatistics, collect_statistics, taylor_first_exact
+from adapruner.structure import decoder_layers, layer_linears, model_structure
+
+SUBSET = [4, 1, 6]
+
+
+def estimator(model, stats, windows):
+    shapes = model_structure(model).layers
+    return lambda mixture, subset: subset_importance(model, shapes, mixture, subset, stats, windows)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = make_tiny_model("qwen2", seed=5)  # biases exercise the bias terms too
+    windows = torch.randint(3, 320, (8, 20), generator=torch.Generator().manual_seed(7))
+    stats = collect_statistics(model, windows, progress=False)
+    return model, windows, stats
+
+
+def group_members(shape, module, group):
+    """Reference: which rows/columns of ``module`` a group owns, written out from the definition."""
+    if module in ("gate_proj", "up_proj", "down_proj"):
+        return [group]
+    heads = range(group * shape.n_rep, (group + 1) * shape.n_rep) if module in ("q_proj", "o_proj") else [group]
+    return [h * shape.head_dim + d for h in heads for d in range(shape.head_dim)]
+
+
+def reference_scores(model, unit_fn, aggregation="sum"):
+    """Group scores from per-element tensors: unit_fn(layer, module, linear) -> [units] tensor."""
+    shapes = model_structure(model).layers
+    attn, mlp = [], []
+    for i, layer in enumerate(decoder_layers(model)):
+        lins = layer_linears(layer)
+        for modules, n, out in ((("q_proj", "k_proj", "v_proj", "o_proj"), shapes[i].n_groups, attn),
+                                (("gate_proj", "up_proj", "down_proj"), shapes[i].n_channels, mlp)):
+            per_module = []
+            for m in modules:
+                units = unit_fn(i, m, lins[m])
+                per_module.append(torch.stack([units[group_members(shapes[i], m, g)].sum() for g in range(n)]))
+            stacked = torch.stack(per_module)
+            out.append({"sum": stacked.sum(0), "max": stacked.max(0).values, "last": stacked[-1]}[aggregation])
+    return attn, mlp
+
+
+def per_sample_grads(model, windows):
+    """{(layer, module): [n, *weight.shape]} and biases, by a plain loop of backward passes."""
+    grads, bias_grads = {}, {}
+    for s in range(windows.shape[0]):
+        model.zero_grad()
+        ids = windows[s : s + 1]
+        model(input_ids=ids, labels=ids).loss.backward()
+        for i, layer in enumerate(decoder_layers(model)):
+            for m, lin in layer_linears(layer).items():
+                grads.setdefault((i, m), []).append(lin.weight.grad.clone())
+                if lin.bias is not None:
+                    bias_grads.setdefault((i, m), []).append(lin.bias.grad.clone())
+    model.zero_grad()
+    return ({k: torch.stack(v) for k, v in grads.items()}, {k: torch.stack(v) for k, v in bias_grads.items()})
+
+
+def captured_inputs(model, windows):
+    """Inputs of every projection over all tokens of the subset: {(layer, module): [tokens, in]}."""
+    seen, hooks = {}, []
+    for i, layer in enumerate(decoder_layers(model)):
+        for m, lin in layer_linears(layer).items():
+            hooks.append(lin.register_forward_pre_hook(
+                lambda mod, args, key=(i, m): seen.setdefault(key, []).append(args[0].detach().flatten(0, 1))))
+    with torch.no_grad():
+        for s in range(windows.shape[0]):
+            model(input_ids=windows[s : s + 1])
+    for h in hooks:
+        h.remove()
+    return {k: torch.cat(v) for k, v in seen.items()}
+
+
+def elementwise(lin, module, weight_term, bias_term=None):
+    dim = 0 if module in ("o_proj", "down_proj") else 1
+    units = weight_term.sum(dim)
+    if bias_term is not None and dim == 1:
+        units = units + bias_term
+    return units
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+    model, windows, _ = setup
+    sub = windows[SUBSET]
+    grads, bias_grads = per_sample_grads(model, sub)
+    inputs = captured_inputs(model, sub)
+    w = lambda lin: lin.weight.detach()  # noqa: E731
+    b = lambda lin: lin.bias.detach() if lin.bias is not None else None  # noqa: E731
+
+    def bias_part(i, m, lin, fn):
+        if lin.bias is None or m in ("o_proj", "down_proj"):
+            return None
+        return fn(b(lin)[None] * bias_grads[(i, m)]).sum(0) if (i, m) in bias_grads else None
+
+    units = {
+        "magnitude_l1": lambda i, m, lin: elementwise(lin, m, w(lin).abs(), None if b(lin) is None else b(lin).abs()),
+        "magnitude_l2": lambda i, m, lin: elementwise(lin, m, w(lin).square(),
+                                                      None if b(lin) is None else b(lin).square()),
+        "taylor_first_persample": lambda i, m, lin: elementwise(
+            lin, m, (w(lin)[None] * grads[(i, m)]).abs().sum(0), bias_part(i, m, lin, torch.abs)),
+        "taylor_second": lambda i, m, lin: elementwise(
+            lin, m, (w(lin)[None] * grads[(i, m)]).square().sum(0), bias_part(i, m, lin, torch.square)),
+        "taylor_vector": lambda i, m, lin: elementwise(
+            lin, m, w(lin) * grads[(i, m)].sum(0),
+            bias_part(i, m, lin, lambda t: t)).abs(),
+        "wanda_sp": lambda i, m, lin: elementwise(lin, m, w(lin).abs() * inputs[(i, m)].norm(dim=0)[None]),
+    }
+    ref = {name: reference_scores(model, fn) for name, fn in units.items()}
+    ref["wanda_sp_last"] = reference_scores(model, units["wanda_sp"], "last")
+    ref["taylor_second_max"] = reference_scores(model, units["taylor_second"], "max")
+
+    def flap(i, m, lin):
+        if m not in ("o_proj", "down_proj"):
+            return torch.zeros(lin.out_features)
+        x = inputs[(i, m)]
+        return x.var(dim=0, unbiased=False) * w(lin).square().sum(0)
+
+    ref["flap_fluctuation"] = reference_scores(model, flap, "last")
+    # LLM-Pruner's param_first: one backward over the subset as a single batch
+    model.zero_grad()
+    model(input_ids=sub, labels=sub).loss.backward()
+    ref["taylor_first"] = reference_scores(
+        model, lambda i, m, lin: elementwise(lin, m, (w(lin) * lin.weight.grad).abs(),
+                                             None if lin.bias is None or m == "o_proj"
+                                             else (b(lin) * lin.bias.grad).abs()))
+    model.zero_grad()
+    return ref
+
+
+def assert_scores_close(scores, ref):
+    attn, mlp = ref
+    for got, want in zip(scores.attn + scores.mlp, attn + mlp, strict=True):
+        torch.testing.assert_close(got, want.float(), rtol=2e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("metric", [m for m in DECOMPOSABLE if m != "random"])
+def test_metric_from_statistics_equals_direct(setup, reference, metric):
+    model, windows, stats = setup
+    estimate = estimator(model, stats, windows)
+    assert_scores_close(estimate(Mixture.single(metric), SUBSET), reference[metric])
+
+
+@pytest.mark.parametrize(("metric", "aggregation", "key"), [
+    ("wanda_sp", "last", "wanda_sp_last"), ("taylor_second", "max", "taylor_second_max"),
+])
+def test_aggregations(setup, reference, metric, aggregation, key):
+    model, windows, stats = setup
+    estimate = estimator(model, stats, windows)
+    assert_scores_close(estimate(Mixture.single(metric, aggregation), SUBSET), reference[key])
+
+
+def test_taylor_first_exact_equals_one_batch_backward(setup, reference):
+    model, windows, stats = setup
+    estimate = estimator(model, stats, windows)
+    assert_scores_close(estimate(Mixture.single("taylor_first"), SUBSET), reference["taylor_first"])
+    # and it really is not the per-sample variant
+    per_sample = estimate(Mixture.single("taylor_first_persample"), SUBSET)
+    assert not torch.allclose(per_sample.mlp[0], reference["taylor_first"][1][0].float())
+
+
+def test_subset_changes_importance(setup):
+    model, windows, stats = setup
+    estimate = estimator(model, stats, windows)
+    a = estimate(Mixture.single("taylor_second"), [0, 1])
+    b = estimate(Mixture.single("taylor_second"), [2, 3])
+    assert not torch.allclose(a.mlp[1], b.mlp[1])
+
+
+def test_statistics_round_trip(setup, tmp_path):
+    _, _, stats = setup
+    stats.save(tmp_path / "stats.safetensors")
+    again = PoolStatistics.load(tmp_path / "stats.safetensors")
+    assert again.n_samples == stats.n_samples and again.tokens == stats.tokens
+    for key, t in stats.taylor.items():
+        assert torch.equal(t, again.taylor[key])
+    assert torch.equal(stats.layer_cos, again.layer_cos) and torch.equal(stats.embedding, again.embedding)
+    assert set(again.act_sq) == set(stats.act_sq)
+
+
+def test_mixture_is_normalised_weighted_sum(setup):
+    model, windows, stats = setup
+    shapes = model_structure(model).layers
+    estimate = estimator(model, stats, windows)
+    mixed = estimate(Mixture({"magnitude_l1": 3.0, "wanda_sp": 1.0}), SUBSET)
+    sub = stats.subset(SUBSET)
+    mag = metric_scores(model, shapes, "magnitude_l1", stats=sub)
+    wanda = metric_scores(model, shapes, "wanda_sp", stats=sub)
+    want = 0.75 * mag.mlp[2] / mag.mlp[2].mean() + 0.25 * wanda.mlp[2] / wanda.mlp[2].mean()
+    torch.testing.assert_close(mixed.mlp[2], want)
+
+
+def test_bad_inputs(setup):
+    model, windows, stats = setup
+    estimate = estimator(model, stats, windows)
+    with pytest.raises(AdaPrunerError, match="outside the pool of 8"):
+        estimate(Mixture.single("wanda_sp"), [0, 8])
+    with pytest.raises(AdaPrunerError, match="repeats"):
+        estimate(Mixture.single("wanda_sp"), [1, 1])
+    with pytest.raises(AdaPrunerError, match="unknown importance metric"):
+        Mixture({"l0": 1.0})
+    with pytest.raises(AdaPrunerError, match="non-negative"):
+        Mixture({"wanda_sp": -1.0})
+    with pytest.raises(AdaPrunerError, match="positive weight"):
+        Mixture({"wanda_sp": 0.0})
+    with pytest.raises(AdaPrunerError, match="unknown aggregation"):
+        Mixture.single("wanda_sp", "median")
+    assert set(METRICS) - set(DECOMPOSABLE) == {"taylor_first"}
+
+
+def test_random_metric_is_seeded(setup):
+    model, windows, stats = setup
+    shapes = model_structure(model).layers
+    a = metric_scores(model, shapes, "random", seed=1)
+    assert torch.equal(a.mlp[0], metric_scores(model, shapes, "random", seed=1).mlp[0])
+    assert not torch.equal(a.mlp[0], metric_scores(model, shapes, "random", seed=2).mlp[0])
+
+
+def test_statistics_leave_model_untouched(setup):
+    model, windows, _ = setup
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    collect_statistics(model, windows[:2], progress=False)
+    taylor_first_exact(model, windows[:2])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_mixture_says_what_it_needs():
+    assert not Mixture.single("taylor_first").needs_data and Mixture.single("taylor_first").needs_backward
+    assert Mixture.single("wanda_sp").needs_data and not Mixture.single("wanda_sp").needs_backward
+    assert not Mixture({"magnitude_l1": 1, "random": 1}).needs_data
+
+
+def test_embedding_is_mean_final_hidden_state(setup):
+    model, windows, stats = setup
+    with torch.no_grad():
+        hidden = model.model(input_ids=windows[3:4]).last_hidden_state
+    torch.testing.assert_close(stats.embedding[3], hidden[0].mean(0))

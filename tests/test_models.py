@@ -1,0 +1,51 @@
+import json
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from adapruner.errors import AdaPrunerError, UnsupportedModelError
+from adapruner.models import load_model, resolve_device, resolve_dtype
+
+
+def test_load_local_folder(tiny_model_dir, tiny_model):
+    model, tokenizer = load_model(str(tiny_model_dir), device="cpu")
+    assert not model.training and next(model.parameters()).dtype == torch.float32
+    ids = torch.tensor([[1, 5, 9, 11]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, tiny_model(ids).logits)
+    assert tokenizer("the house").input_ids
+
+
+def test_dtype_override(tiny_model_dir):
+    model, _ = load_model(str(tiny_model_dir), device="cpu", dtype="bfloat16")
+    assert next(model.parameters()).dtype == torch.bfloat16
+
+
+def test_unknown_builtin_and_missing_paths(tmp_path):
+    with pytest.raises(AdaPrunerError, match="not found"):
+        load_model(str(tmp_path / "nope"))
+    with pytest.raises(AdaPrunerError, match="not found"):
+        load_model(str(tmp_path / "model.gguf"))
+    with pytest.raises(AdaPrunerError, match="not found or has no config.json"):
+        load_model(str(tmp_path))
+
+
+def test_unsupported_architecture(tmp_path):
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "gpt2"
+    with pytest.raises(UnsupportedModelError, match="unsupported architecture 'gpt2'"):
+        load_model(str(tmp_path))
+
+
+def test_device_and_dtype_choice():
+    assert resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_dtype(None, torch.device("cpu")) == torch.float32
+    assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    with pytest.raises(AdaPrunerError, match="unknown dtype"):
+        resolve_dtype("int3", torch.device("cpu"))
+    with pytest.raises(AdaPrunerError, match="unknown device"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(AdaPrunerError, match="CUDA is not available"):
+            resolve_device("cuda:0")

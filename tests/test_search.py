@@ -1,0 +1,226 @@
+"""The search on the tiny model: space encoding, study handling, budgets, resume, failures, report."""
+
+import tarfile
+
+import optuna
+import pytest
+import torch
+from conftest import make_documents, make_tiny_model
+from optuna.artifacts import FileSystemArtifactStore, download_artifact
+from optuna.trial import TrialState
+
+from adapruner.data import build_pool, split_documents
+from adapruner.errors import AdaPrunerError
+from adapruner.export import load_pruned
+from adapruner.search import SearchJob, SearchSpace, cluster_pool, make_sampler, run_search, suggest_config
+from adapruner.search.report import best_so_far, write_report
+from adapruner.search.space import allocate, subset_from_clusters
+from adapruner.session import PruningSession
+
+SPACE = SearchSpace(subset_size=(2, 8), n_clusters=3)
+
+
+def tiny_job(**overrides):
+    base = dict(model="tiny", calibration=("toy",), trials=8, pool_size=16, seq_len=32, val_windows=12,
+                test_windows=6, space=SPACE)
+    return SearchJob(**{**base, **overrides})
+
+
+@pytest.fixture
+def session(tiny_tokenizer):
+    source = split_documents("toy", make_documents(60, 150))
+    pool = build_pool(tiny_tokenizer, [(source, 16)], seq_len=32)
+    return PruningSession(make_tiny_model(), tiny_tokenizer, pool, [source],
+                          max_eval_windows={"validation": 12, "test": 6}, progress=False, cache_statistics=False)
+
+
+# -- the space ----------------------------------------------------------------------------------
+
+
+def test_allocate_is_proportional_and_capped():
+    assert allocate(10, [1, 1, 0], [8, 8, 8]) == [5, 5, 0]
+    assert allocate(10, [1, 0, 0], [4, 8, 8]) == [4, 3, 3]  # overflow spreads to the others
+    assert sum(allocate(7, [0.2, 0.5, 0.3], [3, 3, 3])) == 7
+    assert allocate(30, [1, 1, 1], [3, 3, 3]) == [3, 3, 3]  # never more than the pool
+    assert allocate(4, [0, 0, 0], [5, 5, 5]) in ([2, 1, 1], [1, 2, 1], [1, 1, 2])
+
+
+def test_clusters_cover_the_pool_nearest_first():
+    torch.manual_seed(0)
+    centres = torch.randn(3, 8) * 5
+    points = torch.cat([centres[i] + 0.1 * torch.randn(6, 8) for i in range(3)])
+    clusters = cluster_pool(points, 3, seed=1)
+    assert sorted(i for m in clusters.members for i in m) == list(range(18))
+    assert sorted(sorted(m) for m in clusters.members) == [list(range(0, 6)), list(range(6, 12)), list(range(12, 18))]
+    assert cluster_pool(points, 3, seed=1) == clusters
+    subset = subset_from_clusters(clusters, [1.0, 0.0, 0.0], 4)
+    assert len(subset) == 4 and set(subset) <= set(clusters.members[0])
+    assert subset == tuple(sorted(clusters.members[0][:4]))
+
+
+def suggest(space, params):
+    trial = optuna.trial.FixedTrial(params)
+    clusters = cluster_pool(torch.randn(16, 4), space.n_clusters, seed=0)
+    return suggest_config(trial, space, clusters, n_layers=8)
+
+
+def test_suggest_builds_a_config_and_respects_fixed_params():
+    params = {"calib_size": 5, "calib_c0": 1.0, "calib_c1": 0.0, "calib_c2": 0.5, "aggregation": "max",
+              "layer_first": 1, "layer_last": 1, "strength": 0.3, "attn_share": 0.2,
+              **{f"w_{m}": 0.5 for m in SPACE.metrics}}
+    config = suggest(SPACE, params)
+    assert len(config.subset) == 5 and config.mixture.aggregation == "max"
+    assert (config.allocation.first, config.allocation.last, config.allocation.attn_share) == (1, -1, 0.2)
+    fixed = SearchSpace(subset_size=(2, 8), n_clusters=3, metrics=("wanda_sp",), calibration="all",
+                        fixed={"aggregation": "sum", "strength": 0.0, "layer_first": 0, "layer_last": 0,
+                               "attn_share": 0.1})
+    config = suggest(fixed, {})  # nothing left to search: a FixedTrial with no params works
+    assert config.subset == tuple(range(16)) and dict(config.mixture.weights) == {"wanda_sp": 1.0}
+    random_mode = SearchSpace(subset_size=(2, 8), calibration="random")
+    a = suggest(random_mode, {**params, "calib_seed": 3})
+    assert a.subset == suggest(random_mode, {**params, "calib_seed": 3}).subset and len(a.subset) == 5
+
+
+def test_bad_jobs_are_refused():
+    with pytest.raises(AdaPrunerError, match="ratio"):
+        tiny_job(ratio=1.5)
+    with pytest.raises(AdaPrunerError, match="sampler"):
+        tiny_job(sampler="cmaes")
+    with pytest.raises(AdaPrunerError, match="baseline"):
+        tiny_job(baselines=("sparsegpt",))
+    with pytest.raises(AdaPrunerError, match="trials"):
+        tiny_job(trials=0)
+    with pytest.raises(AdaPrunerError, match="metric"):
+        SearchSpace(metrics=("l0",))
+    assert SearchJob.from_dict(tiny_job().to_dict()) == tiny_job()
+
+
+# -- the study ----------------------------------------------------------------------------------
+
+
+def test_search_runs_baselines_first_and_exports_the_best(session, tmp_path):
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    result = run_search(tiny_job(), url, "s", session=session, out_dir=tmp_path / "out",
+                        artifact_dir=tmp_path / "artifacts", progress=False)
+    trials = result.study.trials
+    assert [t.user_attrs.get("baseline") for t in trials[:3]] == ["llm-pruner", "wanda-sp", "magnitude"]
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == 8
+    for t in trials[:3]:
+        assert t.state == TrialState.COMPLETE and t.user_attrs["test_ppl"] > 1
+        assert t.user_attrs["windows"] == 12  # baselines are never stopped early
+    best = result.best_trial
+    assert best.user_attrs["test_ppl"] > 1 and abs(best.user_attrs["ratio"] - 0.2) < 0.01
+    assert set(best.user_attrs["seconds"]) >= {"importance", "plan", "prune", "validation"}
+    # the exported model is the best trial's, and its artifact unpacks to the same model
+    model, _ = load_pruned(result.model_dir)
+    assert model.config.adapruner["trial"] == best.number
+    assert [[s["num_key_value_heads"], s["intermediate_size"]] for s in model.config.adapruner["layers"]] == \
+        best.user_attrs["sizes"]
+    download_artifact(artifact_store=FileSystemArtifactStore(str(tmp_path / "artifacts")),
+                      artifact_id=result.artifact_id, file_path=str(tmp_path / "model.tar"))
+    with tarfile.open(tmp_path / "model.tar") as tar:
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    again, _ = load_pruned(tmp_path / "unpacked" / "model")
+    ids = torch.tensor([[1, 5, 7, 9]])
+    assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert result.study.user_attrs["best_model"]["artifact_id"] == result.artifact_id
+    report = write_report(result.study, tmp_path / "out").read_text()
+    assert "baseline: llm-pruner" in report and f"best: trial {best.number}" in report and "## Cost" in report
+    assert (tmp_path / "out" / "best_so_far.png").stat().st_size > 1000
+    curve = best_so_far(result.study)
+    assert len(curve) == 8 and all(a.val_ppl >= b.val_ppl for a, b in zip(curve, curve[1:], strict=False))
+
+
+def test_resume_continues_and_budget_may_grow(session, tmp_path):
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    run_search(tiny_job(trials=5), url, "r", session=session, progress=False, artifact_dir=tmp_path / "a")
+    result = run_search(tiny_job(trials=9), url, "r", session=session, progress=False, artifact_dir=tmp_path / "a")
+    numbers = [t.number for t in result.study.trials]
+    assert numbers == list(range(len(numbers)))
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in result.study.trials) == 9
+    assert sum(bool(t.user_attrs.get("baseline")) for t in result.study.trials) == 3  # enqueued once
+    with pytest.raises(AdaPrunerError, match="different job .*ratio"):
+        run_search(tiny_job(ratio=0.3), url, "r", session=session, progress=False)
+
+
+def test_failing_trials_are_recorded_not_fatal(session, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    original = session.plan
+
+    def flaky_plan(config, target, scores=None):
+        calls["n"] += 1
+        if calls["n"] in (3, 6):
+            raise RuntimeError("simulated out of memory")
+        return original(config, target, scores)
+
+    monkeypatch.setattr(session, "plan", flaky_plan)
+    result = run_search(tiny_job(trials=6), f"sqlite:///{tmp_path / 'f.db'}", "f", session=session,
+                        progress=False, artifact_dir=tmp_path / "a")
+    failed = [t for t in result.study.trials if t.state == TrialState.FAIL]
+    assert failed and all(t.user_attrs["fail_reason"] == "RuntimeError: simulated out of memory" for t in failed)
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in result.study.trials) == 6
+
+
+def test_search_that_always_fails_stops_with_a_clear_error(session, tmp_path):
+    job = tiny_job(trials=3, baselines=(), space=SearchSpace(subset_size=(2, 8), n_clusters=3,
+                                                               fixed={"layer_first": 7, "layer_last": 7}))
+    with pytest.raises(AdaPrunerError, match="trials failed"):
+        run_search(job, None, "x", session=session, progress=False, artifact_dir=tmp_path)
+
+
+@pytest.mark.parametrize("name", ["tpe", "gp", "random", "qmc", "botorch"])
+def test_every_sampler_runs(session, tmp_path, name):
+    job = tiny_job(trials=4, sampler=name, baselines=("wanda-sp",))
+    result = run_search(job, None, f"s-{name}", session=session, progress=False, artifact_dir=tmp_path)
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in result.study.trials) == 4
+    assert type(make_sampler(name)).__name__.lower().startswith(name if name != "qmc" else "qmc")
+
+
+def test_artifact_store_folder_and_s3(tmp_path):
+    import io
+
+    from adapruner.search.artifacts import artifact_store
+
+    class FakeS3:  # the two calls Optuna's Boto3ArtifactStore makes
+        def __init__(self):
+            self.objects = {}
+
+        def upload_fileobj(self, fileobj, bucket, key):
+            self.objects[(bucket, key)] = fileobj.read()
+
+        def get_object(self, Bucket, Key):  # noqa: N803 (boto3's names)
+            return {"Body": io.BytesIO(self.objects[(Bucket, Key)])}
+
+    fake = FakeS3()
+    s3 = artifact_store("s3://models", client=fake)
+    s3.write("a1", io.BytesIO(b"weights"))
+    assert fake.objects == {("models", "a1"): b"weights"} and s3.open_reader("a1").read() == b"weights"
+    folder = artifact_store(tmp_path / "store")
+    folder.write("a2", io.BytesIO(b"more"))
+    assert folder.open_reader("a2").read() == b"more"
+    with pytest.raises(AdaPrunerError, match="s3://BUCKET"):
+        artifact_store("s3://bucket/prefix")
+
+
+def test_paired_estimate_compares_like_with_like():
+    import math
+
+    from adapruner.search.objective import paired_estimate
+
+    best = {0: 2.0, 1: 4.0, 2: 3.0, 3: 3.0}  # mean loss 3.0 over all windows
+    # seen only on the easy window 0, 0.5 worse there than the best: estimated 0.5 worse overall
+    assert paired_estimate({0: 2.5}, best, math.exp(3.0)) == pytest.approx(math.exp(3.5))
+    # its own partial mean (1.9) would look better than the best (3.0); the estimate never does
+    assert paired_estimate({0: 1.9}, best, math.exp(3.0)) > math.exp(3.0)
+    assert paired_estimate({7: 1.0}, best, math.exp(3.0)) == math.inf
+
+
+def test_gp_completes_stopped_trials_with_estimates_that_never_win(session, tmp_path):
+    job = tiny_job(trials=14, sampler="gp", val_windows=12, baselines=("wanda-sp", "magnitude"))
+    study = run_search(job, None, "gp-est", session=session, progress=False, artifact_dir=tmp_path).study
+    assert not any(t.state == TrialState.PRUNED for t in study.trials)
+    estimated = [t for t in study.trials if t.user_attrs.get("estimated")]
+    assert estimated, "no trial was stopped early: the test would prove nothing"
+    assert all(t.user_attrs["windows"] < 12 and t.state == TrialState.COMPLETE for t in estimated)
+    assert not study.best_trial.user_attrs.get("estimated")

@@ -1,0 +1,158 @@
+"""The HTTP API through TestClient, on SQLite and on PostgreSQL: auth, validation, policy, 404,
+cancel, progress, and a job run by a real worker subprocess end to end (download included)."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import time
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from service_fixtures import TOKEN, postgres_url, roots, service_env, small_job, start_worker  # noqa: F401
+
+from adapruner.export import load_pruned
+from service.app import create_app
+from service.db import upgrade
+from service.settings import Settings
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request, tmp_path, roots):  # noqa: F811
+    url = f"sqlite:///{tmp_path / 'service.db'}" if request.param == "sqlite" else request.getfixturevalue(
+        "postgres_url")
+    upgrade(url)
+    env = service_env(tmp_path / "data", url, roots)
+    return env
+
+
+@pytest.fixture
+def client(backend, monkeypatch):
+    for key, value in backend.items():
+        monkeypatch.setenv(key, value)
+    with TestClient(create_app(Settings())) as c:
+        yield c
+
+
+def submit(client, **overrides):
+    return client.post("/v1/jobs", json=small_job(**overrides), headers=AUTH)
+
+
+def test_health_and_docs(client):
+    assert client.get("/healthz").json()["status"] == "ok"
+    assert "/v1/jobs" in client.get("/openapi.json").json()["paths"]
+    assert client.get("/docs").status_code == 200
+
+
+def test_writes_need_a_valid_token(client):
+    assert client.post("/v1/jobs", json=small_job()).status_code == 401
+    assert client.post("/v1/jobs", json=small_job(), headers={"Authorization": "Bearer nope"}).status_code == 401
+    created = submit(client)
+    assert created.status_code == 202
+    job_id = created.json()["id"]
+    assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 401
+    assert client.get(f"/v1/jobs/{job_id}").status_code == 200  # reads are public by default
+
+
+def test_reads_can_be_closed(backend, monkeypatch):
+    for key, value in {**backend, "ADAPRUNER_PUBLIC_READS": "false"}.items():
+        monkeypatch.setenv(key, value)
+    with TestClient(create_app(Settings())) as c:
+        assert c.get("/v1/jobs").status_code == 401
+        assert c.get("/v1/jobs", headers=AUTH).status_code == 200
+
+
+def test_submit_answers_202_with_location_and_queued_baselines(client):
+    response = submit(client)
+    body = response.json()
+    assert response.status_code == 202 and response.headers["Location"] == f"/v1/jobs/{body['id']}"
+    assert body["status"] == "queued" and body["progress"]["budget"] == 6 and body["progress"]["finished"] == 0
+    assert body["links"]["dashboard"].startswith("http://127.0.0.1:8081/dashboard/studies/")
+    assert body["spec"]["model"].endswith("/models/tiny")  # resolved inside the models root
+    assert body["spec"]["recover"] is None
+    trials = client.get(body["links"]["trials"]).json()["items"]
+    assert [t["baseline"] for t in trials] == ["wanda-sp", "magnitude"] and trials[0]["state"] == "waiting"
+    listed = client.get("/v1/jobs", params={"status": "queued", "limit": 100}).json()
+    assert body["id"] in [j["id"] for j in listed["items"]] and listed["limit"] == 100
+
+
+@pytest.mark.parametrize(("change", "status", "field", "message"), [
+    ({"ratio": -0.2}, 422, "ratio", "greater than 0"),
+    ({"ratio": 1.0}, 422, "ratio", "less than 1"),
+    ({"trials": 10**9}, 422, "trials", "at most 500"),
+    ({"pool_size": 100000}, 422, "pool_size", "at most 256"),
+    ({"sampler": "cmaes"}, 422, "sampler", "Input should be"),
+    ({"name": "../../etc/passwd"}, 422, "name", "String should match pattern"),
+    ({"model": "../../etc"}, 403, "model", "outside the allowed models folder"),
+    ({"model": "/etc"}, 403, "model", "outside the allowed models folder"),
+    ({"model": "tiny/../../texts/toy"}, 403, "model", "outside the allowed models folder"),
+    ({"model": "meta-llama/Llama-2-7b-hf"}, 403, "model", "not on this server's allow-list"),
+    ({"model": "gpt-5"}, 422, "model", "unknown model"),
+    ({"calibration": ["/etc/passwd"]}, 403, "calibration", "outside the allowed texts folder"),
+    ({"calibration": ["hf:wikitext:wikitext-2-raw-v1"]}, 403, "calibration", "hub datasets are not allowed"),
+    ({"calibration": ["builtin:poems"]}, 422, "calibration", "unknown built-in text"),
+    ({"trust_remote_code": True}, 403, "trust_remote_code", "does not run model code"),
+    ({"space": {"subset_size": [9, 2]}}, 422, "space.subset_size", "1 <= min <= max"),
+    ({"surprise": 1}, 422, "surprise", "Extra inputs are not permitted"),
+    ({"recover": {"steps": 0}}, 422, "steps", "greater than or equal to 1"),
+    ({"recover": {"steps": 9000}}, 422, "steps", "at most 5000"),
+])
+def test_bad_jobs_get_4xx_naming_the_field(client, change, status, field, message):
+    response = submit(client, **change)
+    assert response.status_code == status, response.text
+    detail = response.json()["detail"]
+    assert any(field.split(".")[-1] in map(str, d["loc"]) and message in d["msg"] for d in detail), detail
+
+
+def test_unknown_ids_are_404(client):
+    for path in ("", "/trials", "/model", "/report"):
+        response = client.get(f"/v1/jobs/0123456789abcdef0123456789abcdef{path}")
+        assert response.status_code == 404 and "no job" in response.json()["detail"]
+    assert client.post("/v1/jobs/nope/cancel", headers=AUTH).status_code == 404
+
+
+def test_cancel_and_no_model_yet(client):
+    job_id = submit(client).json()["id"]
+    assert client.get(f"/v1/jobs/{job_id}/model").status_code == 409
+    response = client.post(f"/v1/jobs/{job_id}/cancel", headers=AUTH)
+    assert response.status_code == 200 and response.json()["status"] == "cancelled"
+    assert client.post(f"/v1/jobs/{job_id}/cancel", headers=AUTH).status_code == 409
+    bad_name = client.get(f"/v1/jobs/{job_id}/model", params={"filename": "../x"})
+    assert bad_name.status_code == 422 and bad_name.json()["detail"][0]["loc"] == ["query", "filename"]
+
+
+def test_a_worker_runs_a_job_to_the_end(client, backend):
+    created = submit(client, trials=5).json()
+    worker = start_worker(backend, "--once")
+    out, _ = worker.communicate(timeout=600)
+    assert worker.returncode == 0, out
+    job = client.get(f"/v1/jobs/{created['id']}").json()
+    assert job["status"] == "succeeded", (job, out[-3000:])
+    assert job["progress"]["finished"] == 5 and job["best"]["test_ppl"] > 1
+    assert {b["baseline"] for b in job["baselines"]} == {"wanda-sp", "magnitude"}
+    assert job["dense"]["test"] > 1
+    report = client.get(job["links"]["report"])
+    assert report.status_code == 200 and "baseline: wanda-sp" in report.text
+    archive = client.get(job["links"]["model"], params={"filename": "best"})
+    assert archive.status_code == 200 and 'filename="best.tar"' in archive.headers["content-disposition"]
+    with tarfile.open(fileobj=io.BytesIO(archive.content)) as tar:
+        tar.extractall(backend["ADAPRUNER_DATA_DIR"] + "/download", filter="data")
+    model, _ = load_pruned(backend["ADAPRUNER_DATA_DIR"] + "/download/model")
+    assert model.config.adapruner["trial"] == job["best"]["number"]
+    assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 320)
+    # a finished job stays finished: cancelling it is a conflict
+    assert client.post(f"/v1/jobs/{created['id']}/cancel", headers=AUTH).status_code == 409
+
+
+def test_restarting_the_api_loses_nothing(backend, monkeypatch):
+    for key, value in backend.items():
+        monkeypatch.setenv(key, value)
+    with TestClient(create_app(Settings())) as first:
+        job_id = submit(first).json()["id"]
+    time.sleep(0.1)
+    with TestClient(create_app(Settings())) as second:
+        job = second.get(f"/v1/jobs/{job_id}").json()
+        assert job["status"] == "queued" and len(second.get(f"/v1/jobs/{job_id}/trials").json()["items"]) == 2

@@ -1,0 +1,155 @@
+"""Structure, slicing and export on tiny models of every supported architecture."""
+
+import pytest
+import torch
+from conftest import make_tiny_model
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+from adapruner.errors import AdaPrunerError, UnsupportedModelError
+from adapruner.export import load_pruned, save_pruned
+from adapruner.models import load_model
+from adapruner.plan import LayerPlan, PruningPlan
+from adapruner.prune import mask_model, prune_model
+from adapruner.structure import decoder_layers, layer_linears, model_structure
+
+ARCHS = {
+    "llama": {},
+    "llama-mha": {"num_key_value_heads": 4},  # no GQA: a group is one head
+    "mistral": {},
+    "qwen2": {},  # q/k/v biases
+    "qwen3": {},  # q/k norms on head_dim
+}
+
+
+def arch(name):
+    model_type = name.split("-")[0]
+    return make_tiny_model(model_type, seed=3, **ARCHS[name])
+
+
+def random_plan(model, seed=0, keep_fraction=0.6):
+    structure = model_structure(model)
+    g = torch.Generator().manual_seed(seed)
+    layers, removed = [], 0
+    for s in structure.layers:
+        n_groups = max(1, round(s.n_groups * keep_fraction))
+        n_channels = max(1, round(s.n_channels * keep_fraction))
+        groups = sorted(torch.randperm(s.n_groups, generator=g)[:n_groups].tolist())
+        channels = sorted(torch.randperm(s.n_channels, generator=g)[:n_channels].tolist())
+        layers.append(LayerPlan(tuple(groups), tuple(channels)))
+        removed += (s.n_groups - n_groups) * s.group_params + (s.n_channels - n_channels) * s.channel_params
+    return PruningPlan(tuple(layers), removed, structure.total_params)
+
+
+def logits(model, seed=0):
+    ids = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_structure_counts_every_prunable_parameter(name):
+    model = arch(name)
+    structure = model_structure(model)
+    counted = sum(p.numel() for layer in decoder_layers(model) for lin in layer_linears(layer).values()
+                  for pname, p in lin.named_parameters() if not (pname == "bias" and lin is layer.self_attn.o_proj))
+    assert structure.prunable_params == counted
+    assert structure.total_params == sum(p.numel() for p in model.parameters())
+    shape = structure.layers[0]
+    assert shape.n_groups == model.config.num_key_value_heads
+    assert shape.n_rep == model.config.num_attention_heads // model.config.num_key_value_heads
+
+
+def test_unsupported_architecture_is_refused():
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    with pytest.raises(UnsupportedModelError, match="gpt2"):
+        model_structure(model)
+
+
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_empty_plan_is_bit_identical(name):
+    model = arch(name)
+    pruned = prune_model(model, PruningPlan.keep_all(model_structure(model)))
+    assert torch.equal(logits(model), logits(pruned))
+
+
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_slicing_equals_masking(name):
+    model = arch(name)
+    plan = random_plan(model, seed=1)
+    pruned = prune_model(model, plan)
+    assert sum(p.numel() for p in pruned.parameters()) == model_structure(model).total_params - plan.removed_params
+    torch.testing.assert_close(logits(pruned), logits(mask_model(model, plan)), atol=1e-5, rtol=1e-5)
+    # the original is untouched
+    assert model_structure(model).layers[0].n_channels == model.config.intermediate_size
+
+
+def test_pruned_model_generates():
+    model = arch("llama")
+    pruned = prune_model(model, random_plan(model, seed=2))
+    out = pruned.generate(torch.tensor([[1, 7, 9]]), max_new_tokens=6, do_sample=False)
+    assert out.shape == (1, 9)
+
+
+def test_save_and_load_non_uniform(tmp_path, tiny_tokenizer):
+    model = arch("qwen2")
+    pruned = prune_model(model, random_plan(model, seed=4))
+    assert len({(s["num_key_value_heads"], s["intermediate_size"]) for s in pruned.config.adapruner["layers"]}) >= 1
+    save_pruned(pruned, tiny_tokenizer, tmp_path / "out", info={"base_model": "tiny"})
+    loaded, tokenizer = load_pruned(tmp_path / "out", device="cpu")
+    assert torch.equal(logits(pruned), logits(loaded))
+    assert tokenizer is not None and loaded.config.adapruner["base_model"] == "tiny"
+    # load_model recognises a pruned folder too
+    again, _ = load_model(str(tmp_path / "out"), device="cpu")
+    assert torch.equal(logits(pruned), logits(again))
+
+
+def test_uniform_plan_loads_with_plain_from_pretrained(tmp_path):
+    model = arch("llama")
+    structure = model_structure(model)
+    plan = PruningPlan(
+        tuple(LayerPlan((1,), tuple(range(0, s.n_channels, 2))) for s in structure.layers),
+        sum(s.group_params + (s.n_channels // 2) * s.channel_params for s in structure.layers),
+        structure.total_params,
+    )
+    pruned = prune_model(model, plan)
+    save_pruned(pruned, None, tmp_path)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert plain.config.num_key_value_heads == 1 and plain.config.intermediate_size == 48
+    assert torch.equal(logits(pruned), logits(plain))
+
+
+def test_non_uniform_sizes_refuse_plain_loading(tmp_path):
+    model = arch("llama")
+    structure = model_structure(model)
+    layers = [LayerPlan(tuple(range(s.n_groups)), tuple(range(s.n_channels))) for s in structure.layers]
+    layers[0] = LayerPlan((0,), layers[0].keep_channels)
+    pruned = prune_model(model, PruningPlan(tuple(layers), structure.layers[0].group_params, structure.total_params))
+    save_pruned(pruned, None, tmp_path)
+    with pytest.raises(RuntimeError, match="mismatched"):  # sizes differ per layer: plain loading refuses
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+    loaded, _ = load_pruned(tmp_path)
+    assert torch.equal(logits(pruned), logits(loaded))
+
+
+def test_plan_that_empties_a_layer_is_refused():
+    model = arch("llama")
+    structure = model_structure(model)
+    layers = [LayerPlan(tuple(range(s.n_groups)), tuple(range(s.n_channels))) for s in structure.layers]
+    layers[2] = LayerPlan((), layers[2].keep_channels)
+    with pytest.raises(AdaPrunerError, match="layer 2: plan would remove every attention group"):
+        prune_model(model, PruningPlan(tuple(layers), 1, structure.total_params))
+    layers[2] = LayerPlan((0, 7), layers[2].keep_channels)
+    with pytest.raises(AdaPrunerError, match="invalid attention group index"):
+        prune_model(model, PruningPlan(tuple(layers), 1, structure.total_params))
+
+
+def test_pruned_copy_shares_no_tensor_with_the_original():
+    model = arch("qwen2")
+    pruned = prune_model(model, random_plan(model, seed=5))
+    originals = {p.data_ptr() for p in model.parameters()}
+    assert not any(p.data_ptr() in originals for p in pruned.parameters())
+    with torch.no_grad():  # writing into the copy leaves the original as it was
+        before = logits(model)
+        for p in pruned.parameters():
+            p.add_(1.0)
+        assert torch.equal(logits(model), before)
