@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import statistics
 import uuid
-import warnings
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -16,7 +15,8 @@ from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
 from adapruner.search import create_study
-from adapruner.search.study import count_trials
+from adapruner.search.lock import StudyLock
+from adapruner.search.study import count_trials, fail_dead_trials
 
 from .db import Job, JobStatus, utcnow
 from .schemas import JobOut, JobSpec, Links, Progress, TrialSummary
@@ -145,7 +145,7 @@ def claim_job(db: Session, storage: optuna.storages.BaseStorage, settings: Setti
     with db.begin():
         running_ids = db.scalars(select(Job.id).where(Job.status == "running")).all()
     for job_id in running_ids:
-        fail_stale_trials(storage, f"job-{job_id}")
+        reclaim_dead_trials(storage, settings.db_url, f"job-{job_id}")
     postgres = db.bind.dialect.name == "postgresql"
     with db.begin():
         if postgres:
@@ -168,15 +168,14 @@ def claim_job(db: Session, storage: optuna.storages.BaseStorage, settings: Setti
     return job
 
 
-def fail_stale_trials(storage: optuna.storages.BaseStorage, study_name: str) -> None:
-    """Fail (and queue again) the trials of workers whose heartbeat stopped."""
+def reclaim_dead_trials(storage: optuna.storages.BaseStorage, url: str, study_name: str) -> None:
+    """Fail (and queue again) the trials of workers that died, so their slots are free to claim."""
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
         return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
+    with StudyLock(url, study_name):
+        fail_dead_trials(study)
 
 
 def has_open_slots(storage: optuna.storages.BaseStorage, job: Job) -> bool:

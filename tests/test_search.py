@@ -15,6 +15,7 @@ from adapruner.export import load_pruned
 from adapruner.search import SearchJob, SearchSpace, cluster_pool, make_sampler, run_search, suggest_config
 from adapruner.search.report import best_so_far, write_report
 from adapruner.search.space import allocate, subset_from_clusters
+from adapruner.search.study import create_study, fail_dead_trials, make_storage
 from adapruner.session import PruningSession
 
 SPACE = SearchSpace(subset_size=(2, 8), n_clusters=3)
@@ -142,6 +143,33 @@ def test_resume_continues_and_budget_may_grow(session, tmp_path):
     assert sum(bool(t.user_attrs.get("baseline")) for t in result.study.trials) == 3  # enqueued once
     with pytest.raises(AdaPrunerError, match="different job .*ratio"):
         run_search(tiny_job(ratio=0.3), url, "r", session=session, progress=False)
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_a_trial_orphaned_before_its_first_heartbeat_is_failed_and_retried(session, tmp_path):
+    # A process killed between creating its trial and its first heartbeat: Optuna's stale check never
+    # sees that trial, which would hold a slot of the budget forever.
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    storage = make_storage(url)
+    job = tiny_job(trials=4)
+    study = create_study(storage, "o", job)
+    orphan = study.ask()  # pops the first baseline, as a dying process would
+    alive = study.ask()
+    alive.set_user_attr("worker", "elsewhere:1")
+    storage.record_heartbeat(alive._trial_id)
+    fail_dead_trials(study)
+    states = {t.number: t.state for t in study.trials}
+    assert states[orphan.number] == TrialState.FAIL and states[alive.number] == TrialState.RUNNING
+    retry = [t for t in study.trials if t.system_attrs.get("failed_trial") == orphan.number]
+    assert len(retry) == 1 and retry[0].state == TrialState.WAITING
+    assert retry[0].user_attrs["baseline"] == "llm-pruner"
+    storage.set_trial_state_values(alive._trial_id, TrialState.FAIL)  # the other process fails its own
+
+    result = run_search(job, url, "o", session=session, progress=False, artifact_dir=tmp_path / "a", storage=storage)
+    trials = result.study.trials
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == 4
+    assert trials[retry[0].number].state == TrialState.COMPLETE
+    assert all("worker" in t.user_attrs for t in trials if t.state != TrialState.FAIL)
 
 
 def test_failing_trials_are_recorded_not_fatal(session, tmp_path, monkeypatch):

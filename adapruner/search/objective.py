@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import socket
 import time
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -25,7 +23,6 @@ from ..session import PruneConfig, PruningSession
 from .space import PoolClusters, SearchSpace, suggest_config
 
 logger = logging.getLogger(__name__)
-WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
 
 class NonFiniteLoss(RuntimeError):
@@ -88,7 +85,6 @@ class Objective:
             seconds[name] = round(seconds.get(name, 0.0) + time.perf_counter() - start, 3)
             trial.set_user_attr("seconds", seconds)
 
-        trial.set_user_attr("worker", WORKER)
         try:
             with phase("importance"):
                 config = self.config(trial)

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import tarfile
 import tempfile
 import time
@@ -51,6 +52,7 @@ logger = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = int(os.environ.get("ADAPRUNER_HEARTBEAT_SECONDS", 15))
 GRACE_SECONDS = int(os.environ.get("ADAPRUNER_GRACE_SECONDS", 45))
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,40 @@ def make_storage(url: str | None, create_tables: bool = True) -> optuna.storages
                           heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
 
 
+def has_heartbeats(storage: optuna.storages.BaseStorage) -> bool:
+    # Optuna's heartbeat interface is private; RDBStorage and the cache a Study wraps it in both have it.
+    return getattr(storage, "get_heartbeat_interval", lambda: None)() is not None
+
+
+def fail_dead_trials(study: optuna.Study) -> None:
+    """Fail (and queue again) the running trials of processes that died. Call it holding the study lock.
+
+    Optuna's heartbeat check finds a dead process's trial only once the trial has a heartbeat. A process
+    killed between creating its trial and the first beat leaves one that stays RUNNING forever and
+    holds a slot of the budget. A live process marks its trial (a heartbeat, and the ``worker``
+    attribute: see ``run_search``) before it releases the lock, so an unmarked running trial seen
+    under the lock belongs to a process that died holding it.
+    """
+    storage = study._storage
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    if not has_heartbeats(storage):
+        return
+    retry = storage.get_heartbeat_stale_trial_callback()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if "worker" in trial.user_attrs:
+            continue
+        logger.warning("trial %d was left running by a process that died before its first heartbeat: "
+                       "failing it", trial.number)
+        try:
+            storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+        if retry is not None:
+            retry(study, storage.get_trial(trial._trial_id))
+
+
 def count_trials(study: optuna.Study) -> tuple[int, int]:
     """(finished, running) trials of the study."""
     trials = study.get_trials(deepcopy=False, states=FINISHED + (TrialState.RUNNING,))
@@ -232,6 +268,10 @@ def run_search(
     lock = StudyLock(storage_url, name)
 
     def claimed_trial(trial: optuna.Trial) -> float:
+        # Mark the trial as alive before other processes may look at it (see fail_dead_trials).
+        if has_heartbeats(storage):
+            storage.record_heartbeat(trial._trial_id)
+        trial.set_user_attr("worker", WORKER)
         lock.release()  # the trial exists now: other processes may claim theirs
         return objective(trial)
 
@@ -243,9 +283,7 @@ def run_search(
             break
         lock.acquire()
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                optuna.storages.fail_stale_trials(study)
+            fail_dead_trials(study)
             finished, running = count_trials(study)
             if finished >= job.trials:
                 break
