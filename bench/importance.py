@@ -33,7 +33,7 @@ def main() -> None:
     session = open_session(SearchJob(pool_size=64), progress=False)
     stats = session.statistics  # cached on disk after the first run
     shapes = session.structure.layers
-    print(f"Command: `python bench/importance.py {' '.join(sys.argv[1:])}`".rstrip("` ") + "`\n")
+    print(f"Command: `python {' '.join(sys.argv)}`\n")
     print(f"SmolLM2-135M, pool of {stats.n_samples} windows x {stats.tokens} tokens, "
           f"{torch.get_num_threads()} CPU threads.\n")
     rows = []

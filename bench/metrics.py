@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from adapruner.importance import METRICS, Mixture
 from adapruner.plan import Allocation
@@ -28,7 +29,7 @@ def main() -> None:
     subset = tuple(range(len(session.pool)))
     layers = Allocation.named("layer_range", first=4, last=-2)
     dense = session.perplexity(session.model, "test").ppl
-    print(f"Command: `python bench/metrics.py {' '.join(sys.argv[1:])}`".replace(" `", "`") + "\n")
+    print(f"Command: `python {' '.join(sys.argv)}`\n")
     print(f"SmolLM2-135M, {args.ratio:.0%} of all parameters removed, {args.samples} random book windows of 128 "
           f"tokens as calibration, layers 4..27 pruned, test ppl on {session.windows('test').shape[0]} book "
           f"windows of 128 tokens. Unpruned: {dense:.2f}.\n")
@@ -36,8 +37,6 @@ def main() -> None:
     print("|---|---|---:|---:|")
     for metric in METRICS:
         for aggregation in (("sum",) if metric in ("flap_fluctuation", "random") else ("sum", "last")):
-            import time
-
             start = time.perf_counter()
             pruned, plan = session.prune(PruneConfig(Mixture.single(metric, aggregation), subset, layers), args.ratio)
             seconds = time.perf_counter() - start

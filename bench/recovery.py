@@ -82,7 +82,7 @@ def main() -> None:
                          session.perplexity(last.model, "test").ppl, removed, steps_s, last.seconds,
                          reloads_identically(last.model, session.tokenizer, ids) if lora_steps else "—"))
             print(rows[-1], file=sys.stderr, flush=True)
-    print(f"Command: `python bench/recovery.py {' '.join(sys.argv[1:])}`".replace(" `", "`") + "\n")
+    print(f"Command: `python {' '.join(sys.argv)}`\n")
     print(f"SmolLM2-135M; importance: first-order Taylor on 10 random book windows; LoRA r=8, alpha=16, "
           f"lr {args.lr:g}, batch {args.batch_size} x 128 tokens of the books pool part; test ppl on "
           f"{test.shape[0]} book test windows; CPU, {torch.get_num_threads()} threads.\n")

@@ -17,6 +17,7 @@ from .schemas import JobSpec
 from .settings import Settings
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+HUB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 class PolicyError(Exception):
@@ -80,6 +81,9 @@ def check_text(spec: str, settings: Settings, field: str) -> str:
         target = source[3:].split("?", 1)[0].split(":", 1)[0]
         if target.startswith(("/", ".", "~")):
             return f"hf:{inside(settings.texts_root, target, field, 'texts')}{source[3 + len(target):]}{suffix}"
+        # `datasets` would read a name that happens to exist as a local folder from disk.
+        if not (HUB_ID.match(target) or HUB_NAME.match(target)):
+            raise InvalidField(field, f"{target!r} is not a dataset id (NAME or OWNER/NAME)")
         if not settings.allow_hub_datasets:
             raise PolicyError(field, "Hugging Face hub datasets are not allowed on this server")
         return spec

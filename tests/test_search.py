@@ -133,6 +133,17 @@ def test_search_runs_baselines_first_and_exports_the_best(session, tmp_path):
     assert len(curve) == 8 and all(a.val_ppl >= b.val_ppl for a, b in zip(curve, curve[1:], strict=False))
 
 
+def test_a_trial_stopped_early_records_its_windows_and_time(session, tmp_path, monkeypatch):
+    monkeypatch.setattr(optuna.Trial, "should_prune", lambda self: True)  # stop every searched trial at once
+    job = tiny_job(trials=3, baselines=("magnitude",))
+    study = run_search(job, None, "stop", session=session, progress=False, artifact_dir=tmp_path).study
+    stopped = [t for t in study.trials if t.state == TrialState.PRUNED]
+    assert len(stopped) == 2 and study.trials[0].state == TrialState.COMPLETE  # baselines are never stopped
+    for t in stopped:
+        assert t.user_attrs["windows"] == 1 and len(t.intermediate_values) == 1
+        assert t.user_attrs["seconds"]["validation"] > 0  # the bench's trial cost counts stopped trials too
+
+
 def test_resume_continues_and_budget_may_grow(session, tmp_path):
     url = f"sqlite:///{tmp_path / 'runs.db'}"
     run_search(tiny_job(trials=5), url, "r", session=session, progress=False, artifact_dir=tmp_path / "a")

@@ -93,6 +93,7 @@ def test_submit_answers_202_with_location_and_queued_baselines(client):
     ({"model": "gpt-5"}, 422, "model", "unknown model"),
     ({"calibration": ["/etc/passwd"]}, 403, "calibration", "outside the allowed texts folder"),
     ({"calibration": ["hf:wikitext:wikitext-2-raw-v1"]}, 403, "calibration", "hub datasets are not allowed"),
+    ({"calibration": ["hf:wikitext/../../etc"]}, 422, "calibration", "not a dataset id"),
     ({"calibration": ["builtin:poems"]}, 422, "calibration", "unknown built-in text"),
     ({"trust_remote_code": True}, 403, "trust_remote_code", "does not run model code"),
     ({"space": {"subset_size": [9, 2]}}, 422, "space.subset_size", "1 <= min <= max"),

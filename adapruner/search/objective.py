@@ -81,9 +81,11 @@ class Objective:
         @contextmanager
         def phase(name: str):
             start = time.perf_counter()
-            yield
-            seconds[name] = round(seconds.get(name, 0.0) + time.perf_counter() - start, 3)
-            trial.set_user_attr("seconds", seconds)
+            try:
+                yield
+            finally:  # a trial stopped early (or failing) records the time it spent too
+                seconds[name] = round(seconds.get(name, 0.0) + time.perf_counter() - start, 3)
+                trial.set_user_attr("seconds", seconds)
 
         try:
             with phase("importance"):
