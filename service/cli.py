@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import secrets
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -113,12 +114,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     token = ensure_token(settings)
     env = {**os.environ, "ADAPRUNER_DATABASE_URL": settings.db_url, "ADAPRUNER_DATA_DIR": str(settings.data_dir),
            "ADAPRUNER_API_TOKENS": ",".join([token, *settings.api_tokens[1:]]),
-           "ADAPRUNER_DASHBOARD_URL": f"http://{args.host}:{args.dashboard_port}"}
+           "ADAPRUNER_DASHBOARD_URL": f"http://{args.dashboard_host}:{args.dashboard_port}"}
     exe = [sys.executable, "-m", "service.cli"]
     children = [subprocess.Popen([*exe, "worker", *(["--device", args.device] if args.device else [])], env=env)
                 for _ in range(args.workers)]
     if args.dashboard_port:
-        children.append(subprocess.Popen([*exe, "dashboard", "--host", args.host, "--port",
+        children.append(subprocess.Popen([*exe, "dashboard", "--host", args.dashboard_host, "--port",
                                           str(args.dashboard_port)], env=env))
     os.environ.update(env)
     from .settings import Settings
@@ -126,6 +127,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(Settings())
     print(f"AdaPruner API on http://{args.host}:{args.port} (docs: /docs); token in {settings.data_dir / 'api-token'}"
           if not settings.api_tokens else f"AdaPruner API on http://{args.host}:{args.port} (docs: /docs)", flush=True)
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again: make that an exit that
+    # runs the `finally` below, so the worker drains and the dashboard stops instead of being orphaned.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
@@ -151,6 +155,8 @@ def add_service_commands(sub) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--dashboard-port", type=int, default=8081, help="0 to run no dashboard")
+    p.add_argument("--dashboard-host", default="127.0.0.1",
+                   help="the dashboard's bind address, apart from the API's: it has no auth (default: localhost)")
     p.add_argument("--workers", type=int, default=1, help="local worker processes (default: 1)")
     p.add_argument("--device", default=None, help="device of the local workers (default: CUDA when present)")
     p.set_defaults(func=cmd_serve)

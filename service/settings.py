@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated
@@ -72,6 +73,7 @@ class Settings(BaseSettings):
 
     def token_id(self, token: str) -> str | None:
         """A stable, non-secret id for a valid token (stored as a job's owner)."""
-        if token in self.api_tokens:
+        # compare_digest: how long a comparison takes tells nothing about how much of a token matched
+        if any(hmac.compare_digest(token.encode(), known.encode()) for known in self.api_tokens):
             return hashlib.sha256(token.encode()).hexdigest()[:12]
         return None
