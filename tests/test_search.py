@@ -14,6 +14,7 @@ from adapruner.errors import AdaPrunerError
 from adapruner.export import load_pruned
 from adapruner.search import SearchJob, SearchSpace, cluster_pool, make_sampler, run_search, suggest_config
 from adapruner.search.report import best_so_far, write_report
+from adapruner.search.samplers import _make_sampler
 from adapruner.search.space import allocate, subset_from_clusters
 from adapruner.search.study import create_study, fail_dead_trials, make_storage
 from adapruner.session import PruningSession
@@ -213,7 +214,24 @@ def test_every_sampler_runs(session, tmp_path, name):
     job = tiny_job(trials=4, sampler=name, baselines=("wanda-sp",))
     result = run_search(job, None, f"s-{name}", session=session, progress=False, artifact_dir=tmp_path)
     assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in result.study.trials) == 4
-    assert type(make_sampler(name)).__name__.lower().startswith(name if name != "qmc" else "qmc")
+    assert type(make_sampler(name).sampler).__name__.lower().startswith(name)
+
+
+@pytest.mark.parametrize("name", ["gp", "botorch", "qmc", "tpe"])
+def test_samplers_model_the_space_although_baselines_have_no_params(name):
+    def objective(trial):
+        if trial.user_attrs.get("baseline"):
+            return 5.0
+        return (trial.suggest_float("x", 0, 1) - 0.3) ** 2 + trial.suggest_float("y", 0, 1)
+
+    sampler = make_sampler(name, seed=0, n_startup_trials=2)
+    study = optuna.create_study(sampler=sampler)
+    study.enqueue_trial({}, user_attrs={"baseline": "llm-pruner"})  # complete, and with no parameters
+    study.optimize(objective, n_trials=4)
+    trial = study.trials[-1]
+    assert set(sampler.infer_relative_search_space(study, trial)) == {"x", "y"}
+    if name != "tpe":  # what the bare sampler sees: nothing to model, so it would sample at random
+        assert _make_sampler(name, 0, 2).infer_relative_search_space(study, trial) == {}
 
 
 def test_artifact_store_folder_and_s3(tmp_path):

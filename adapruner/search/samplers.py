@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import optuna
+from optuna.trial import FrozenTrial
 
 from ..errors import AdaPrunerError
 
@@ -12,7 +13,67 @@ PRUNERS = ("wilcoxon", "median", "sha", "hyperband", "none")
 ESTIMATING_SAMPLERS = ("gp", "botorch")
 
 
+class _SearchedTrials:
+    """A study as a sampler should see it: the baseline trials left out, everything else as it is."""
+
+    def __init__(self, study: optuna.Study):
+        self._study = study
+
+    def __getattr__(self, name):
+        return getattr(self._study, name)
+
+    def _get_trials(self, deepcopy: bool = True, states=None, use_cache: bool = False) -> list[FrozenTrial]:
+        trials = self._study._get_trials(deepcopy=deepcopy, states=states, use_cache=use_cache)
+        return [t for t in trials if "baseline" not in t.user_attrs]
+
+    def get_trials(self, deepcopy: bool = True, states=None) -> list[FrozenTrial]:
+        return self._get_trials(deepcopy=deepcopy, states=states)
+
+    @property
+    def trials(self) -> list[FrozenTrial]:
+        return self.get_trials()
+
+
+class BaselinesHidden(optuna.samplers.BaseSampler):
+    """Wraps a sampler so that it learns from the searched trials only, never from the baselines.
+
+    A baseline is a fixed configuration from outside the search space, recorded with no parameters.
+    GP and BoTorch model the intersection of the completed trials' spaces, and QMC takes its space
+    from the first completed trial: a baseline makes that space empty, and they would fall back,
+    silently, to independent random sampling for the whole study.
+    """
+
+    def __init__(self, sampler: optuna.samplers.BaseSampler):
+        self.sampler = sampler
+
+    def __str__(self) -> str:
+        return f"{type(self.sampler).__name__} (baselines hidden)"
+
+    def infer_relative_search_space(self, study, trial):
+        return self.sampler.infer_relative_search_space(_SearchedTrials(study), trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self.sampler.sample_relative(_SearchedTrials(study), trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self.sampler.sample_independent(_SearchedTrials(study), trial, param_name, param_distribution)
+
+    def before_trial(self, study, trial) -> None:
+        self.sampler.before_trial(_SearchedTrials(study), trial)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self.sampler.after_trial(_SearchedTrials(study), trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.sampler.reseed_rng()
+
+
 def make_sampler(name: str, seed: int = 0, n_startup_trials: int = 8) -> optuna.samplers.BaseSampler:
+    """The named sampler, wrapped so that the study's baseline trials do not shape its search."""
+    return BaselinesHidden(_make_sampler(name, seed, n_startup_trials))
+
+
+def _make_sampler(name: str, seed: int, n_startup_trials: int) -> optuna.samplers.BaseSampler:
     if name == "tpe":
         # group + multivariate model the joint space; constant_liar keeps parallel workers apart.
         return optuna.samplers.TPESampler(multivariate=True, group=True, constant_liar=True, seed=seed,
