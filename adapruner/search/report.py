@@ -136,7 +136,7 @@ def report_markdown(study: optuna.Study, curve_png: str | None = None) -> str:
         reference = baselines.get("llm-pruner")
         if reference and reference.user_attrs.get("test_ppl") and best.user_attrs.get("test_ppl"):
             margin = 1 - best.user_attrs["test_ppl"] / reference.user_attrs["test_ppl"]
-            lines.append(f"Test perplexity {margin:+.1%} lower than the LLM-Pruner default of this study."
+            lines.append(f"Test perplexity {margin:.1%} lower than the LLM-Pruner default of this study."
                          if margin >= 0 else f"Test perplexity {-margin:.1%} higher than the LLM-Pruner default.")
     recovery = study.user_attrs.get("recovery")
     if recovery:
