@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import optuna
 from optuna.trial import FrozenTrial
 
@@ -11,6 +14,15 @@ SAMPLERS = ("tpe", "gp", "botorch", "random", "qmc")
 PRUNERS = ("wilcoxon", "median", "sha", "hyperband", "none")
 # Samplers that learn only from completed trials: a trial stopped early completes with an estimate.
 ESTIMATING_SAMPLERS = ("gp", "botorch")
+
+
+@contextlib.contextmanager
+def chosen_experimental_features():
+    """Silence Optuna's ExperimentalWarning for the features we use on purpose (heartbeats and their
+    retry callback, TPE's ``group``, the Wilcoxon pruner), so users see only warnings that are news."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
 
 
 class _SearchedTrials:
@@ -70,7 +82,8 @@ class BaselinesHidden(optuna.samplers.BaseSampler):
 
 def make_sampler(name: str, seed: int = 0, n_startup_trials: int = 8) -> optuna.samplers.BaseSampler:
     """The named sampler, wrapped so that the study's baseline trials do not shape its search."""
-    return BaselinesHidden(_make_sampler(name, seed, n_startup_trials))
+    with chosen_experimental_features():
+        return BaselinesHidden(_make_sampler(name, seed, n_startup_trials))
 
 
 def _make_sampler(name: str, seed: int, n_startup_trials: int) -> optuna.samplers.BaseSampler:
@@ -101,6 +114,11 @@ def make_pruner(name: str, n_windows: int) -> optuna.pruners.BasePruner:
     trial once it is significantly worse; the others compare running means, which is what they
     expect, so the objective reports those to them instead.
     """
+    with chosen_experimental_features():
+        return _make_pruner(name, n_windows)
+
+
+def _make_pruner(name: str, n_windows: int) -> optuna.pruners.BasePruner:
     if name == "wilcoxon":
         # At least 6 paired windows: with fewer, the exact test cannot reach a small p-value, and
         # "worse on the first 4 windows" alone would stop a trial.

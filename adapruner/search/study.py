@@ -21,7 +21,6 @@ import socket
 import tarfile
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,7 +42,15 @@ from .artifacts import artifact_store
 from .baselines import BASELINES, DEFAULT_BASELINES, baseline_config
 from .lock import StudyLock
 from .objective import Objective
-from .samplers import ESTIMATING_SAMPLERS, PRUNERS, SAMPLERS, make_pruner, make_sampler, reports_running_mean
+from .samplers import (
+    ESTIMATING_SAMPLERS,
+    PRUNERS,
+    SAMPLERS,
+    chosen_experimental_features,
+    make_pruner,
+    make_sampler,
+    reports_running_mean,
+)
 from .space import SearchSpace, cluster_pool
 
 logger = logging.getLogger(__name__)
@@ -141,7 +148,7 @@ def make_storage(url: str | None, create_tables: bool = True) -> optuna.storages
         engine_kwargs["connect_args"] = {"timeout": 60}  # several processes on one file wait, not fail
         Path(url.split("///", 1)[-1]).parent.mkdir(parents=True, exist_ok=True)
     # Processes starting together on a fresh database would race to create Optuna's tables.
-    with StudyLock(url, "__schema__") if create_tables else contextlib.nullcontext():
+    with StudyLock(url, "__schema__") if create_tables else contextlib.nullcontext(), chosen_experimental_features():
         return RDBStorage(url, engine_kwargs=engine_kwargs, skip_table_creation=not create_tables,
                           heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
                           heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
@@ -162,8 +169,7 @@ def fail_dead_trials(study: optuna.Study) -> None:
     under the lock belongs to a process that died holding it.
     """
     storage = study._storage
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    with chosen_experimental_features():
         optuna.storages.fail_stale_trials(study)
     if not has_heartbeats(storage):
         return
