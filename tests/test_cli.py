@@ -5,7 +5,7 @@ import torch
 from conftest import make_documents
 
 from adapruner.export import load_pruned
-from service.cli import main
+from service.cli import build_parser, main
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +65,8 @@ def test_user_errors_exit_2_with_one_line(capsys, tmp_path, tiny_model_dir, corp
     assert code == 2 and "unknown importance metric 'l0'" in err and err.count("\n") == 1
     code, _, err = run(capsys, "eval", "--model", tiny_model_dir, "--data", "builtin:poems")
     assert code == 2 and "built-in text source 'poems'" in err and err.count("\n") == 1
+
+
+def test_serve_opens_the_api_only_the_dashboard_stays_on_localhost():
+    args = build_parser().parse_args(["serve", "--host", "0.0.0.0"])
+    assert args.host == "0.0.0.0" and args.dashboard_host == "127.0.0.1"  # the dashboard has no auth

@@ -12,7 +12,15 @@ from optuna.trial import TrialState
 from adapruner.data import build_pool, split_documents
 from adapruner.errors import AdaPrunerError
 from adapruner.export import load_pruned
-from adapruner.search import SearchJob, SearchSpace, cluster_pool, make_sampler, run_search, suggest_config
+from adapruner.search import (
+    SearchJob,
+    SearchSpace,
+    cluster_pool,
+    make_pruner,
+    make_sampler,
+    run_search,
+    suggest_config,
+)
 from adapruner.search.report import best_so_far, write_report
 from adapruner.search.samplers import _make_sampler
 from adapruner.search.space import allocate, subset_from_clusters
@@ -215,6 +223,14 @@ def test_every_sampler_runs(session, tmp_path, name):
     result = run_search(job, None, f"s-{name}", session=session, progress=False, artifact_dir=tmp_path)
     assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in result.study.trials) == 4
     assert type(make_sampler(name).sampler).__name__.lower().startswith(name)
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "gp", "qmc"])
+def test_the_experimental_features_we_chose_do_not_warn(tmp_path, sampler, recwarn):
+    storage = make_storage(f"sqlite:///{tmp_path / 'w.db'}")
+    study = optuna.create_study(storage=storage, sampler=make_sampler(sampler), pruner=make_pruner("wilcoxon", 8))
+    fail_dead_trials(study)
+    assert not [w for w in recwarn if issubclass(w.category, optuna.exceptions.ExperimentalWarning)]
 
 
 @pytest.mark.parametrize("name", ["gp", "botorch", "qmc", "tpe"])
