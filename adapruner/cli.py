@@ -258,7 +258,7 @@ def parse_fixed(text: str) -> tuple[str, object]:
 def cmd_search(args: argparse.Namespace) -> int:
     from .finetune import LoRA
     from .search import SearchJob, SearchSpace, run_search
-    from .search.report import describe_config, write_report
+    from .search.report import baseline_trials, describe_config, margin_sentence, write_report
 
     space = SearchSpace(
         metrics=tuple(args.metrics.split(",")) if args.metrics else SearchSpace.metrics,
@@ -266,7 +266,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         fixed=dict(args.fix or []),
     )
     job = SearchJob(
-        model=args.model, calibration=tuple(args.calib or ["builtin:books"]), evaluation=tuple(args.eval or ()),
+        model=args.model, calibration=tuple(args.calib or SearchJob.calibration), evaluation=tuple(args.eval or ()),
+        heldout=parse_heldout(args.heldout),
         ratio=args.ratio, trials=args.trials, sampler=args.sampler, pruner=args.pruner, seed=args.seed,
         pool_size=args.pool_size, seq_len=args.seq_len, val_windows=args.val_windows, test_windows=args.test_windows,
         baselines=tuple(b for b in args.baselines.split(",") if b), space=space,
@@ -280,9 +281,14 @@ def cmd_search(args: argparse.Namespace) -> int:
     report = write_report(result.study, out)
     best = result.best_trial
     if best is not None:
+        heldout = best.user_attrs.get("heldout_ppl")
         print(f"best    trial {best.number}: validation ppl {best.value:.3f}, "
-              f"test ppl {best.user_attrs.get('test_ppl', float('nan')):.3f}")
+              f"test ppl {best.user_attrs.get('test_ppl', float('nan')):.3f}"
+              + (f", held-out test ppl {heldout:.3f}" if heldout else ""))
         print(f"config  {describe_config(best.user_attrs['config'])}")
+        reference = baseline_trials(result.study).get("llm-pruner")
+        if reference is not None and margin_sentence(best, reference):
+            print(f"margin  {margin_sentence(best, reference)}")
     recovery = result.study.user_attrs.get("recovery")
     if recovery:
         print(f"LoRA    {recovery['steps']} steps: test ppl {recovery['test_ppl_before']:.3f} -> "
@@ -292,6 +298,13 @@ def cmd_search(args: argparse.Namespace) -> int:
         print(f"model   {result.model_dir}  (artifact {result.artifact_id})")
     print(f"study   {name} in {args.storage}  (optuna-dashboard {args.storage})")
     return 0
+
+
+def parse_heldout(values: list[str] | None) -> tuple[str, ...] | None:
+    """``--heldout``: None (not given) means the default; ``none`` means no held-out test."""
+    if not values:
+        return None
+    return () if [v.lower() for v in values] == ["none"] else tuple(values)
 
 
 def subset_range(text: str) -> tuple[int, int]:
@@ -337,7 +350,7 @@ def build_parser(add_commands: Callable[[argparse._SubParsersAction], None] | No
     p.add_argument("--out", default=None, help="output folder (default: MODEL-lora)")
     p.set_defaults(func=cmd_finetune)
 
-    from .search import BASELINES, DEFAULT_BASELINES, PRUNERS, SAMPLERS
+    from .search import BASELINES, DEFAULT_BASELINES, PRUNERS, SAMPLERS, SearchJob
 
     p = sub.add_parser("search", help="Bayesian-optimization search for the best pruning configuration")
     add_model_args(p)
@@ -351,8 +364,12 @@ def build_parser(add_commands: Callable[[argparse._SubParsersAction], None] | No
                    help="Optuna storage URL (default: %(default)s); postgresql://... for many machines")
     p.add_argument("--study", default=None, help="study name; the same name resumes (default: from the job)")
     p.add_argument("--calib", action="append", metavar="SOURCE",
-                   help="calibration pool source, repeatable (default: builtin:books)")
-    p.add_argument("--eval", action="append", metavar="SOURCE", help="evaluation source (default: calibration)")
+                   help=f"calibration pool source, repeatable (default: {' '.join(SearchJob.calibration)})")
+    p.add_argument("--eval", action="append", metavar="SOURCE",
+                   help="validation and in-domain test source, repeatable (default: the calibration sources)")
+    p.add_argument("--heldout", action="append", metavar="SOURCE",
+                   help="out-of-domain test source, repeatable, never calibrated or validated on; 'none' for none "
+                   "(default: the built-in sources the job does not use, when it uses one)")
     p.add_argument("--pool-size", type=positive(int, "--pool-size"), default=64, help="candidate calibration windows")
     p.add_argument("--seq-len", type=positive(int, "--seq-len"), default=128)
     p.add_argument("--val-windows", type=positive(int, "--val-windows"), default=32,

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .cache import cache_dir
-from .data import TextSource, load_source
+from .data import TextSource, check_heldout, load_source
 from .data.windows import CalibrationPool, build_pool, eval_windows, even_counts, parse_draw
 from .evaluate import Perplexity, perplexity
 from .importance import GroupScores, Mixture, WeightSummary, subset_importance
@@ -60,12 +60,13 @@ class PruningSession:
     pool: CalibrationPool
     eval_sources: Sequence[TextSource] = ()
     train_sources: Sequence[TextSource] = ()  # whose pool parts recovery fine-tunes on
+    heldout_sources: Sequence[TextSource] = ()  # scored on their test part only: out-of-domain test
     model_name: str = "model"
     max_eval_windows: int | dict[str, int | None] | None = 64  # per source; a dict sets each split
     batch_size: int | None = None
     cache_statistics: bool = True
     progress: bool = True
-    _windows: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _windows: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
     def open(
@@ -81,14 +82,19 @@ class PruningSession:
         dtype: str | None = None,
         trust_remote_code: bool = False,
         max_eval_windows: int | dict[str, int | None] | None = 64,
+        heldout: Sequence[str] | None = None,
         **options,
     ) -> PruningSession:
         """Load ``model`` and texts. ``calibration`` specs may carry a count (``builtin:books:10``);
-        those without share the rest of ``pool_size``. Evaluation defaults to the calibration sources."""
+        those without share the rest of ``pool_size``. Evaluation defaults to the calibration sources;
+        ``heldout`` (test only) to the built-in sources that neither calibrate nor validate
+        (see :func:`~adapruner.data.default_heldout`)."""
         draws = [parse_draw(spec, 0) for spec in calibration]
         sources = {spec: load_source(spec) for spec, _ in draws}  # bad text fails before the slow model load
         evaluation = list(evaluation) if evaluation else list(sources)
         eval_sources = [sources.get(spec) or load_source(spec) for spec in evaluation]
+        heldout = check_heldout([*sources, *evaluation], heldout)
+        heldout_sources = [load_source(spec) for spec in heldout]
         net, tokenizer = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
         unsized = [spec for spec, n in draws if n == 0]
         rest = pool_size - sum(n for _, n in draws)
@@ -96,7 +102,7 @@ class PruningSession:
             shares = dict(zip(unsized, even_counts(rest, len(unsized)), strict=True))
             draws = [(spec, n or shares[spec]) for spec, n in draws]
         pool = build_pool(tokenizer, [(sources[spec], n) for spec, n in draws], seq_len, seed)
-        return cls(net, tokenizer, pool, eval_sources, list(sources.values()), model_name=model,
+        return cls(net, tokenizer, pool, eval_sources, list(sources.values()), heldout_sources, model_name=model,
                    max_eval_windows=max_eval_windows, **options)
 
     # -- derived once --------------------------------------------------------------------------
@@ -131,17 +137,25 @@ class PruningSession:
             stats.save(path)
         return stats
 
-    def windows(self, split: str) -> torch.Tensor:
-        """Evaluation windows of ``split`` over all evaluation sources (at most ``max_eval_windows`` each)."""
-        if split not in self._windows:
-            if not self.eval_sources:
-                raise ValueError("this session has no evaluation sources")
+    def source_windows(self, source: TextSource, split: str) -> torch.Tensor:
+        """Windows of one source's ``split`` (at most ``max_eval_windows``), tokenised once per session."""
+        key = (source.name, split)
+        if key not in self._windows:
             limit = self.max_eval_windows
             limit = limit.get(split) if isinstance(limit, dict) else limit
-            seq_len = self.pool.seq_len
-            self._windows[split] = torch.cat([eval_windows(self.tokenizer, source, split, seq_len, limit)
-                                              for source in self.eval_sources])
-        return self._windows[split]
+            self._windows[key] = eval_windows(self.tokenizer, source, split, self.pool.seq_len, limit)
+        return self._windows[key]
+
+    def windows(self, split: str) -> torch.Tensor:
+        """Evaluation windows of ``split`` over all evaluation sources, source after source."""
+        if not self.eval_sources:
+            raise ValueError("this session has no evaluation sources")
+        return torch.cat([self.source_windows(source, split) for source in self.eval_sources])
+
+    def window_sources(self, split: str) -> tuple[str, ...]:
+        """The source name of each row of :meth:`windows` ``(split)``."""
+        return tuple(source.name for source in self.eval_sources
+                     for _ in range(self.source_windows(source, split).shape[0]))
 
     # -- one pruning ------------------------------------------------------------------------------
     def importance(self, config: PruneConfig) -> GroupScores:

@@ -76,7 +76,8 @@ def trial_summary(trial: FrozenTrial) -> TrialSummary:
     return TrialSummary(
         number=trial.number, state=trial.state.name.lower(),
         value=trial.value if trial.state == TrialState.COMPLETE else None,
-        test_ppl=attrs.get("test_ppl"), baseline=attrs.get("baseline"), params=trial.params,
+        test_ppl=attrs.get("test_ppl"), heldout_ppl=attrs.get("heldout_ppl"), baseline=attrs.get("baseline"),
+        params=trial.params,
         windows=attrs.get("windows"), ratio=attrs.get("ratio"), seconds=attrs.get("seconds"),
         worker=attrs.get("worker"), fail_reason=attrs.get("fail_reason"),
         started=trial.datetime_start, completed=trial.datetime_complete,

@@ -109,4 +109,5 @@ def check_spec(spec: JobSpec, settings: Settings) -> JobSpec:
         "model": check_model(spec.model, settings),
         "calibration": [check_text(s, settings, "calibration") for s in spec.calibration],
         "evaluation": [check_text(s, settings, "evaluation") for s in spec.evaluation],
+        "heldout": None if spec.heldout is None else [check_text(s, settings, "heldout") for s in spec.heldout],
     })

@@ -48,8 +48,11 @@ class JobSpec(BaseModel):
 
     name: str | None = Field(default=None, pattern=SAFE_NAME, description="also names the model archive")
     model: str = Field(default="smollm2-135m", min_length=1, max_length=200)
-    calibration: list[str] = Field(default=["builtin:books"], min_length=1, max_length=8)
+    calibration: list[str] = Field(default=list(SearchJob.calibration), min_length=1, max_length=8)
     evaluation: list[str] = Field(default_factory=list, max_length=8)
+    heldout: list[str] | None = Field(default=None, max_length=8, description=(
+        "out-of-domain test sources, never calibrated or validated on; null: the built-in sources the job "
+        "does not use (when it uses one); [] for none"))
     ratio: float = Field(default=0.2, gt=0, lt=1, description="share of all parameters to remove")
     trials: int = Field(default=30, ge=1, description="finished trials, baselines included")
     sampler: Literal[SAMPLERS] = "tpe"  # type: ignore[valid-type]
@@ -94,6 +97,7 @@ class TrialSummary(BaseModel):
     state: str
     value: float | None = Field(description="validation perplexity")
     test_ppl: float | None
+    heldout_ppl: float | None = None  # out-of-domain test: sources never calibrated or validated on
     baseline: str | None
     params: dict[str, Any]
     windows: int | None

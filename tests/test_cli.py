@@ -70,3 +70,18 @@ def test_user_errors_exit_2_with_one_line(capsys, tmp_path, tiny_model_dir, corp
 def test_serve_opens_the_api_only_the_dashboard_stays_on_localhost():
     args = build_parser().parse_args(["serve", "--host", "0.0.0.0"])
     assert args.host == "0.0.0.0" and args.dashboard_host == "127.0.0.1"  # the dashboard has no auth
+
+
+def test_a_heldout_source_that_also_calibrates_exits_2_before_anything_is_stored(capsys, tmp_path, corpus):
+    code, _, err = run(capsys, "search", "--model", tmp_path / "never-loaded", "--calib", corpus,
+                       "--heldout", corpus, "--storage", f"sqlite:///{tmp_path / 'runs.db'}")
+    assert code == 2 and "held-out source" in err and err.count("\n") == 1
+    assert not (tmp_path / "runs.db").exists()
+
+
+@pytest.mark.parametrize(("argv", "heldout"), [([], None), (["--heldout", "none"], ()),
+                                                 (["--heldout", "a.txt", "--heldout", "b.txt"], ("a.txt", "b.txt"))])
+def test_heldout_flag(argv, heldout):
+    from adapruner.cli import parse_heldout
+
+    assert parse_heldout(build_parser().parse_args(["search", *argv]).heldout) == heldout

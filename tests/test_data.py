@@ -15,8 +15,11 @@ from pathlib import Path
 import pytest
 from conftest import make_documents
 
-from adapruner.data import BUILTIN_SOURCES, TextSource, load_source, load_sources, split_documents
+from adapruner.cache import cache_dir
+from adapruner.data import BUILTIN_SOURCES, SPLITS, TextSource, load_source, load_sources, split_documents
+from adapruner.data import builtin as builtin_module
 from adapruner.data.rdata import RDataError, read_lazyload, unserialize
+from adapruner.data.sources import split_works
 from adapruner.data.wikimarkup import iter_articles, strip_markup
 from adapruner.errors import AdaPrunerError, FetchError
 from adapruner.fetch import LOCAL_TEXT_HINT
@@ -249,6 +252,68 @@ def test_split_documents_errors():
         split_documents("s", ["a", "b", "c", "d"], validation=0.5, test=0.5)
     with pytest.raises(AdaPrunerError, match="unknown split 'train'"):
         split_documents("s", ["a", "b", "c"]).part("train")
+
+
+def test_split_description_by_document():
+    source = split_documents("s", make_documents(20, words_per_doc=20))
+    assert source.works == {}
+    assert source.split_description == "by document: pool 16, validation 2, test 2 documents"
+
+
+def make_works(n_works: int = 6, chapters: int = 5) -> dict[str, list[str]]:
+    """Novels of a few chapters each, by title."""
+    return {f"Novel {i}": make_documents(chapters, words_per_doc=30, seed=i + 1) for i in range(n_works)}
+
+
+def parts_holding(source: TextSource, chapters: list[str]) -> list[str]:
+    """The parts holding any of ``chapters``."""
+    return [split for split in SPLITS if set(chapters) & set(source.part(split))]
+
+
+def test_split_works_keeps_each_work_in_one_part():
+    works = make_works()
+    source = split_works("s", works)
+    assert all(len(parts_holding(source, chapters)) == 1 for chapters in works.values())
+    assert sorted(title for split in SPLITS for title in source.works[split]) == sorted(works)
+    assert all(set(works[title]) <= set(source.part(split)) for split in SPLITS for title in source.works[split])
+
+
+def test_split_works_holds_out_one_whole_work_each():
+    works = make_works()
+    source = split_works("s", works)
+    [test_title], [validation_title] = source.works["test"], source.works["validation"]
+    assert source.test == tuple(works[test_title])  # whole, chapters in reading order
+    assert source.validation == tuple(works[validation_title])
+    assert len(source.pool) == 4 * 5
+    described = f"by work: test = {test_title}; validation = {validation_title}; pool = 4 other works"
+    assert source.split_description == described
+
+
+def test_split_works_is_order_free():
+    works = make_works()
+    source = split_works("s", works)
+    again = split_works("s", dict(reversed(works.items())))
+    assert again == source
+    assert again.hashes == source.hashes
+
+
+def test_split_works_drops_blanks_and_repeats_and_needs_three_works():
+    works = make_works(3, chapters=2)
+    test_title = split_works("s", works).works["test"][0]
+    repeated = {title: [*chapters, " ", works[test_title][0]] for title, chapters in works.items()}
+    source = split_works("s", repeated)
+    assert len(source.pool + source.validation + source.test) == 6
+    with pytest.raises(AdaPrunerError, match="has 2 works, too few"):
+        split_works("s", dict(list(works.items())[:2]))
+
+
+def test_books_are_cut_by_novel_and_a_damaged_cache_is_rebuilt(monkeypatch):
+    works = make_works()
+    monkeypatch.setitem(builtin_module._CORPORA, "books", lambda: works)  # no package fetch
+    cache = cache_dir("corpora") / f"books.v{builtin_module.FORMAT_VERSION}.json"
+    cache.write_text(json.dumps({"Novel 0": ["A chapter.", 3]}))  # damaged: a chapter that is not text
+    assert load_source("builtin:books") == split_works("books", works)
+    assert json.loads(cache.read_text()) == works
 
 
 # --- Spec strings ---------------------------------------------------------------------------------

@@ -7,8 +7,8 @@ import re
 import pytest
 
 from adapruner.data import BUILTIN_SOURCES, load_source, split_documents
-from adapruner.data.builtin import builtin_documents
-from adapruner.data.sources import SPLITS
+from adapruner.data.builtin import builtin_corpus, builtin_documents
+from adapruner.data.sources import SPLITS, TextSource, split_works
 
 pytestmark = pytest.mark.real
 
@@ -19,7 +19,7 @@ def test_fetch_from_an_empty_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("ADAPRUNER_CACHE", str(tmp_path))
     fetched = {}
     for name in BUILTIN_SOURCES:
-        fetched[name] = split_documents(name, builtin_documents(name))
+        fetched[name] = load_source(f"builtin:{name}")
         assert any((tmp_path / "corpora").glob(f"{name}.v*.json"))
     # Later calls read the parsed corpus from the cache, without the package files.
     for raw in (tmp_path / "corpora" / "raw").rglob("*"):
@@ -39,8 +39,16 @@ def test_builtin_source_parts(name):
     parts = [set(source.part(split)) for split in SPLITS]
     assert sum(map(len, parts)) >= MIN_DOCUMENTS[name]
     assert all(parts) and not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
-    again = split_documents(name, reversed(builtin_documents(name)))  # re-read from the disk cache
+    again = cut_in_reverse_order(name)  # re-read from the disk cache
     assert again.hashes == source.hashes and again == source
+
+
+def cut_in_reverse_order(name: str) -> TextSource:
+    """Built-in source ``name`` cut afresh, with its works or documents in reverse order."""
+    corpus = builtin_corpus(name)
+    if isinstance(corpus, dict):
+        return split_works(name, dict(reversed(corpus.items())))
+    return split_documents(name, reversed(corpus))
 
 
 def looks_like_prose(text: str) -> bool:
@@ -58,6 +66,20 @@ def test_books_are_chapters_of_paragraphs():
         assert looks_like_prose(chapter) and "\n\n\n" not in chapter and "_" not in chapter
         assert not re.search(r"^(chapter|volume)\b", chapter, re.I | re.M)
     assert not any(re.search(r"\b(FINIS|THE END)\b", c) for c in chapters)
+
+
+def test_books_are_cut_by_novel():
+    source = load_source("builtin:books")
+    novels = builtin_corpus("books")
+    assert {split: len(source.works[split]) for split in SPLITS} == {"pool": 4, "validation": 1, "test": 1}
+    assert (source.works["test"], source.works["validation"]) == (("persuasion",), ("sensesensibility",))
+    assert source.test == tuple(novels["persuasion"])  # the whole novel, chapter by chapter
+    assert source.validation == tuple(novels["sensesensibility"])
+    assert sorted(source.pool) == sorted(chapter for title in source.works["pool"] for chapter in novels[title])
+    seen = "\n\n".join(source.pool + source.validation)
+    assert not any(chapter in seen for chapter in source.test)
+    assert sorted(source.pool + source.validation + source.test) == sorted(builtin_documents("books"))  # chapters
+    assert source.split_description == "by work: test = persuasion; validation = sensesensibility; pool = 4 other works"
 
 
 def test_wiki_is_plain_prose():

@@ -1,12 +1,14 @@
 """The built-in corpora: real text that ordinary packages happen to ship, fetched on first use.
 
-* ``books`` -- Jane Austen's six novels, one document per chapter (Debian's ``r-cran-janeaustenr``).
+* ``books`` -- Jane Austen's six novels, one document per chapter, grouped by novel (Debian's
+  ``r-cran-janeaustenr``), so that :mod:`.sources` can hold out whole novels.
 * ``wiki`` -- about a hundred English Wikipedia articles from 2016 (a test dump in the gensim wheel).
 * ``news`` -- the Lee corpus of Australian news articles (also in the gensim wheel).
 
 Borrowing the files from packages means no download site of our own and nothing bundled in this
 repository; ``pip`` and ``apt-get`` already know how to reach their registries. Each corpus is parsed
-once and cached as a JSON list of documents under ``cache_dir("corpora")``.
+once and cached as JSON under ``cache_dir("corpora")``: a list of documents, or for ``books`` an object
+mapping each novel's title to its list of chapters.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from ..cache import cache_dir
 from ..errors import AdaPrunerError, FetchError
@@ -22,8 +25,8 @@ from ..fetch import LOCAL_TEXT_HINT, deb_member, wheel_member
 from .rdata import read_lazyload
 from .wikimarkup import iter_articles
 
-# Bump when the parsing below changes, so that caches written by older versions are rebuilt.
-FORMAT_VERSION = 1
+# Bump when the parsing below or the cache files' layout changes, so that older caches are rebuilt.
+FORMAT_VERSION = 2
 
 JANEAUSTENR = "r-cran-janeaustenr"
 JANEAUSTENR_DATA = "usr/lib/R/site-library/janeaustenr/data"
@@ -75,15 +78,15 @@ def _chapters(lines: Iterable[str | None]) -> list[str]:
     return ["\n\n".join(chapter) for chapter in chapters if chapter]
 
 
-def austen_chapters() -> list[str]:
-    """Every chapter of Jane Austen's six novels, novel by novel."""
+def austen_novels() -> dict[str, list[str]]:
+    """The chapters of each of Jane Austen's six novels, by the title the R package gives it ("emma")."""
     folder = _raw_dir(JANEAUSTENR)
     files = {
         suffix: deb_member(JANEAUSTENR, f"{JANEAUSTENR_DATA}/Rdata.{suffix}", folder / f"Rdata.{suffix}")
         for suffix in ("rdx", "rdb")
     }
     novels = read_lazyload(files["rdx"], files["rdb"])
-    return [chapter for lines in novels.values() if isinstance(lines, list) for chapter in _chapters(lines)]
+    return {title: _chapters(lines) for title, lines in novels.items() if isinstance(lines, list)}
 
 
 def _gensim_test_file(name: str) -> Path:
@@ -102,31 +105,48 @@ def lee_articles() -> list[str]:
     return [line.strip() for line in lines if line.strip()]
 
 
-_CORPORA: dict[str, Callable[[], list[str]]] = {
-    "books": austen_chapters,
+# A corpus is a list of independent documents, or, when its documents are parts of larger works, each
+# work's documents by title.
+Corpus = list[str] | dict[str, list[str]]
+
+_CORPORA: dict[str, Callable[[], Corpus]] = {
+    "books": austen_novels,
     "wiki": wikipedia_articles,
     "news": lee_articles,
 }
 BUILTIN_SOURCES: tuple[str, ...] = tuple(_CORPORA)
 
 
-def builtin_documents(name: str) -> list[str]:
-    """The documents of built-in corpus ``name``, fetched and parsed on first use, then read from cache."""
+def _is_corpus(value: Any) -> bool:
+    """Whether JSON read back from a cache file has a corpus's shape (a damaged file may not)."""
+    if isinstance(value, dict):
+        return all(isinstance(docs, list) and all(isinstance(d, str) for d in docs) for docs in value.values())
+    return isinstance(value, list) and all(isinstance(d, str) for d in value)
+
+
+def builtin_corpus(name: str) -> Corpus:
+    """Built-in corpus ``name`` (see :data:`Corpus`), fetched and parsed on first use, then read from cache."""
     if name not in _CORPORA:
         raise AdaPrunerError(f"unknown built-in text source {name!r}; choose one of: {', '.join(BUILTIN_SOURCES)}")
     path = cache_dir("corpora") / f"{name}.v{FORMAT_VERSION}.json"
     if path.exists():
         try:
-            documents = json.loads(path.read_text(encoding="utf-8"))
+            corpus = json.loads(path.read_text(encoding="utf-8"))
         except ValueError:  # a damaged cache file is rebuilt, not reported
-            documents = None
-        if isinstance(documents, list) and all(isinstance(d, str) for d in documents):
-            return documents
+            corpus = None
+        if _is_corpus(corpus):
+            return corpus
     try:
-        documents = _CORPORA[name]()
+        corpus = _CORPORA[name]()
     except FetchError as exc:  # the package registry is out of reach: say how to go on without it
         raise FetchError(f"{' '.join(str(exc).split())}; {LOCAL_TEXT_HINT}") from None
     partial = path.with_suffix(".part")
-    partial.write_text(json.dumps(documents, ensure_ascii=False), encoding="utf-8")
+    partial.write_text(json.dumps(corpus, ensure_ascii=False), encoding="utf-8")
     partial.replace(path)
-    return documents
+    return corpus
+
+
+def builtin_documents(name: str) -> list[str]:
+    """The documents of built-in corpus ``name`` as one flat list, work after work for ``books``."""
+    corpus = builtin_corpus(name)
+    return [doc for docs in corpus.values() for doc in docs] if isinstance(corpus, dict) else corpus

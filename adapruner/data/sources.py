@@ -3,7 +3,11 @@
 A search picks calibration samples from ``pool``, scores candidates on ``validation`` and reports on
 ``test``. The parts are cut by document, never inside one, so no held-out text is ever seen during
 calibration; and the cut depends only on the documents' content, so it is the same on every machine,
-on every run and whatever order the documents arrive in.
+on every run and whatever order the documents arrive in. A source whose documents are parts of larger
+works (``builtin:books``: chapters of six novels) is cut by work instead (see :func:`split_works`):
+one whole novel is test (*Persuasion*), another validation (*Sense and Sensibility*), the other four
+the pool, since chapters of one novel share its characters, names and plot, and a chapter whose novel
+also calibrates is not really held out.
 
 Spec strings name a source on the command line:
 
@@ -18,15 +22,15 @@ import functools
 import hashlib
 import math
 import re
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
 
 from ..cache import cache_dir
 from ..errors import AdaPrunerError
-from .builtin import BUILTIN_SOURCES, builtin_documents
+from .builtin import BUILTIN_SOURCES, builtin_corpus
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -47,12 +51,17 @@ SHORT_TEXT_DOCUMENTS = 40
 
 @dataclass(frozen=True)
 class TextSource:
-    """A named text source, already cut into disjoint parts (each a tuple of documents)."""
+    """A named text source, already cut into disjoint parts (each a tuple of documents).
+
+    ``works`` names the works each part holds (``{"pool": (...), "validation": (...), "test": (...)}``)
+    when the source was cut by work; it is empty when it was cut by document.
+    """
 
     name: str
     pool: tuple[str, ...]
     validation: tuple[str, ...]
     test: tuple[str, ...]
+    works: Mapping[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
 
     def part(self, split: str) -> tuple[str, ...]:
         """The documents of ``split``: ``"pool"``, ``"validation"`` or ``"test"``."""
@@ -68,6 +77,16 @@ class TextSource:
     @functools.cached_property
     def _hashes(self) -> dict[str, str]:
         return {split: _sha256("\n\n".join(self.part(split))) for split in SPLITS}
+
+    @property
+    def split_description(self) -> str:
+        """How the parts were cut, for a report: by work, naming the held-out works, or by document."""
+        if self.works:
+            return (f"by work: test = {', '.join(self.works['test'])}; "
+                    f"validation = {', '.join(self.works['validation'])}; "
+                    f"pool = {len(self.works['pool'])} other works")
+        sizes = ", ".join(f"{split} {len(self.part(split))}" for split in SPLITS)
+        return f"by document: {sizes} documents"
 
     def __repr__(self) -> str:
         sizes = ", ".join(f"{split}={len(self.part(split))}" for split in SPLITS)
@@ -104,6 +123,29 @@ def split_documents(name: str, docs: Iterable[str], validation: float = 0.1, tes
                       test=tuple(ordered[:n_test]))
 
 
+def split_works(name: str, works: Mapping[str, Iterable[str]]) -> TextSource:
+    """Cut a source whose documents are parts of larger works (title -> documents) by work, deterministically.
+
+    Works are ordered by the sha256 of their title: the first is the test part, the second the
+    validation part, the others the pool. Titles rather than texts, so that a change to how the
+    documents are parsed does not move a work to another part. Each part keeps its works' documents in
+    reading order, work after work; blank documents, and documents already in an earlier part, are
+    dropped, so the parts are disjoint.
+    """
+    titles = sorted(works, key=_sha256)
+    if len(titles) < 3:
+        raise AdaPrunerError(f"text source {name!r} has {len(titles)} works, too few to cut into pool, validation "
+                             "and test parts")
+    titles_of = {"pool": tuple(titles[2:]), "validation": (titles[1],), "test": (titles[0],)}
+    seen: set[str] = set()
+    documents: dict[str, tuple[str, ...]] = {}
+    for split in ("test", "validation", "pool"):  # held out first: a document also in the pool stays held out
+        fresh = (doc for title in titles_of[split] for doc in works[title] if doc.strip() and doc not in seen)
+        documents[split] = tuple(dict.fromkeys(fresh))
+        seen.update(documents[split])
+    return TextSource(name, **documents, works=titles_of)
+
+
 def load_source(spec: str) -> TextSource:
     """The text source a spec string names (see the module docstring)."""
     spec = spec.strip()
@@ -121,7 +163,8 @@ def load_sources(specs: Iterable[str]) -> list[TextSource]:
 @functools.cache
 def _builtin_source(name: str, _cache_root: Path) -> TextSource:
     """Built-in sources are parsed once per process and cache root: a search asks for them again and again."""
-    return split_documents(name, builtin_documents(name))
+    corpus = builtin_corpus(name)
+    return split_works(name, corpus) if isinstance(corpus, dict) else split_documents(name, corpus)
 
 
 # --- Hugging Face datasets --------------------------------------------------------------------------

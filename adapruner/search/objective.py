@@ -1,9 +1,11 @@
 """One trial: params -> importance from cached statistics -> plan -> pruned copy -> validation perplexity.
 
 The validation windows are visited in one fixed shuffled order and each window's loss is reported,
-so Optuna's pruner can stop a bad trial after a few windows. A completed trial that becomes the
-best so far (and every baseline) is also scored on the test windows; the test perplexity is
-recorded, never optimised.
+so Optuna's pruner can stop a bad trial after a few windows. The validation perplexity is the exp of
+the per-source mean of each source's mean loss, so that no source dominates when validation mixes
+kinds of text. A completed trial that becomes the best so far (and every baseline) is also scored on
+the test windows of the evaluation sources (in-domain) and of the held-out sources (out-of-domain);
+test perplexities are recorded, never optimised.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 
 import optuna
@@ -29,7 +32,25 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def paired_estimate(evaluated: Mapping[int, float], best_losses: Mapping[int, float], best_ppl: float) -> float:
+def geometric_mean(values) -> float:
+    values = list(values)
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def source_weights(sources: Sequence[str]) -> list[float]:
+    """Weight of each window in a per-source mean: ``1 / (sources x that source's windows)``."""
+    counts = Counter(sources)
+    return [1.0 / (len(counts) * counts[name]) for name in sources]
+
+
+def weighted_mean(losses: Mapping[int, float], weights: Sequence[float]) -> float:
+    """Mean of the windows' losses, weighted (and renormalised over the windows present)."""
+    total = sum(weights[i] for i in losses)
+    return sum(weights[i] * loss for i, loss in losses.items()) / total
+
+
+def paired_estimate(evaluated: Mapping[int, float], best_losses: Mapping[int, float], best_ppl: float,
+                    weights: Sequence[float] | None = None) -> float:
     """Perplexity a stopped trial would have reached on all windows, estimated from the windows it saw.
 
     The best trial's mean loss over all windows, plus this trial's mean paired difference on the windows
@@ -39,8 +60,9 @@ def paired_estimate(evaluated: Mapping[int, float], best_losses: Mapping[int, fl
     shared = [i for i in evaluated if i in best_losses]
     if not shared or not best_losses:
         return math.inf
-    full = sum(best_losses.values()) / len(best_losses)
-    difference = sum(evaluated[i] - best_losses[i] for i in shared) / len(shared)
+    weights = weights if weights is not None else [1.0] * (max(best_losses) + 1)
+    full = weighted_mean(best_losses, weights)
+    difference = weighted_mean({i: evaluated[i] - best_losses[i] for i in shared}, weights)
     return max(math.exp(full + difference), math.nextafter(best_ppl, math.inf))
 
 
@@ -65,7 +87,8 @@ class Objective:
         self.target, self.baselines, self.seed = target, baselines, seed
         self.running_mean, self.batch_size = running_mean, batch_size
         self.estimate_stopped = estimate_stopped and not running_mean
-        n_val = session.windows("validation").shape[0]
+        self.weights = source_weights(session.window_sources("validation"))
+        n_val = len(self.weights)
         # One fixed order for every trial, so early windows are a fair sample and losses pair up.
         self.order = torch.randperm(n_val, generator=torch.Generator().manual_seed(seed)).tolist()
 
@@ -107,8 +130,7 @@ class Objective:
             trial.set_user_attr("val_ppl", val_ppl)
             if trial.user_attrs.get("baseline") or self._is_new_best(trial, val_ppl):
                 with phase("test"):
-                    test_nll = self._mean_nll(pruned, self.session.windows("test"))
-                trial.set_user_attr("test_ppl", math.exp(test_nll))
+                    self._test(trial, pruned)
             return val_ppl
         except optuna.TrialPruned:
             raise
@@ -124,7 +146,7 @@ class Objective:
             if not math.isfinite(nll):
                 raise NonFiniteLoss(f"non-finite loss on validation window {index}")
             losses[index] = nll
-            mean = sum(losses.values()) / len(losses)
+            mean = weighted_mean(losses, self.weights)
             if self.running_mean:
                 trial.report(mean, step=len(losses))
             else:
@@ -137,13 +159,28 @@ class Objective:
                     raise optuna.TrialPruned(message)
                 best = trial.study.best_trial
                 trial.set_user_attr("estimated", True)
-                return mean, paired_estimate(losses, best.intermediate_values, best.value)
+                return mean, paired_estimate(losses, best.intermediate_values, best.value, self.weights)
         trial.set_user_attr("windows", len(losses))
-        return sum(losses.values()) / len(losses), None
+        return weighted_mean(losses, self.weights), None
 
-    def _mean_nll(self, model: torch.nn.Module, windows: torch.Tensor) -> float:
+    def _test(self, trial: optuna.Trial, model: torch.nn.Module) -> None:
+        """Test perplexity of each evaluation source and each held-out source, and their summaries.
+
+        ``test_ppl`` (in-domain) and ``heldout_ppl`` (out-of-domain) are geometric means over sources,
+        the per-source mean of log-perplexity, as validation is.
+        """
+        session = self.session
+        in_domain = {s.name: self._ppl(model, session.source_windows(s, "test")) for s in session.eval_sources}
+        trial.set_user_attr("test_ppl", geometric_mean(in_domain.values()))
+        trial.set_user_attr("test_ppl_by_source", in_domain)
+        if session.heldout_sources:
+            heldout = {s.name: self._ppl(model, session.source_windows(s, "test")) for s in session.heldout_sources}
+            trial.set_user_attr("heldout_ppl", geometric_mean(heldout.values()))
+            trial.set_user_attr("heldout_ppl_by_source", heldout)
+
+    def _ppl(self, model: torch.nn.Module, windows: torch.Tensor) -> float:
         losses = [nll for _, nll in window_losses(model, windows, self.batch_size)]
-        return sum(losses) / len(losses)
+        return math.exp(sum(losses) / len(losses))
 
     @staticmethod
     def _is_new_best(trial: optuna.Trial, value: float) -> bool:

@@ -93,6 +93,45 @@ def plot_curve(study: optuna.Study, path: Path) -> Path | None:
     return path
 
 
+def _scores(item) -> dict:
+    """The perplexities of a row: the unpruned model's dict, or a trial's user attributes."""
+    if isinstance(item, dict):
+        return {"val": item.get("validation"), "test": item.get("test"), "heldout": item.get("heldout"),
+                "by_source": item.get("heldout_by_source", {})}
+    attrs = item.user_attrs
+    return {"val": item.value, "test": attrs.get("test_ppl"), "heldout": attrs.get("heldout_ppl"),
+            "by_source": attrs.get("heldout_ppl_by_source", {})}
+
+
+def _results_table(rows, heldout_names: list[str]) -> list[str]:
+    per_source = heldout_names if len(heldout_names) > 1 else []
+    header = ["configuration", "validation", "test (in-domain)"]
+    if heldout_names:
+        header += ["held-out test"] + [f"held-out: {name}" for name in per_source]
+    header.append("parameters kept")
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for label, item, kept in rows:
+        s = _scores(item)
+        cells = [label, _fmt(s["val"]), _fmt(s["test"])]
+        if heldout_names:
+            cells += [_fmt(s["heldout"])] + [_fmt(s["by_source"].get(name)) for name in per_source]
+        cells.append(_fmt(kept, 0))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def margin_sentence(best: FrozenTrial, reference: FrozenTrial) -> str:
+    """How the best configuration compares with the LLM-Pruner baseline: out-of-domain when there is a
+    held-out test, since in-domain text is what the search was tuned on."""
+    key, where = ("heldout_ppl", "held-out") if best.user_attrs.get("heldout_ppl") else ("test_ppl", "in-domain")
+    ours, theirs = best.user_attrs.get(key), reference.user_attrs.get(key)
+    if not ours or not theirs:
+        return ""
+    ratio = ours / theirs
+    side = f"{1 - ratio:.1%} lower" if ratio <= 1 else f"{ratio - 1:.1%} higher"
+    return f"{where.capitalize()} test perplexity {ratio:.2f}x the LLM-Pruner default of this study ({side})."
+
+
 def report_markdown(study: optuna.Study, curve_png: str | None = None) -> str:
     job = SearchJob.from_dict(study.user_attrs["job"])
     data, dense = study.user_attrs.get("data", {}), study.user_attrs.get("dense", {})
@@ -113,31 +152,32 @@ def report_markdown(study: optuna.Study, curve_png: str | None = None) -> str:
         f"({states[TrialState.COMPLETE] - estimated} complete, "
         f"{states[TrialState.PRUNED] + estimated} stopped early, {states[TrialState.FAIL]} failed)",
         "",
+        *[f"- split of {name}: {how}" for name, how in data.get("splits", {}).items()],
+        "",
         "## Results (perplexity; lower is better)",
         "",
-        "| configuration | validation | test | parameters kept |",
-        "|---|---:|---:|---:|",
-        f"| unpruned | {_fmt(dense.get('validation'))} | {_fmt(dense.get('test'))} | {_fmt(data.get('params'), 0)} |",
+        "Test is the test part of the evaluation sources (in-domain); held-out is the test part of sources the "
+        "search never calibrated or validated on (out-of-domain); each a geometric mean over its sources.",
+        "",
     ]
+    heldout_names = list(data.get("heldout_sources", {}))
+    rows = [("unpruned", dense, data.get("params"))]
     baselines = baseline_trials(study)
-    for name, trial in baselines.items():
-        lines.append(f"| baseline: {name} | {_fmt(trial.value)} | {_fmt(trial.user_attrs.get('test_ppl'))} | "
-                     f"{_fmt(trial.user_attrs.get('params_kept'), 0)} |")
+    rows += [(f"baseline: {name}", trial, trial.user_attrs.get("params_kept")) for name, trial in baselines.items()]
     try:
         best = study.best_trial
     except ValueError:
         best = None
     if best is not None:
-        lines.append(f"| **best: trial {best.number}** | **{_fmt(best.value)}** | "
-                     f"**{_fmt(best.user_attrs.get('test_ppl'))}** | {_fmt(best.user_attrs.get('params_kept'), 0)} |")
+        rows.append((f"**best: trial {best.number}**", best, best.user_attrs.get("params_kept")))
+    lines += _results_table(rows, heldout_names)
+    if best is not None:
         lines += ["", f"Best configuration (trial {best.number}"
                   + (f", baseline {best.user_attrs['baseline']}" if best.user_attrs.get("baseline") else "")
                   + f"): {describe_config(best.user_attrs['config'])}."]
         reference = baselines.get("llm-pruner")
-        if reference and reference.user_attrs.get("test_ppl") and best.user_attrs.get("test_ppl"):
-            margin = 1 - best.user_attrs["test_ppl"] / reference.user_attrs["test_ppl"]
-            lines.append(f"Test perplexity {margin:.1%} lower than the LLM-Pruner default of this study."
-                         if margin >= 0 else f"Test perplexity {-margin:.1%} higher than the LLM-Pruner default.")
+        if reference is not None:
+            lines += [margin_sentence(best, reference)]
     recovery = study.user_attrs.get("recovery")
     if recovery:
         lines += ["", f"Recovery of the best configuration: LoRA r={recovery['r']}, {recovery['steps']} steps of "

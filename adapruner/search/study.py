@@ -32,7 +32,7 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..data import training_windows
+from ..data import check_heldout, training_windows
 from ..errors import AdaPrunerError
 from ..evaluate import perplexity
 from ..export import save_pruned
@@ -41,7 +41,7 @@ from ..session import PruneConfig, PruningSession
 from .artifacts import artifact_store
 from .baselines import BASELINES, DEFAULT_BASELINES, baseline_config
 from .lock import StudyLock
-from .objective import Objective
+from .objective import Objective, geometric_mean
 from .samplers import (
     ESTIMATING_SAMPLERS,
     PRUNERS,
@@ -67,8 +67,10 @@ class SearchJob:
     """Everything that defines a search; stored with the study so a resume can check it matches."""
 
     model: str = "smollm2-135m"
-    calibration: tuple[str, ...] = ("builtin:books",)
+    # Two kinds of text by default, so that validation does not reward fitting one of them.
+    calibration: tuple[str, ...] = ("builtin:books", "builtin:wiki")
     evaluation: tuple[str, ...] = ()  # default: the calibration sources
+    heldout: tuple[str, ...] | None = None  # test only; None: the built-in sources not used above
     ratio: float = 0.2
     trials: int = 30  # finished trials in the study, baselines included
     sampler: str = "tpe"
@@ -99,6 +101,8 @@ class SearchJob:
                 raise AdaPrunerError(f"{name} must be positive, got {getattr(self, name)}")
         if not self.calibration:
             raise AdaPrunerError("a search needs at least one calibration source")
+        if self.heldout is not None:
+            check_heldout([*self.calibration, *self.evaluation], self.heldout)
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -117,8 +121,8 @@ class SearchJob:
             recover = dict(data["recover"])
             recover["targets"] = tuple(recover.get("targets", LoRA.targets))
             data["recover"] = LoRA(**recover)
-        for key in ("calibration", "evaluation", "baselines"):
-            if key in data:
+        for key in ("calibration", "evaluation", "baselines", "heldout"):
+            if data.get(key) is not None:
                 data[key] = tuple(data[key])
         return cls(**data)
 
@@ -200,6 +204,7 @@ def open_session(job: SearchJob, device: str | None = None, dtype: str | None = 
         job.model, job.calibration, job.evaluation or None, pool_size=job.pool_size, seq_len=job.seq_len,
         seed=job.seed, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
         max_eval_windows={"validation": job.val_windows, "test": job.test_windows}, progress=progress,
+        heldout=job.heldout,
     )
 
 
@@ -213,8 +218,11 @@ def create_study(storage: optuna.storages.BaseStorage, name: str, job: SearchJob
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
         stored, wanted = study.user_attrs.get("job"), job.identity()
-        if stored is not None and {k: v for k, v in stored.items() if k != "trials"} != wanted:
-            changed = sorted(k for k in wanted if stored.get(k) != wanted[k])
+        # Read the stored job back through the dataclass, so fields added since it was stored take
+        # their defaults and an older study still resumes.
+        known = SearchJob.from_dict(stored).identity() if stored is not None else None
+        if known is not None and known != wanted:
+            changed = sorted(k for k in wanted if known.get(k) != wanted[k])
             raise AdaPrunerError(f"study {name!r} exists with a different job ({', '.join(changed)} differ); "
                                  "use another --study name") from None
         if stored is not None and stored.get("trials") != job.trials:
@@ -236,12 +244,23 @@ def describe_data(study: optuna.Study, session: PruningSession) -> None:
         "pool_hash": session.pool.content_hash,
         "pool_sources": sorted(set(session.pool.source_of)),
         "sources": {s.name: s.hashes for s in session.eval_sources},
+        "heldout_sources": {s.name: s.hashes["test"] for s in session.heldout_sources},
+        "splits": {s.name: s.split_description for s in [*session.eval_sources, *session.heldout_sources]},
         "val_windows": int(session.windows("validation").shape[0]),
         "test_windows": int(session.windows("test").shape[0]),
         "params": session.structure.total_params,
     })
-    dense = {split: perplexity(session.model, session.windows(split), progress=session.progress,
-                               desc=f"unpruned {split}").ppl for split in ("validation", "test")}
+
+    def ppl(source, split):
+        return perplexity(session.model, session.source_windows(source, split), progress=session.progress,
+                          desc=f"unpruned {source.name} {split}").ppl
+
+    # Per-source geometric means, as the objective scores trials.
+    dense = {split: geometric_mean(ppl(s, split) for s in session.eval_sources) for split in ("validation", "test")}
+    heldout = {s.name: ppl(s, "test") for s in session.heldout_sources}
+    if heldout:
+        dense["heldout"] = geometric_mean(heldout.values())
+        dense["heldout_by_source"] = heldout
     study.set_user_attr("dense", dense)
 
 
