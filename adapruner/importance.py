@@ -19,6 +19,15 @@ metric                     unit score                                       per-
 ``wanda_sp``               Σ |w_ij| · ‖x_j‖₂                                yes
 =========================  ===============================================  ==============
 
+``llm_pruner`` is LLM-Pruner's own group importance as its code computes it (``llama3.py``,
+``TaylorImportance`` with ``param_first``): ``taylor_first``'s unit scores reduced over the group by
+the aggregation (LLM-Pruner's ``grouping_strategy``, ``sum`` by default), except that query heads are
+credited to KV groups the way its final alignment step
+(``imp.view(len(imp) // min_imp_size, min_imp_size).sum(0)``) lines them up: q_proj rows and o_proj
+columns of query head ``h`` count towards KV group ``h mod n_kv``, although the group owns (and a plan
+removes) heads ``g * n_rep .. (g + 1) * n_rep - 1``. It is what makes the ``llm-pruner`` baseline
+choose LLM-Pruner's groups on GQA models; without GQA it equals ``taylor_first``.
+
 Two metrics score groups directly and ignore the aggregation: ``flap_fluctuation`` (FLAP: the
 variance of each input channel of o_proj/down_proj over the calibration tokens times the squared
 norm of its weight column, summed over the group's channels) and ``random``.
@@ -43,11 +52,13 @@ from .structure import ATTN_MODULES, COLUMN_MODULES, MLP_MODULES, LayerShape, de
 AGGREGATIONS = ("sum", "mean", "max", "prod", "last")
 METRICS = (
     "magnitude_l1", "magnitude_l2", "taylor_first", "taylor_first_persample", "taylor_second",
-    "taylor_vector", "wanda_sp", "flap_fluctuation", "random",
+    "taylor_vector", "wanda_sp", "flap_fluctuation", "random", "llm_pruner",
 )
+# Metrics that need LLM-Pruner's exact element-wise Taylor: a backward pass over the subset per trial.
+EXACT_TAYLOR_METRICS = ("taylor_first", "llm_pruner")
 # Metrics whose value for a subset is assembled from per-sample statistics (no backward per trial).
-DECOMPOSABLE = tuple(m for m in METRICS if m != "taylor_first")
-GRADIENT_METRICS = ("taylor_first", "taylor_first_persample", "taylor_second", "taylor_vector")
+DECOMPOSABLE = tuple(m for m in METRICS if m not in EXACT_TAYLOR_METRICS)
+GRADIENT_METRICS = ("taylor_first", "taylor_first_persample", "taylor_second", "taylor_vector", "llm_pruner")
 ACTIVATION_METRICS = ("wanda_sp", "flap_fluctuation")
 
 
@@ -88,12 +99,13 @@ class Mixture:
 
     @property
     def needs_backward(self) -> bool:
-        return "taylor_first" in self.active
+        return any(m in EXACT_TAYLOR_METRICS for m in self.active)
 
     @property
     def needs_data(self) -> bool:
-        """Whether the pool's per-sample statistics are needed (``taylor_first`` runs its own backward)."""
-        return any(m in GRADIENT_METRICS + ACTIVATION_METRICS and m != "taylor_first" for m in self.active)
+        """Whether the pool's per-sample statistics are needed (exact Taylor runs its own backward)."""
+        return any(m in GRADIENT_METRICS + ACTIVATION_METRICS and m not in EXACT_TAYLOR_METRICS
+                   for m in self.active)
 
 
 # -- unit scores --------------------------------------------------------------------------------
@@ -161,9 +173,12 @@ UNIT_SCORES: dict[str, UnitScore] = {
 }
 
 
-def _unit_to_group(shape: LayerShape, module: str, units: torch.Tensor) -> torch.Tensor:
+def _unit_to_group(shape: LayerShape, module: str, units: torch.Tensor, llm_pruner_order: bool = False) -> torch.Tensor:
     if module in MLP_MODULES:
         return units
+    if llm_pruner_order and module in ("q_proj", "o_proj"):
+        # LLM-Pruner folds the query heads onto the KV heads' channels: head h lands on group h mod n_kv.
+        return units.view(shape.n_rep, shape.n_groups, shape.head_dim).sum((0, 2))
     return units.view(shape.n_groups, shape.rows_per_group(module)).sum(1)
 
 
@@ -184,14 +199,15 @@ def aggregate(per_module: torch.Tensor, how: str) -> torch.Tensor:
 
 def _elementwise_scores(
     model: nn.Module, shapes: Sequence[LayerShape], unit_score: UnitScore, stats: SubsetStatistics | None,
-    aggregation: str, weights: WeightSummary,
+    aggregation: str, weights: WeightSummary, llm_pruner_order: bool = False,
 ) -> GroupScores:
     attn, mlp = [], []
     for i, layer in enumerate(decoder_layers(model)):
         linears = layer_linears(layer)
         for modules, out in ((ATTN_MODULES, attn), (MLP_MODULES, mlp)):
             per_module = torch.stack([
-                _unit_to_group(shapes[i], m, unit_score(linears[m], m, i, stats, weights).cpu()) for m in modules
+                _unit_to_group(shapes[i], m, unit_score(linears[m], m, i, stats, weights).cpu(), llm_pruner_order)
+                for m in modules
             ])
             out.append(aggregate(per_module, aggregation))
     return GroupScores(attn, mlp)
@@ -229,15 +245,17 @@ def metric_scores(
     model's :class:`WeightSummary` (computed here when not given)."""
     if metric == "random":
         return _random_scores(shapes, seed)
-    if metric in GRADIENT_METRICS + ACTIVATION_METRICS and metric != "taylor_first" and stats is None:
+    if metric in DECOMPOSABLE and metric in GRADIENT_METRICS + ACTIVATION_METRICS and stats is None:
         raise AdaPrunerError(f"metric {metric!r} needs calibration statistics")
     weights = weights if weights is not None else WeightSummary.of(model)
     if metric == "flap_fluctuation":
         return _flap_fluctuation(shapes, stats, weights)
-    if metric == "taylor_first":
+    if metric in EXACT_TAYLOR_METRICS:
         if exact_taylor is None:
-            raise AdaPrunerError("metric 'taylor_first' needs a backward pass over the calibration subset")
+            raise AdaPrunerError(f"metric {metric!r} needs a backward pass over the calibration subset")
         unit_score: UnitScore = lambda _lin, module, layer, _stats, _w: exact_taylor[(layer, module)]  # noqa: E731
+        if metric == "llm_pruner":
+            return _elementwise_scores(model, shapes, unit_score, None, aggregation, weights, llm_pruner_order=True)
     else:
         unit_score = UNIT_SCORES[metric]
     return _elementwise_scores(model, shapes, unit_score, stats, aggregation, weights)
@@ -305,6 +323,6 @@ def subset_importance(
     exact = None
     if mixture.needs_backward:
         if windows is None:
-            raise AdaPrunerError("metric 'taylor_first' needs the calibration windows for its backward pass")
+            raise AdaPrunerError("exact Taylor metrics need the calibration windows for their backward pass")
         exact = taylor_first_exact(model, windows[idx])
     return mixture_scores(model, shapes, mixture, sub, exact, weights)

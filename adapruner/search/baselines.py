@@ -1,7 +1,10 @@
 """Baselines run as the first trials of every study, so each study shows them side by side.
 
-* ``llm-pruner`` — LLM-Pruner's default: element-wise first-order Taylor (``param_first``), 10 random
-  calibration samples, sum over the group, the first four and last two layers spared.
+* ``llm-pruner`` — LLM-Pruner's default as its own code computes it (``llama3.py`` block-wise,
+  ``param_first``): element-wise first-order Taylor on 10 random calibration samples, summed over
+  the group with LLM-Pruner's alignment of query heads to KV groups (metric ``llm_pruner``), the
+  first four and last two layers spared. Checked side by side with LLM-Pruner's code (see
+  docs/results.md): on the same windows in fp32 it removes the same groups.
 * ``wanda-sp`` — structured Wanda as FLAP defines it: ``|W|·‖x‖`` on o_proj/down_proj columns
   (aggregation ``last``), all pool samples, every layer pruned uniformly.
 * ``magnitude`` — weight magnitude (L2, the better of LLM-Pruner's two), LLM-Pruner's layer range.
@@ -29,7 +32,7 @@ def baseline_config(name: str, session: PruningSession, seed: int = 0) -> PruneC
     llm_pruner_range = llm_pruner_layers(len(session.structure.layers))
     if name == "llm-pruner":
         k = min(10, len(session.pool))
-        return PruneConfig(Mixture.single("taylor_first"), session.random_subset(k, seed), llm_pruner_range)
+        return PruneConfig(Mixture.single("llm_pruner"), session.random_subset(k, seed), llm_pruner_range)
     if name == "wanda-sp":
         return PruneConfig(Mixture.single("wanda_sp", "last"), everything, Allocation.named("uniform"))
     if name == "magnitude":
