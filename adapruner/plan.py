@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -115,14 +115,6 @@ class PruningPlan:
     def sizes(self) -> list[dict[str, int]]:
         return [{"num_key_value_heads": len(lp.keep_groups), "intermediate_size": len(lp.keep_channels)}
                 for lp in self.layers]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> PruningPlan:
-        layers = tuple(LayerPlan(tuple(lp["keep_groups"]), tuple(lp["keep_channels"])) for lp in data["layers"])
-        return cls(layers, int(data["removed_params"]), int(data["total_params"]))
 
     @classmethod
     def keep_all(cls, structure: ModelStructure) -> PruningPlan:

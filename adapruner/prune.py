@@ -21,6 +21,7 @@ from .structure import (
     group_index,
     layer_linears,
     model_structure,
+    set_layer_sizes,
 )
 
 
@@ -36,17 +37,6 @@ def slice_linear(linear: nn.Linear, index: torch.Tensor, columns: bool) -> nn.Li
         b = linear.bias.detach() if columns else linear.bias.detach().index_select(0, index)
         new.bias = nn.Parameter(b.clone(), requires_grad=linear.bias.requires_grad)
     return new
-
-
-def set_layer_sizes(config, sizes: list[dict[str, int]], head_dim: int) -> None:
-    """Record per-layer sizes in the config; when all layers agree, make it a plain config too."""
-    n_rep = config.num_attention_heads // config.num_key_value_heads
-    config.head_dim = head_dim  # no longer hidden_size / num_attention_heads once heads are removed
-    config.adapruner = {**getattr(config, "adapruner", {}), "layers": sizes}
-    if all(s == sizes[0] for s in sizes):
-        config.num_key_value_heads = sizes[0]["num_key_value_heads"]
-        config.num_attention_heads = sizes[0]["num_key_value_heads"] * n_rep
-        config.intermediate_size = sizes[0]["intermediate_size"]
 
 
 def _copy_except_sliced(model: nn.Module, structure, plan: PruningPlan) -> nn.Module:

@@ -32,10 +32,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import AdaPrunerError
-from .structure import ATTN_MODULES, COLUMN_MODULES, MLP_MODULES, decoder_layers, layer_linears, model_structure
+from .structure import COLUMN_MODULES, decoder_layers, layer_linears, model_structure
 
 FORMAT_VERSION = 2  # bump when the stored statistics change, so stale cache files are not read
-MODULES = ATTN_MODULES + MLP_MODULES
 # Input activations we track, by the module that reads them (q/k/v share one input, gate/up another).
 ACTIVATION_INPUTS = {"q_proj": "attn_in", "o_proj": "o_in", "gate_proj": "mlp_in", "down_proj": "down_in"}
 TAYLOR_TERMS = ("wg", "wg2", "wg_abs")  # Σ w·g, Σ (w·g)², Σ |w·g| per unit
@@ -89,10 +88,6 @@ class PoolStatistics:
     @property
     def n_samples(self) -> int:
         return self.layer_cos.shape[0]
-
-    @property
-    def n_layers(self) -> int:
-        return self.layer_cos.shape[1]
 
     def subset(self, indices: Sequence[int]) -> SubsetStatistics:
         """The statistics of a subset of the pool: sums over its samples."""

@@ -11,7 +11,8 @@ Per layer there are two kinds of group:
   of ``down_proj``.
 
 Shapes are read from the modules themselves, so a model pruned earlier (whose layers differ in size)
-is described as correctly as a dense one.
+is described as correctly as a dense one. This module is the bottom of the library's vocabulary of
+layouts: which model types are supported, and how per-layer sizes are written into a config.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import torch
 from torch import nn
 
 from .errors import UnsupportedModelError
-from .models import check_supported
 
+# Architectures sharing the self_attn.{q,k,v,o}_proj + mlp.{gate,up,down}_proj layout we prune.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 # Modules whose *input* dimension holds the groups; the others hold them in their output rows.
@@ -73,6 +75,26 @@ class ModelStructure:
 
     def sizes(self) -> list[dict[str, int]]:
         return [{"num_key_value_heads": s.n_groups, "intermediate_size": s.n_channels} for s in self.layers]
+
+
+def check_supported(config) -> None:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"unsupported architecture {model_type!r}: AdaPruner prunes {', '.join(SUPPORTED_MODEL_TYPES)} "
+            "models (the self_attn.{q,k,v,o}_proj + mlp.{gate,up,down}_proj layout)"
+        )
+
+
+def set_layer_sizes(config, sizes: list[dict[str, int]], head_dim: int) -> None:
+    """Record per-layer sizes in the config; when all layers agree, make it a plain config too."""
+    n_rep = config.num_attention_heads // config.num_key_value_heads
+    config.head_dim = head_dim  # no longer hidden_size / num_attention_heads once heads are removed
+    config.adapruner = {**getattr(config, "adapruner", {}), "layers": sizes}
+    if all(s == sizes[0] for s in sizes):
+        config.num_key_value_heads = sizes[0]["num_key_value_heads"]
+        config.num_attention_heads = sizes[0]["num_key_value_heads"] * n_rep
+        config.intermediate_size = sizes[0]["intermediate_size"]
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from adapruner.importance import AGGREGATIONS, METRICS
 from adapruner.search import BASELINES, DEFAULT_BASELINES, DEFAULT_METRICS, PRUNERS, SAMPLERS, SearchJob, SearchSpace
 
 SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # no slashes, no leading dot: safe as a file name
+# The pruning target: a share of all parameters, or a whole parameter count (checked against the model
+# when the plan is made), as the library's ``params_to_remove`` takes it. A JSON 1.0 is a share (refused).
+Ratio = Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)] | Annotated[StrictInt, Field(ge=1)]
 
 
 class SpaceSpec(BaseModel):
@@ -53,7 +56,7 @@ class JobSpec(BaseModel):
     heldout: list[str] | None = Field(default=None, max_length=8, description=(
         "out-of-domain test sources, never calibrated or validated on; null: the built-in sources the job "
         "does not use (when it uses one); [] for none"))
-    ratio: float = Field(default=0.2, gt=0, lt=1, description="share of all parameters to remove")
+    ratio: Ratio = Field(default=0.2, description="share of all parameters to remove, in (0, 1), or a parameter count")
     trials: int = Field(default=30, ge=1, description="finished trials, baselines included")
     sampler: Literal[SAMPLERS] = "tpe"  # type: ignore[valid-type]
     pruner: Literal[PRUNERS] = "wilcoxon"  # type: ignore[valid-type]

@@ -46,6 +46,8 @@ def test_prune_saves_a_loadable_model(capsys, tmp_path, tiny_model_dir, corpus, 
 @pytest.mark.parametrize(("argv", "message"), [
     (["prune", "--ratio", "-0.2"], "--ratio must be in (0, 1)"),
     (["prune", "--ratio", "abc"], "--ratio takes a fraction"),
+    (["search", "--ratio", "1.5"], "--ratio must be in (0, 1) or a parameter count >= 1"),
+    (["search", "--ratio", "0"], "--ratio must be in (0, 1) or a parameter count >= 1"),
     (["prune", "--layers", "x"], "--layers takes FIRST:LAST"),
     (["eval", "--split", "train"], "invalid choice: 'train'"),
     (["nonsense"], "invalid choice"),
@@ -65,6 +67,14 @@ def test_user_errors_exit_2_with_one_line(capsys, tmp_path, tiny_model_dir, corp
     assert code == 2 and "unknown importance metric 'l0'" in err and err.count("\n") == 1
     code, _, err = run(capsys, "eval", "--model", tiny_model_dir, "--data", "builtin:poems")
     assert code == 2 and "built-in text source 'poems'" in err and err.count("\n") == 1
+
+
+def test_search_takes_a_parameter_count_as_its_ratio():
+    assert build_parser().parse_args(["search", "--ratio", "28021248"]).ratio == 28021248
+
+
+def test_search_takes_a_fraction_as_its_ratio():
+    assert build_parser().parse_args(["search", "--ratio", "0.3"]).ratio == 0.3
 
 
 def test_serve_opens_the_api_only_the_dashboard_stays_on_localhost():

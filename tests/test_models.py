@@ -4,8 +4,9 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from adapruner.device import resolve_device, resolve_dtype
 from adapruner.errors import AdaPrunerError, UnsupportedModelError
-from adapruner.models import load_model, resolve_device, resolve_dtype
+from adapruner.models import load_model
 
 
 def test_load_local_folder(tiny_model_dir, tiny_model):

@@ -105,6 +105,20 @@ def test_bad_jobs_are_refused():
     assert SearchJob.from_dict(tiny_job().to_dict()) == tiny_job()
 
 
+def test_a_job_takes_a_parameter_count_as_its_ratio():
+    assert tiny_job(ratio=28021248).ratio == 28021248
+
+
+def test_a_counted_ratio_survives_the_stored_job():
+    assert SearchJob.from_dict(tiny_job(ratio=28021248).to_dict()).ratio == 28021248
+
+
+@pytest.mark.parametrize("ratio", [1.5, 0, 0.0, -3, 1.0, 28021248.0, True, float("nan"), float("inf")])
+def test_a_ratio_neither_a_fraction_nor_a_count_is_refused(ratio):
+    with pytest.raises(AdaPrunerError, match=r"ratio must be a fraction in \(0, 1\) or a whole parameter count >= 1"):
+        tiny_job(ratio=ratio)
+
+
 # -- the study ----------------------------------------------------------------------------------
 
 

@@ -10,11 +10,13 @@ import time
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 from service_fixtures import TOKEN, postgres_url, roots, service_env, small_job, start_worker  # noqa: F401
 
 from adapruner.export import load_pruned
 from service.app import create_app
 from service.db import upgrade
+from service.schemas import JobSpec
 from service.settings import Settings
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -82,6 +84,9 @@ def test_submit_answers_202_with_location_and_queued_baselines(client):
 @pytest.mark.parametrize(("change", "status", "field", "message"), [
     ({"ratio": -0.2}, 422, "ratio", "greater than 0"),
     ({"ratio": 1.0}, 422, "ratio", "less than 1"),
+    ({"ratio": 0}, 422, "ratio", "greater than 0"),
+    ({"ratio": -5}, 422, "ratio", "greater than or equal to 1"),
+    ({"ratio": 28021248.5}, 422, "ratio", "less than 1"),
     ({"trials": 10**9}, 422, "trials", "at most 500"),
     ({"pool_size": 100000}, 422, "pool_size", "at most 256"),
     ({"sampler": "cmaes"}, 422, "sampler", "Input should be"),
@@ -106,6 +111,18 @@ def test_bad_jobs_get_4xx_naming_the_field(client, change, status, field, messag
     assert response.status_code == status, response.text
     detail = response.json()["detail"]
     assert any(field.split(".")[-1] in map(str, d["loc"]) and message in d["msg"] for d in detail), detail
+
+
+def test_a_job_takes_a_parameter_count_as_its_ratio(client):
+    response = submit(client, ratio=28021248)
+    assert response.status_code == 202, response.text
+    assert response.json()["spec"]["ratio"] == 28021248
+
+
+@pytest.mark.parametrize("number", [float("nan"), float("inf"), float("-inf")])
+def test_the_job_schema_refuses_a_non_finite_ratio(number):
+    with pytest.raises(ValidationError, match="finite number"):
+        JobSpec(**small_job(ratio=number))
 
 
 def test_unknown_ids_are_404(client):

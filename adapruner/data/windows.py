@@ -71,10 +71,6 @@ class CalibrationPool:
         return self.windows.shape[1]
 
     @property
-    def sources(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(self.source_of))
-
-    @property
     def content_hash(self) -> str:
         digest = hashlib.sha256(self.windows.cpu().numpy().tobytes())
         digest.update("\0".join(self.source_of).encode())

@@ -141,8 +141,8 @@ def report_markdown(study: optuna.Study, curve_png: str | None = None) -> str:
     estimated = sum(bool(t.user_attrs.get("estimated")) for t in trials)
     lines = [f"# AdaPruner search `{study.study_name}`", ""]
     lines += [
-        f"- model: `{job.model}` ({_fmt(data.get('params'), 0)} parameters), target: remove {job.ratio:.0%} "
-        "of all parameters",
+        f"- model: `{job.model}` ({_fmt(data.get('params'), 0)} parameters), target: remove "
+        + (f"{job.ratio:.2%} of all parameters" if isinstance(job.ratio, float) else f"{job.ratio:,} parameters"),
         f"- calibration: {', '.join(job.calibration)} — pool of {job.pool_size} windows of {job.seq_len} tokens "
         f"(sha256 {str(data.get('pool_hash', ''))[:12]})",
         f"- evaluation: {data.get('val_windows', '?')} validation / {data.get('test_windows', '?')} test windows; "

@@ -71,7 +71,7 @@ class SearchJob:
     calibration: tuple[str, ...] = ("builtin:books", "builtin:wiki")
     evaluation: tuple[str, ...] = ()  # default: the calibration sources
     heldout: tuple[str, ...] | None = None  # test only; None: the built-in sources not used above
-    ratio: float = 0.2
+    ratio: float | int = 0.2  # a share of all parameters, or a parameter count
     trials: int = 30  # finished trials in the study, baselines included
     sampler: str = "tpe"
     pruner: str = "wilcoxon"
@@ -85,8 +85,11 @@ class SearchJob:
     recover: LoRA | None = None  # fine-tune the best configuration after the search
 
     def __post_init__(self) -> None:
-        if not isinstance(self.ratio, int | float) or not 0 < self.ratio < 1:
-            raise AdaPrunerError(f"ratio must be in (0, 1), got {self.ratio}")
+        fraction = isinstance(self.ratio, float) and 0 < self.ratio < 1
+        count = isinstance(self.ratio, int) and not isinstance(self.ratio, bool) and self.ratio >= 1
+        if not (fraction or count):
+            raise AdaPrunerError(f"ratio must be a fraction in (0, 1) or a whole parameter count >= 1, "
+                                 f"got {self.ratio!r}")
         if self.trials < 1:
             raise AdaPrunerError(f"trials must be at least 1, got {self.trials}")
         if self.sampler not in SAMPLERS:

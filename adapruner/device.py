@@ -1,0 +1,41 @@
+"""Which device and dtype a model runs on: what the user named, or the best the machine has."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import AdaPrunerError
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """CUDA when present unless the user names a device; a named but absent device is an error."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise AdaPrunerError(f"unknown device {device!r} (use cpu, cuda, cuda:N or auto)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise AdaPrunerError(f"device {device!r} requested but CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise AdaPrunerError(f"device {device!r} requested but only {torch.cuda.device_count()} GPU(s) exist")
+    return dev
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """bf16 on CUDA (fp16 where bf16 is unsupported), fp32 on CPU, unless the user names one."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise AdaPrunerError(f"unknown dtype {dtype!r} (use {', '.join(sorted(_DTYPES))} or auto)") from None
