@@ -54,8 +54,11 @@ METRICS = (
     "magnitude_l1", "magnitude_l2", "taylor_first", "taylor_first_persample", "taylor_second",
     "taylor_vector", "wanda_sp", "flap_fluctuation", "random", "llm_pruner",
 )
-# Metrics that need LLM-Pruner's exact element-wise Taylor: a backward pass over the subset per trial.
-EXACT_TAYLOR_METRICS = ("taylor_first", "llm_pruner")
+# Metrics that need LLM-Pruner's exact element-wise Taylor: a backward pass over the subset per trial,
+# in the dtype named here (None: the model's). LLM-Pruner's llama3.py loads the model in float16 and
+# backpropagates in it, and that changes which groups it removes (docs/results.md).
+EXACT_TAYLOR_DTYPES: dict[str, torch.dtype | None] = {"taylor_first": None, "llm_pruner": torch.float16}
+EXACT_TAYLOR_METRICS = tuple(EXACT_TAYLOR_DTYPES)
 # Metrics whose value for a subset is assembled from per-sample statistics (no backward per trial).
 DECOMPOSABLE = tuple(m for m in METRICS if m not in EXACT_TAYLOR_METRICS)
 GRADIENT_METRICS = ("taylor_first", "taylor_first_persample", "taylor_second", "taylor_vector", "llm_pruner")
@@ -273,21 +276,24 @@ def mixture_scores(
     shapes: Sequence[LayerShape],
     mixture: Mixture,
     stats: SubsetStatistics | None = None,
-    exact_taylor: Mapping[tuple[int, str], torch.Tensor] | None = None,
+    exact_taylor: Mapping[str, Mapping[tuple[int, str], torch.Tensor]] | None = None,
     weights: WeightSummary | None = None,
 ) -> GroupScores:
-    """Group importance of a weighted mixture of per-layer-normalised metrics."""
+    """Group importance of a weighted mixture of per-layer-normalised metrics; ``exact_taylor`` maps
+    each exact-Taylor metric of the mixture to its :func:`~adapruner.statistics.taylor_first_exact`."""
+    exact_taylor = exact_taylor or {}
     active = mixture.active
     weights = weights if weights is not None else WeightSummary.of(model)
     if len(active) == 1:  # a single metric is used as is, so it matches its reference exactly
         (metric,) = active
-        return metric_scores(model, shapes, metric, mixture.aggregation, stats, exact_taylor, mixture.seed, weights)
+        return metric_scores(model, shapes, metric, mixture.aggregation, stats, exact_taylor.get(metric), mixture.seed,
+                             weights)
     total = sum(active.values())
     attn = [torch.zeros(s.n_groups) for s in shapes]
     mlp = [torch.zeros(s.n_channels) for s in shapes]
     for metric, weight in active.items():
-        scores = metric_scores(model, shapes, metric, mixture.aggregation, stats, exact_taylor, mixture.seed,
-                               weights)
+        scores = metric_scores(model, shapes, metric, mixture.aggregation, stats, exact_taylor.get(metric),
+                               mixture.seed, weights)
         for i in range(len(shapes)):
             attn[i] += weight / total * _normalise(scores.attn[i])
             mlp[i] += weight / total * _normalise(scores.mlp[i])
@@ -320,9 +326,10 @@ def subset_importance(
         if stats is None:
             raise AdaPrunerError("this importance mixture needs the pool's statistics")
         sub = stats.subset(idx)
-    exact = None
+    exact = {}
     if mixture.needs_backward:
         if windows is None:
             raise AdaPrunerError("exact Taylor metrics need the calibration windows for their backward pass")
-        exact = taylor_first_exact(model, windows[idx])
+        exact = {metric: taylor_first_exact(model, windows[idx], dtype=EXACT_TAYLOR_DTYPES[metric])
+                 for metric in mixture.active if metric in EXACT_TAYLOR_METRICS}
     return mixture_scores(model, shapes, mixture, sub, exact, weights)

@@ -20,6 +20,7 @@ and time grow with ``N × units``, not ``N × parameters``. LLM-Pruner's element
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections.abc import Sequence
@@ -248,13 +249,20 @@ def collect_statistics(model: nn.Module, windows: torch.Tensor, progress: bool =
 
 
 def taylor_first_exact(
-    model: nn.Module, windows: torch.Tensor, batch_size: int = 4
+    model: nn.Module, windows: torch.Tensor, batch_size: int = 4, dtype: torch.dtype | None = None
 ) -> dict[tuple[int, str], torch.Tensor]:
     """LLM-Pruner's element-wise first-order Taylor on a subset: per unit ``Σ |w · G|``.
 
     ``G`` is the gradient of the subset's mean LM loss (one backward over the subset, accumulated in
     mini-batches), so this cannot be assembled from per-sample statistics.
+
+    ``dtype`` (e.g. ``torch.float16``, what LLM-Pruner's ``llama3.py`` loads the model in) runs the
+    forward and backward on a copy of the model in that dtype, in one batch as LLM-Pruner does, and
+    forms ``w · G`` in it; the model itself is left as it is.
     """
+    if dtype is not None and dtype != next(model.parameters()).dtype:
+        # A copy: casting the model itself there and back would round its weights.
+        return taylor_first_exact(copy.deepcopy(model).to(dtype), windows, batch_size=windows.shape[0])
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -267,7 +275,7 @@ def taylor_first_exact(
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss
             (loss * ids.shape[0] / n).backward()  # mean over the whole subset, as one batch would give
         return {
-            (i, m): unit_taylor_terms(linear, m)[2].cpu()
+            (i, m): _unit_saliency(linear, m).cpu()
             for i, layer in enumerate(decoder_layers(model)) for m, linear in layer_linears(layer).items()
         }
     finally:
@@ -275,3 +283,13 @@ def taylor_first_exact(
         for p, flag in before.items():
             p.requires_grad_(flag)
         model.train(was_training)
+
+
+def _unit_saliency(linear: nn.Linear, module: str) -> torch.Tensor:
+    """``Σ |w · g|`` over each unit, the product taken in the weights' own dtype as LLM-Pruner does
+    (in fp16 small products underflow to zero), summed to fp32."""
+    dim = 0 if module in COLUMN_MODULES else 1
+    units = (linear.weight.detach() * linear.weight.grad).abs().sum(dim).float()
+    if linear.bias is not None and module not in COLUMN_MODULES and linear.bias.grad is not None:
+        units += (linear.bias.detach() * linear.bias.grad).abs().float()
+    return units

@@ -2,11 +2,13 @@
 
 The reference below is written from LLM-Pruner's code (``llama3.py`` block-wise with
 ``TaylorImportance(group_reduction="sum", taylor="param_first")`` and ``MetaPruner``), not from ours:
-one backward over the calibration batch; per dependency of a group the element-wise ``|w * g|``
+the model in float16 (``llama3.py`` loads it so); one backward over the calibration batch; per dependency of a group the element-wise ``|w * g|``
 summed over each output row (q/k/v/gate/up) or input column (o/down); every dependency's vector
 folded onto the root's channels by ``imp.view(len(imp) // min_len, min_len).sum(0)``; summed over
 the dependencies; consecutive ``head_dim`` channels summed into one KV group; the lowest removed.
 """
+
+import copy
 
 import pytest
 import torch
@@ -23,7 +25,7 @@ RATIO = 0.5  # LLM-Pruner's per-layer ratio: 1 of 2 KV groups, 48 of 96 MLP chan
 
 def llm_pruner_reference(model, windows, layers, ratio):
     """{layer: (removed KV groups, removed MLP channels)} as LLM-Pruner's code chooses them."""
-    model.zero_grad()
+    model = copy.deepcopy(model).half()
     model(input_ids=windows, labels=windows).loss.backward()
     head_dim = model.config.head_dim
     chosen = {}
@@ -42,7 +44,6 @@ def llm_pruner_reference(model, windows, layers, ratio):
         width = mlp_imp.numel()
         channels = torch.argsort(mlp_imp)[: width - int(width * (1 - ratio))]
         chosen[i] = (sorted(groups.tolist()), sorted(channels.tolist()))
-    model.zero_grad(set_to_none=True)
     return chosen
 
 
