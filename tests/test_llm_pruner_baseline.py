@@ -2,10 +2,11 @@
 
 The reference below is written from LLM-Pruner's code (``llama3.py`` block-wise with
 ``TaylorImportance(group_reduction="sum", taylor="param_first")`` and ``MetaPruner``), not from ours:
-the model in float16 (``llama3.py`` loads it so); one backward over the calibration batch; per dependency of a group the element-wise ``|w * g|``
-summed over each output row (q/k/v/gate/up) or input column (o/down); every dependency's vector
-folded onto the root's channels by ``imp.view(len(imp) // min_len, min_len).sum(0)``; summed over
-the dependencies; consecutive ``head_dim`` channels summed into one KV group; the lowest removed.
+the model in float16 (``llama3.py`` loads it so); one backward over the calibration batch; per
+dependency of a group the element-wise ``|w * g|`` summed over each output row (q/k/v/gate/up) or
+input column (o/down); every dependency's vector folded onto the root's channels by
+``imp.view(len(imp) // min_len, min_len).sum(0)``; summed over the dependencies; consecutive
+``head_dim`` channels summed into one KV group; the lowest removed.
 """
 
 import copy
