@@ -22,8 +22,10 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
-# A short real search: SmolLM2-135M, 20% of its parameters, Jane Austen as calibration and evaluation
-# text, 12 trials (3 baselines + 9 searched) on the CPU: 1.5 minutes on 2 cores once the model is cached.
+# A short real search: SmolLM2-135M, 20% of its parameters, Jane Austen and Wikipedia as calibration and validation
+# text, news as the held-out test, 12 trials (3 baselines + 9 searched) on the CPU. The LLM-Pruner baseline's
+# float16 backward alone takes about 5 minutes on 2 cores (LLM-Pruner computes its gradients in float16; a GPU
+# does it in seconds).
 demo: install
 	$(BIN)/adapruner search --model smollm2-135m --ratio 0.2 --trials 12 --pool-size 24 \
 		--val-windows 16 --test-windows 32 --storage sqlite:///runs/demo.db --study demo --out runs/demo

@@ -101,7 +101,11 @@ def main() -> None:
     parser.add_argument("--baselines", default=BASELINE, help="comma-separated; llm-pruner is the reference")
     parser.add_argument("--storage", default="sqlite:///runs/bench-generalise.db")
     parser.add_argument("--json", default="runs/bench-generalise.json")
+    parser.add_argument("--table-only", action="store_true", help="print the table of the studies in --json, run none")
     args = parser.parse_args()
+    if args.table_only:
+        print(markdown(json.loads(Path(args.json).read_text()), "python bench/generalise.py " + " ".join(sys.argv[1:])))
+        return
     Path("runs").mkdir(exist_ok=True)
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):  # seed-major: an interrupted run covers every source
