@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
 
 ENV_VAR = "ADAPRUNER_CACHE"
 
@@ -14,3 +19,28 @@ def cache_dir(sub: str | None = None) -> Path:
     path = root / sub if sub else root
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to; renamed onto ``path`` only when the block succeeds,
+    so a concurrent reader (another worker) never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.part")
+    try:
+        yield partial
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors`` file written atomically (:func:`atomic_path`)."""
+    with atomic_path(path) as partial:
+        save_file(tensors, partial, metadata=metadata)
+
+
+def load_tensors(path: str | Path) -> dict[tuple[int, str], torch.Tensor]:
+    """A file of :func:`save_tensors` whose keys are ``"{layer}.{name}"``, keyed by ``(layer, name)``."""
+    return {(int(layer), name): t for key, t in load_file(str(path)).items() for layer, name in [key.split(".", 1)]}

@@ -116,6 +116,8 @@ def ratio_or_count(text: str) -> float | int:
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
+    from .repair import REPAIR_MODES, Repair
+
     p.add_argument("--ratio", type=ratio_or_count, default=0.2,
                    help="share of ALL parameters to remove, or a parameter count (default: %(default)s)")
     p.add_argument("--aggregation", default="sum", help="sum | mean | max | prod | last (default: %(default)s)")
@@ -126,6 +128,12 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strength", type=float, default=0.5, help="adaptive allocation strength in [0, 1]")
     p.add_argument("--attn-share", type=float, default=None,
                    help="share of each layer's budget taken from attention groups (default: proportional)")
+    p.add_argument("--repair", choices=REPAIR_MODES, default=Repair.mode,
+                   help="re-fit the kept o_proj/down_proj columns by least squares after the cut: from the pool's "
+                   "Grams (pool) or layer by layer from the pruned model's own activations (sequential) "
+                   "(default: %(default)s)")
+    p.add_argument("--ridge", type=positive(float, "--ridge"), default=Repair.ridge,
+                   help="the repair's ridge, relative to the Gram's mean diagonal (default: %(default)s)")
     p.add_argument("--seq-len", type=int, default=128, help="calibration and evaluation window (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval", action="append", metavar="SOURCE",
@@ -163,16 +171,20 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .export import save_pruned
     from .importance import Mixture
     from .plan import Allocation
+    from .repair import Repair
     from .session import PruneConfig, PruningSession
 
     mixture = Mixture(args.metric, args.aggregation, args.seed)
+    repair = Repair(args.repair, args.ridge)  # checked before the slow model load
+    if args.incremental and repair.enabled:
+        raise AdaPrunerError("--repair is not applied by --incremental; leave it off")
     allocation = Allocation.named(args.allocation, *args.layers, strength=args.strength, attn_share=args.attn_share)
     calib = args.calib or ["builtin:books:10"]
     session = PruningSession.open(args.model, calib, args.eval, pool_size=args.pool_size, seq_len=args.seq_len,
                                   seed=args.seed, device=args.device, dtype=args.dtype,
                                   trust_remote_code=args.trust_remote_code, max_eval_windows=args.max_windows or None,
                                   batch_size=args.batch_size)
-    config = PruneConfig(mixture, tuple(range(len(session.pool))), allocation)
+    config = PruneConfig(mixture, tuple(range(len(session.pool))), allocation, repair)
     before = session.structure.total_params
     if args.incremental:
         from .data import training_windows
@@ -261,7 +273,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     space = SearchSpace(
         metrics=tuple(args.metrics.split(",")) if args.metrics else SearchSpace.metrics,
         calibration=args.calibration, subset_size=args.subset_size, n_clusters=args.clusters,
-        fixed=dict(args.fix or []),
+        repairs=tuple(args.repairs.split(",")), fixed=dict(args.fix or []),
     )
     job = SearchJob(
         model=args.model, calibration=tuple(args.calib or SearchJob.calibration), evaluation=tuple(args.eval or ()),
@@ -348,7 +360,8 @@ def build_parser(add_commands: Callable[[argparse._SubParsersAction], None] | No
     p.add_argument("--out", default=None, help="output folder (default: MODEL-lora)")
     p.set_defaults(func=cmd_finetune)
 
-    from .search import BASELINES, DEFAULT_BASELINES, PRUNERS, SAMPLERS, SearchJob
+    from .repair import REPAIR_MODES
+    from .search import BASELINES, DEFAULT_BASELINES, PRUNERS, SAMPLERS, SearchJob, SearchSpace
 
     p = sub.add_parser("search", help="Bayesian-optimization search for the best pruning configuration")
     add_model_args(p)
@@ -381,6 +394,9 @@ def build_parser(add_commands: Callable[[argparse._SubParsersAction], None] | No
                    help="how subsets are searched (default: %(default)s)")
     p.add_argument("--subset-size", type=subset_range, default=(4, 32), metavar="MIN:MAX")
     p.add_argument("--clusters", type=positive(int, "--clusters"), default=8)
+    p.add_argument("--repairs", default=",".join(SearchSpace.repairs),
+                   help=f"repair modes the search may choose, comma-separated, from {', '.join(REPAIR_MODES)} "
+                   "(default: %(default)s)")
     p.add_argument("--fix", type=parse_fixed, action="append", metavar="NAME=VALUE",
                    help="fix a search parameter, e.g. aggregation=sum or strength=0; repeatable")
     p.add_argument("--out", default=None, help="report and model folder (default: runs/STUDY)")

@@ -176,12 +176,9 @@ UNIT_SCORES: dict[str, UnitScore] = {
 }
 
 
-def _unit_to_group(shape: LayerShape, module: str, units: torch.Tensor, llm_pruner_order: bool = False) -> torch.Tensor:
+def _unit_to_group(shape: LayerShape, module: str, units: torch.Tensor) -> torch.Tensor:
     if module in MLP_MODULES:
         return units
-    if llm_pruner_order and module in ("q_proj", "o_proj"):
-        # LLM-Pruner folds the query heads onto the KV heads' channels: head h lands on group h mod n_kv.
-        return units.view(shape.n_rep, shape.n_groups, shape.head_dim).sum((0, 2))
     return units.view(shape.n_groups, shape.rows_per_group(module)).sum(1)
 
 
@@ -202,17 +199,34 @@ def aggregate(per_module: torch.Tensor, how: str) -> torch.Tensor:
 
 def _elementwise_scores(
     model: nn.Module, shapes: Sequence[LayerShape], unit_score: UnitScore, stats: SubsetStatistics | None,
-    aggregation: str, weights: WeightSummary, llm_pruner_order: bool = False,
+    aggregation: str, weights: WeightSummary,
 ) -> GroupScores:
     attn, mlp = [], []
     for i, layer in enumerate(decoder_layers(model)):
         linears = layer_linears(layer)
         for modules, out in ((ATTN_MODULES, attn), (MLP_MODULES, mlp)):
             per_module = torch.stack([
-                _unit_to_group(shapes[i], m, unit_score(linears[m], m, i, stats, weights).cpu(), llm_pruner_order)
-                for m in modules
+                _unit_to_group(shapes[i], m, unit_score(linears[m], m, i, stats, weights).cpu()) for m in modules
             ])
             out.append(aggregate(per_module, aggregation))
+    return GroupScores(attn, mlp)
+
+
+def _llm_pruner_scores(shapes: Sequence[LayerShape], units: Mapping[tuple[int, str], torch.Tensor],
+                       aggregation: str, dtype: torch.dtype | None) -> GroupScores:
+    """LLM-Pruner's reduction of unit scores to groups, step for step and in its dtype (``TaylorImportance``
+    then ``MetaPruner``): each dependency folded onto the root's channels (``imp.view(-1, root).sum(0)``,
+    so query head ``h`` lands on KV channel block ``h mod n_kv``), the dependencies stacked and reduced,
+    then ``head_dim`` consecutive root channels summed into one KV group. In float16 each of these sums
+    rounds, and rounding decides ties, so they are taken in the same order and dtype as LLM-Pruner's."""
+    dtype = dtype or torch.float32
+    attn, mlp = [], []
+    for i, shape in enumerate(shapes):
+        root = shape.n_groups * shape.head_dim  # k_proj's rows, the smallest dependency
+        deps = [units[(i, m)].to(dtype) for m in ("k_proj", "q_proj", "v_proj", "o_proj")]  # LLM-Pruner's order
+        channels = aggregate(torch.stack([d.view(-1, root).sum(0) for d in deps]), aggregation)
+        attn.append(channels.view(shape.n_groups, shape.head_dim).sum(1).float())
+        mlp.append(aggregate(torch.stack([units[(i, m)].to(dtype) for m in MLP_MODULES]), aggregation).float())
     return GroupScores(attn, mlp)
 
 
@@ -258,7 +272,7 @@ def metric_scores(
             raise AdaPrunerError(f"metric {metric!r} needs a backward pass over the calibration subset")
         unit_score: UnitScore = lambda _lin, module, layer, _stats, _w: exact_taylor[(layer, module)]  # noqa: E731
         if metric == "llm_pruner":
-            return _elementwise_scores(model, shapes, unit_score, None, aggregation, weights, llm_pruner_order=True)
+            return _llm_pruner_scores(shapes, exact_taylor, aggregation, EXACT_TAYLOR_DTYPES[metric])
     else:
         unit_score = UNIT_SCORES[metric]
     return _elementwise_scores(model, shapes, unit_score, stats, aggregation, weights)
@@ -308,12 +322,14 @@ def subset_importance(
     stats: PoolStatistics | None = None,
     windows: torch.Tensor | None = None,
     weights: WeightSummary | None = None,
+    exact: Mapping[str, dict[tuple[int, str], torch.Tensor]] | None = None,
 ) -> GroupScores:
     """Importance of every group when calibrated on ``subset`` of the pool.
 
     ``stats`` are the pool's per-sample statistics (needed by gradient and activation metrics);
     ``windows`` the pool's token windows (needed only by ``taylor_first``, which runs a backward pass
-    over the subset's windows); ``weights`` the model's :class:`WeightSummary`, if already computed.
+    over the subset's windows); ``weights`` the model's :class:`WeightSummary`, if already computed;
+    ``exact`` the unit scores of exact-Taylor metrics on this subset, if already computed.
     """
     pool_size = stats.n_samples if stats is not None else (windows.shape[0] if windows is not None else None)
     if pool_size is None:
@@ -326,10 +342,9 @@ def subset_importance(
         if stats is None:
             raise AdaPrunerError("this importance mixture needs the pool's statistics")
         sub = stats.subset(idx)
-    exact = {}
-    if mixture.needs_backward:
-        if windows is None:
-            raise AdaPrunerError("exact Taylor metrics need the calibration windows for their backward pass")
-        exact = {metric: taylor_first_exact(model, windows[idx], dtype=EXACT_TAYLOR_DTYPES[metric])
-                 for metric in mixture.active if metric in EXACT_TAYLOR_METRICS}
+    exact = dict(exact or {})
+    missing = [m for m in mixture.active if m in EXACT_TAYLOR_METRICS and m not in exact]
+    if missing and windows is None:
+        raise AdaPrunerError("exact Taylor metrics need the calibration windows for their backward pass")
+    exact |= {m: taylor_first_exact(model, windows[idx], dtype=EXACT_TAYLOR_DTYPES[m]) for m in missing}
     return mixture_scores(model, shapes, mixture, sub, exact, weights)

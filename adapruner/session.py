@@ -7,6 +7,7 @@ config through :meth:`PruningSession.prune`; ``adapruner prune`` runs exactly on
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -16,15 +17,23 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .cache import cache_dir
+from .cache import cache_dir, load_tensors, save_tensors
 from .data import TextSource, check_heldout, load_source
 from .data.windows import CalibrationPool, build_pool, eval_windows, even_counts, parse_draw
 from .evaluate import Perplexity, perplexity
-from .importance import GroupScores, Mixture, WeightSummary, subset_importance
+from .importance import EXACT_TAYLOR_DTYPES, GroupScores, Mixture, WeightSummary, subset_importance
 from .models import load_model, model_fingerprint
 from .plan import Allocation, PruningPlan, make_plan
 from .prune import prune_model
-from .statistics import FORMAT_VERSION, PoolStatistics, check_subset, collect_statistics
+from .repair import GRAM_VERSION, Repair, collect_grams, repair_pruned, repair_sequential
+from .statistics import (
+    EXACT_TAYLOR_VERSION,
+    FORMAT_VERSION,
+    PoolStatistics,
+    check_subset,
+    collect_statistics,
+    taylor_first_exact,
+)
 from .structure import ModelStructure, model_structure
 
 logger = logging.getLogger(__name__)
@@ -37,15 +46,18 @@ class PruneConfig:
     mixture: Mixture
     subset: tuple[int, ...]
     allocation: Allocation = Allocation()
+    repair: Repair = Repair()
 
     def to_dict(self) -> dict:
         return {"mixture": {"weights": dict(self.mixture.weights), "aggregation": self.mixture.aggregation,
                             "seed": self.mixture.seed},
-                "subset": list(self.subset), "allocation": asdict(self.allocation)}
+                "subset": list(self.subset), "allocation": asdict(self.allocation), "repair": asdict(self.repair)}
 
     @classmethod
     def from_dict(cls, data: dict) -> PruneConfig:
-        return cls(Mixture(**data["mixture"]), tuple(data["subset"]), Allocation(**data["allocation"]))
+        # Configs stored before repair existed have no "repair": they were not repaired.
+        return cls(Mixture(**data["mixture"]), tuple(data["subset"]), Allocation(**data["allocation"]),
+                   Repair(**data.get("repair", {})))
 
 
 @dataclass
@@ -67,6 +79,7 @@ class PruningSession:
     cache_statistics: bool = True
     progress: bool = True
     _windows: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict, repr=False)
+    _exact: dict[tuple[str, tuple[int, ...]], dict] = field(default_factory=dict, repr=False)
 
     @classmethod
     def open(
@@ -137,6 +150,42 @@ class PruningSession:
             stats.save(path)
         return stats
 
+    def _cache_path(self, kind: str, suffix: str = "") -> Path:
+        return cache_dir(kind) / f"{self.fingerprint}-{self.pool.content_hash[:16]}{suffix}.safetensors"
+
+    @cached_property
+    def grams(self) -> dict[tuple[int, str], torch.Tensor]:
+        """Input Grams of every o_proj/down_proj over the pool (dense model): loaded from the cache, or
+        measured in one forward pass and cached. Kept apart from the statistics, so that a job that never
+        repairs never holds them (see :mod:`adapruner.repair` for their size)."""
+        path = self._cache_path("grams", f"-g{GRAM_VERSION}")
+        if self.cache_statistics and path.is_file():
+            logger.info("repair Grams from cache %s", path)
+            return load_tensors(path)
+        grams = collect_grams(self.model, self.pool.windows, progress=self.progress)
+        if self.cache_statistics:
+            save_tensors({f"{i}.{name}": g.contiguous() for (i, name), g in grams.items()}, path)
+        return grams
+
+    def exact_taylor(self, metric: str, subset: Sequence[int]) -> dict[tuple[int, str], torch.Tensor]:
+        """LLM-Pruner's exact Taylor unit scores of ``subset`` (a backward pass, in float16 for
+        ``llm_pruner``): computed once per subset and cached on disk, as a study's baseline is the same
+        every time it is rebuilt."""
+        subset = tuple(int(i) for i in check_subset(subset, len(self.pool)))
+        key = (metric, subset)
+        if key not in self._exact:
+            dtype = EXACT_TAYLOR_DTYPES[metric]
+            digest = hashlib.sha256(repr((metric, str(dtype), subset, EXACT_TAYLOR_VERSION)).encode()).hexdigest()[:16]
+            path = self._cache_path("taylor", f"-{digest}")
+            if self.cache_statistics and path.is_file():
+                scores = load_tensors(path)
+            else:
+                scores = taylor_first_exact(self.model, self.pool.windows[list(subset)], dtype=dtype)
+                if self.cache_statistics:
+                    save_tensors({f"{i}.{name}": t.contiguous() for (i, name), t in scores.items()}, path)
+            self._exact[key] = scores
+        return self._exact[key]
+
     def source_windows(self, source: TextSource, split: str) -> torch.Tensor:
         """Windows of one source's ``split`` (at most ``max_eval_windows``), tokenised once per session."""
         key = (source.name, split)
@@ -160,8 +209,9 @@ class PruningSession:
     # -- one pruning ------------------------------------------------------------------------------
     def importance(self, config: PruneConfig) -> GroupScores:
         stats = self.statistics if config.mixture.needs_data else None
+        exact = {m: self.exact_taylor(m, config.subset) for m in config.mixture.active if m in EXACT_TAYLOR_DTYPES}
         return subset_importance(self.model, self.structure.layers, config.mixture, config.subset, stats,
-                                 self.pool.windows, self.weight_summary)
+                                 self.pool.windows, self.weight_summary, exact)
 
     def plan(self, config: PruneConfig, target: float | int, scores: GroupScores | None = None) -> PruningPlan:
         scores = scores if scores is not None else self.importance(config)
@@ -172,7 +222,15 @@ class PruningSession:
 
     def prune(self, config: PruneConfig, target: float | int) -> tuple[nn.Module, PruningPlan]:
         plan = self.plan(config, target)
-        return prune_model(self.model, plan), plan
+        return self.repair(prune_model(self.model, plan), plan, config.repair), plan
+
+    def repair(self, pruned: nn.Module, plan: PruningPlan, repair: Repair) -> nn.Module:
+        """Re-fit ``pruned``'s cut projections as ``repair`` says (in place; see :mod:`adapruner.repair`)."""
+        if repair.mode == "pool":
+            return repair_pruned(pruned, self.model, plan, self.grams, repair.ridge)
+        if repair.mode == "sequential":
+            return repair_sequential(pruned, self.model, plan, self.pool.windows, repair.ridge)
+        return pruned
 
     def perplexity(self, model: nn.Module, split: str, desc: str | None = None) -> Perplexity:
         size = self.batch_size or max(1, 1024 // self.pool.seq_len)

@@ -13,7 +13,8 @@ Studies live in one SQLite file and resume by name; the best models' archives go
 folder that is removed afterwards.
 
     python bench/generalise.py            # 9 studies; on 2 CPU cores about 10 minutes each (the fp16
-                                          # backward of the llm-pruner baseline alone takes 5 of them)
+                                          # backward of the llm-pruner baseline alone takes 5 of them;
+                                          # it is cached, so a second run skips it)
     python bench/generalise.py --seeds 0 --trials 12 --leave-out news
 """
 
@@ -35,10 +36,12 @@ from adapruner.search import SearchJob, run_search
 from adapruner.search.report import baseline_trials
 
 BASELINE = "llm-pruner"
+REPAIRED = "llm-pruner+repair"  # the same model re-fitted by least squares: the repair's gain apart from the search's
 
 
 def summarise(study: optuna.Study, left_out: str, seconds: float) -> dict:
-    best, reference = study.best_trial, baseline_trials(study)[BASELINE]
+    best, baselines = study.best_trial, baseline_trials(study)
+    reference = baselines[BASELINE]
     dense = study.user_attrs["dense"]
 
     def scores(attrs: dict) -> dict:
@@ -49,6 +52,7 @@ def summarise(study: optuna.Study, left_out: str, seconds: float) -> dict:
         "left_out": left_out, "best_trial": best.number, "best_is_baseline": bool(best.user_attrs.get("baseline")),
         "unpruned": {"in_domain": dense["test"], "out_of_domain": dense["heldout"]},
         "llm_pruner": scores(reference.user_attrs), "best": scores(best.user_attrs),
+        **({"llm_pruner_repair": scores(baselines[REPAIRED].user_attrs)} if REPAIRED in baselines else {}),
         "best_config": best.user_attrs["config"], "ratio": best.user_attrs["ratio"], "seconds": round(seconds),
     }
 
@@ -80,6 +84,16 @@ def markdown(rows: list[dict], command: str) -> str:
                      f"{mean_sd([r['llm_pruner']['out_of_domain'] for r in group])} | "
                      f"{mean_sd([r['best']['out_of_domain'] for r in group])} | "
                      f"{statistics.mean(ood):.3f} ({max(ood):.3f}) | {statistics.mean(ind):.3f} |")
+    repaired = [r for r in rows if "llm_pruner_repair" in r]
+    if repaired:
+        lines += ["", "The repair alone: LLM-Pruner's own choice of groups, re-fitted by least squares "
+                  "(`llm-pruner+repair`).",
+                  "", "| left out | seed | LLM-Pruner out-of-domain | LLM-Pruner+repair out-of-domain | ratio | "
+                  "best out-of-domain | best / LLM-Pruner+repair |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in repaired:
+            lp, rep, best = (r[k]["out_of_domain"] for k in ("llm_pruner", "llm_pruner_repair", "best"))
+            lines.append(f"| {r['left_out']} | {r['seed']} | {lp:.1f} | {rep:.1f} | {rep / lp:.3f} | {best:.1f} | "
+                         f"{best / rep:.3f} |")
     ood_all = [r["best"]["out_of_domain"] / r["llm_pruner"]["out_of_domain"] for r in rows]
     lines += ["", f"All studies: out-of-domain ratio mean {statistics.mean(ood_all):.3f}, "
               f"max {max(ood_all):.3f}, geometric mean "
@@ -98,7 +112,8 @@ def main() -> None:
     parser.add_argument("--pool-size", type=int, default=64)
     parser.add_argument("--val-windows", type=int, default=32)
     parser.add_argument("--test-windows", type=int, default=64)
-    parser.add_argument("--baselines", default=BASELINE, help="comma-separated; llm-pruner is the reference")
+    parser.add_argument("--baselines", default=f"{BASELINE},{REPAIRED}",
+                        help="comma-separated; llm-pruner is the reference")
     parser.add_argument("--storage", default="sqlite:///runs/bench-generalise.db")
     parser.add_argument("--json", default="runs/bench-generalise.json")
     parser.add_argument("--table-only", action="store_true", help="print the table of the studies in --json, run none")

@@ -5,14 +5,16 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 from adapruner.importance import AGGREGATIONS, METRICS
+from adapruner.repair import REPAIR_MODES
 from adapruner.search import BASELINES, DEFAULT_BASELINES, DEFAULT_METRICS, PRUNERS, SAMPLERS, SearchJob, SearchSpace
 
 SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # no slashes, no leading dot: safe as a file name
 # The pruning target: a share of all parameters, or a whole parameter count (checked against the model
 # when the plan is made), as the library's ``params_to_remove`` takes it. A JSON 1.0 is a share (refused).
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 Ratio = Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)] | Annotated[StrictInt, Field(ge=1)]
 
 
@@ -27,7 +29,16 @@ class SpaceSpec(BaseModel):
     subset_size: tuple[int, int] = (4, 32)
     n_clusters: int = Field(default=8, ge=1, le=64)
     attn_share: bool = True
+    repairs: list[Literal[REPAIR_MODES]] = Field(default=list(SearchSpace.repairs), min_length=1)  # type: ignore[valid-type]
+    ridge: tuple[PositiveFloat, PositiveFloat] = Field(default=SearchSpace.ridge, description="searched on a log scale")
     fixed: dict[str, float | int | str | None] = Field(default_factory=dict)
+
+    @field_validator("ridge")
+    @classmethod
+    def _ridge_is_a_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if value[0] > value[1]:
+            raise ValueError(f"ridge must be [min, max] with min <= max, got {list(value)}")
+        return value
 
 
 class RecoverSpec(BaseModel):
@@ -73,7 +84,7 @@ class JobSpec(BaseModel):
     def to_search_job(self) -> SearchJob:
         data = self.model_dump(exclude={"name", "trust_remote_code", "space"})
         space = self.space.model_dump()
-        space["subset_size"] = tuple(space["subset_size"])
+        space["subset_size"], space["ridge"] = tuple(space["subset_size"]), tuple(space["ridge"])
         return SearchJob.from_dict({**data, "space": SearchSpace.from_dict(space).to_dict(),
                                     "recover": {**data["recover"], "seed": self.seed} if self.recover else None})
 

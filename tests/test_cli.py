@@ -49,6 +49,8 @@ def test_prune_saves_a_loadable_model(capsys, tmp_path, tiny_model_dir, corpus, 
     (["search", "--ratio", "1.5"], "--ratio must be in (0, 1) or a parameter count >= 1"),
     (["search", "--ratio", "0"], "--ratio must be in (0, 1) or a parameter count >= 1"),
     (["prune", "--layers", "x"], "--layers takes FIRST:LAST"),
+    (["prune", "--repair", "refit"], "invalid choice: 'refit'"),
+    (["prune", "--ridge", "0"], "--ridge"),
     (["eval", "--split", "train"], "invalid choice: 'train'"),
     (["nonsense"], "invalid choice"),
 ])

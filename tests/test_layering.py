@@ -28,6 +28,7 @@ LAYERS = (
     "adapruner.importance",
     "adapruner.plan",
     "adapruner.prune",
+    "adapruner.repair",
     "adapruner.export",
     "adapruner.models",
     "adapruner.evaluate",
@@ -53,7 +54,7 @@ LAYERS = (
     "adapruner.cli",
 )
 # The bottom of the library: no late (function-level) imports of its own modules.
-BOTTOM = ("structure", "device", "models", "export", "prune", "plan", "importance", "statistics")
+BOTTOM = ("structure", "device", "models", "export", "prune", "plan", "importance", "statistics", "repair")
 
 
 def module_name(path: Path) -> str:

@@ -19,13 +19,15 @@ from adapruner.data import build_pool, split_documents
 from adapruner.importance import Mixture
 from adapruner.search import baseline_config
 from adapruner.session import PruneConfig, PruningSession
+from adapruner.statistics import HalfMatmulInFloat32
 from adapruner.structure import decoder_layers
 
 RATIO = 0.5  # LLM-Pruner's per-layer ratio: 1 of 2 KV groups, 48 of 96 MLP channels
 
 
-def llm_pruner_reference(model, windows, layers, ratio):
-    """{layer: (removed KV groups, removed MLP channels)} as LLM-Pruner's code chooses them."""
+def llm_pruner_reference(model, windows, layers, ratio, mlp_scores=None):
+    """{layer: (removed KV groups, removed MLP channels)} as LLM-Pruner's code chooses them (and, into
+    ``mlp_scores``, each layer's MLP channel importance)."""
     model = copy.deepcopy(model).half()
     model(input_ids=windows, labels=windows).loss.backward()
     head_dim = model.config.head_dim
@@ -41,7 +43,9 @@ def llm_pruner_reference(model, windows, layers, ratio):
         group_imp = channel_imp.view(-1, head_dim).sum(1)
         n_channels = root - int(root * (1 - ratio))  # MetaPruner's count, in root channels
         groups = torch.argsort(group_imp)[: n_channels // head_dim]
-        mlp_imp = rows(mlp.gate_proj) + rows(mlp.up_proj) + cols(mlp.down_proj)
+        mlp_imp = torch.stack([rows(mlp.gate_proj), rows(mlp.up_proj), cols(mlp.down_proj)]).sum(0)
+        if mlp_scores is not None:
+            mlp_scores[i] = mlp_imp.float()
         width = mlp_imp.numel()
         channels = torch.argsort(mlp_imp)[: width - int(width * (1 - ratio))]
         chosen[i] = (sorted(groups.tolist()), sorted(channels.tolist()))
@@ -82,9 +86,26 @@ def test_the_baseline_calibrates_on_ten_random_samples(baseline):
 
 
 def test_the_baseline_removes_llm_pruners_groups(session, baseline):
+    """The same arithmetic as LLM-Pruner's float16 run on a GPU: float16 matrix products accumulated in
+    float32 (which is also how our baseline computes them on a CPU, see ``HalfMatmulInFloat32``)."""
     config, layers, plan = baseline
-    reference = llm_pruner_reference(session.model, session.pool.windows[list(config.subset)], layers, RATIO)
+    with HalfMatmulInFloat32():
+        reference = llm_pruner_reference(session.model, session.pool.windows[list(config.subset)], layers, RATIO)
     assert removed(plan, session.structure, layers) == reference
+
+
+def test_against_cpu_float16_kernels_only_ties_within_float16_rounding_differ(session, baseline):
+    """PyTorch's native CPU float16 matrix products sum in another order: the same KV groups, and any
+    MLP channel chosen differently is a tie at float16 precision with the last channel removed."""
+    config, layers, plan = baseline
+    scores = {}
+    reference = llm_pruner_reference(session.model, session.pool.windows[list(config.subset)], layers, RATIO, scores)
+    ours = removed(plan, session.structure, layers)
+    for i in layers:
+        assert ours[i][0] == reference[i][0]
+        threshold = scores[i][reference[i][1]].max()
+        for channel in set(ours[i][1]) ^ set(reference[i][1]):
+            assert abs(scores[i][channel] - threshold) <= 4 * 2**-10 * threshold, (i, channel)
 
 
 def test_the_reference_differs_from_crediting_heads_to_their_own_group(session, baseline):

@@ -12,7 +12,9 @@ from optuna.trial import TrialState
 from adapruner.data import build_pool, split_documents
 from adapruner.errors import AdaPrunerError
 from adapruner.export import load_pruned
+from adapruner.repair import Repair
 from adapruner.search import (
+    DEFAULT_BASELINES,
     SearchJob,
     SearchSpace,
     cluster_pool,
@@ -76,19 +78,40 @@ def suggest(space, params):
 
 def test_suggest_builds_a_config_and_respects_fixed_params():
     params = {"calib_size": 5, "calib_c0": 1.0, "calib_c1": 0.0, "calib_c2": 0.5, "aggregation": "max",
-              "layer_first": 1, "layer_last": 1, "strength": 0.3, "attn_share": 0.2,
+              "layer_first": 1, "layer_last": 1, "strength": 0.3, "attn_share": 0.2, "repair": "pool", "ridge": 0.05,
               **{f"w_{m}": 0.5 for m in SPACE.metrics}}
     config = suggest(SPACE, params)
     assert len(config.subset) == 5 and config.mixture.aggregation == "max"
     assert (config.allocation.first, config.allocation.last, config.allocation.attn_share) == (1, -1, 0.2)
     fixed = SearchSpace(subset_size=(2, 8), n_clusters=3, metrics=("wanda_sp",), calibration="all",
                         fixed={"aggregation": "sum", "strength": 0.0, "layer_first": 0, "layer_last": 0,
-                               "attn_share": 0.1})
+                               "attn_share": 0.1, "repair": "off"})
     config = suggest(fixed, {})  # nothing left to search: a FixedTrial with no params works
     assert config.subset == tuple(range(16)) and dict(config.mixture.weights) == {"wanda_sp": 1.0}
     random_mode = SearchSpace(subset_size=(2, 8), calibration="random")
     a = suggest(random_mode, {**params, "calib_seed": 3})
     assert a.subset == suggest(random_mode, {**params, "calib_seed": 3}).subset and len(a.subset) == 5
+
+
+def test_the_repair_and_its_ridge_are_searched_or_fixed():
+    params = {"calib_size": 5, "calib_c0": 1.0, "calib_c1": 0.0, "calib_c2": 0.5, "aggregation": "max",
+              "layer_first": 1, "layer_last": 1, "strength": 0.3, "attn_share": 0.2, "repair": "pool", "ridge": 0.05,
+              **{f"w_{m}": 0.5 for m in SPACE.metrics}}
+    assert suggest(SPACE, params).repair == Repair("pool", 0.05)
+    fixed = SearchSpace(subset_size=(2, 8), n_clusters=3, fixed={"repair": "off"})
+    assert suggest(fixed, {k: v for k, v in params.items() if k != "repair"}).repair.mode == "off"
+    never = SearchSpace(subset_size=(2, 8), n_clusters=3, repairs=("off",))
+    config = suggest(never, {k: v for k, v in params.items() if k not in ("repair", "ridge")})
+    assert config.repair == Repair()
+
+
+def test_the_repair_space_is_checked():
+    with pytest.raises(AdaPrunerError, match="repair mode 'bogus'"):
+        SearchSpace(repairs=("off", "bogus"))
+    with pytest.raises(AdaPrunerError, match="ridge"):
+        SearchSpace(ridge=(0.0, 1.0))
+    with pytest.raises(AdaPrunerError, match="ridge"):
+        Repair("pool", float("nan"))
 
 
 def test_bad_jobs_are_refused():
@@ -127,10 +150,11 @@ def test_search_runs_baselines_first_and_exports_the_best(session, tmp_path):
     result = run_search(tiny_job(), url, "s", session=session, out_dir=tmp_path / "out",
                         artifact_dir=tmp_path / "artifacts", progress=False)
     trials = result.study.trials
-    assert [t.user_attrs.get("baseline") for t in trials[:3]] == ["llm-pruner", "wanda-sp", "magnitude"]
+    assert [t.user_attrs.get("baseline") for t in trials[:4]] == \
+        ["llm-pruner", "llm-pruner+repair", "wanda-sp", "magnitude"]
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(finished) == 8
-    for t in trials[:3]:
+    for t in trials[:4]:
         assert t.state == TrialState.COMPLETE and t.user_attrs["test_ppl"] > 1
         assert t.user_attrs["windows"] == 12  # baselines are never stopped early
     best = result.best_trial
@@ -174,7 +198,7 @@ def test_resume_continues_and_budget_may_grow(session, tmp_path):
     numbers = [t.number for t in result.study.trials]
     assert numbers == list(range(len(numbers)))
     assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in result.study.trials) == 9
-    assert sum(bool(t.user_attrs.get("baseline")) for t in result.study.trials) == 3  # enqueued once
+    assert sum(bool(t.user_attrs.get("baseline")) for t in result.study.trials) == len(DEFAULT_BASELINES)  # once
     with pytest.raises(AdaPrunerError, match="different job .*ratio"):
         run_search(tiny_job(ratio=0.3), url, "r", session=session, progress=False)
 

@@ -66,7 +66,8 @@ def test_serve_runs_a_job_end_to_end(tmp_path, roots):  # noqa: F811
             raise AssertionError("a write without a token was accepted")
         except urllib.error.HTTPError as exc:
             assert exc.code == 401
-        status, body = call(f"{base}/v1/jobs", small_job(trials=5), token)
+        repaired = {"subset_size": [2, 6], "n_clusters": 3, "repairs": ["pool"]}  # every trial re-fits its cut
+        status, body = call(f"{base}/v1/jobs", small_job(trials=5, space=repaired), token)
         assert status == 202
         job_id = json.loads(body)["id"]
         deadline = time.time() + 300
@@ -79,6 +80,10 @@ def test_serve_runs_a_job_end_to_end(tmp_path, roots):  # noqa: F811
         assert job["progress"]["finished"] == 5 and job["best"]["test_ppl"] > 1
         assert {b["baseline"] for b in job["baselines"]} == {"wanda-sp", "magnitude"}
         assert job["links"]["dashboard"].startswith(f"http://127.0.0.1:{dashboard}/dashboard/studies/")
+        report = call(f"{base}/v1/jobs/{job_id}/report")[1].decode()
+        assert "| parameters kept | repair |" in report
+        best_row = next(line for line in report.splitlines() if line.startswith("| **best: trial"))
+        assert ("off" if job["best"]["baseline"] else "pool, ridge") in best_row.split("|")[-2]
 
         status, archive = call(f"{base}/v1/jobs/{job_id}/model", timeout=60)
         with tarfile.open(fileobj=io.BytesIO(archive)) as tar:

@@ -5,6 +5,8 @@
   the group with LLM-Pruner's alignment of query heads to KV groups (metric ``llm_pruner``), the
   first four and last two layers spared. Checked side by side with LLM-Pruner's code (see
   docs/results.md): on the same windows in fp32 it removes the same groups.
+* ``llm-pruner+repair`` — the same model, its kept o_proj/down_proj re-fitted by least squares
+  (:mod:`adapruner.repair`, ``pool`` mode, the default ridge): the repair's gain apart from the search's.
 * ``wanda-sp`` — structured Wanda as FLAP defines it: ``|W|·‖x‖`` on o_proj/down_proj columns
   (aggregation ``last``), all pool samples, every layer pruned uniformly.
 * ``magnitude`` — weight magnitude (L2, the better of LLM-Pruner's two), LLM-Pruner's layer range.
@@ -16,10 +18,11 @@ from __future__ import annotations
 from ..errors import AdaPrunerError
 from ..importance import Mixture
 from ..plan import Allocation
+from ..repair import Repair
 from ..session import PruneConfig, PruningSession
 
-BASELINES = ("llm-pruner", "wanda-sp", "magnitude", "random")
-DEFAULT_BASELINES = ("llm-pruner", "wanda-sp", "magnitude")
+BASELINES = ("llm-pruner", "llm-pruner+repair", "wanda-sp", "magnitude", "random")
+DEFAULT_BASELINES = ("llm-pruner", "llm-pruner+repair", "wanda-sp", "magnitude")
 
 
 def llm_pruner_layers(n_layers: int) -> Allocation:
@@ -30,9 +33,10 @@ def llm_pruner_layers(n_layers: int) -> Allocation:
 def baseline_config(name: str, session: PruningSession, seed: int = 0) -> PruneConfig:
     everything = tuple(range(len(session.pool)))
     llm_pruner_range = llm_pruner_layers(len(session.structure.layers))
-    if name == "llm-pruner":
+    if name in ("llm-pruner", "llm-pruner+repair"):
         k = min(10, len(session.pool))
-        return PruneConfig(Mixture.single("llm_pruner"), session.random_subset(k, seed), llm_pruner_range)
+        repair = Repair("pool") if name.endswith("+repair") else Repair()
+        return PruneConfig(Mixture.single("llm_pruner"), session.random_subset(k, seed), llm_pruner_range, repair)
     if name == "wanda-sp":
         return PruneConfig(Mixture.single("wanda_sp", "last"), everything, Allocation.named("uniform"))
     if name == "magnitude":

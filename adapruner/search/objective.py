@@ -118,6 +118,9 @@ class Objective:
                 plan = self.session.plan(config, self.target, scores)
             with phase("prune"):
                 pruned = prune_model(self.session.model, plan)
+            if config.repair.enabled:
+                with phase("repair"):
+                    pruned = self.session.repair(pruned, plan, config.repair)
             trial.set_user_attr("config", config.to_dict())
             trial.set_user_attr("params_kept", plan.total_params - plan.removed_params)
             trial.set_user_attr("ratio", round(plan.ratio, 6))

@@ -59,7 +59,12 @@ def describe_config(config: dict) -> str:
     share = "proportional" if alloc["attn_share"] is None else f"{alloc['attn_share']:.2f}"
     return (f"metrics: {mixture}; aggregation: {config['mixture']['aggregation']}; "
             f"calibration: {len(config['subset'])} samples; layers {alloc['first']}..{alloc['last'] or 'end'}, "
-            f"adaptive strength {alloc['strength']:.2f}, attention share {share}")
+            f"adaptive strength {alloc['strength']:.2f}, attention share {share}; repair {describe_repair(config)}")
+
+
+def describe_repair(config: dict) -> str:
+    repair = config.get("repair", {"mode": "off"})  # configs stored before repair existed were not repaired
+    return "off" if repair["mode"] == "off" else f"{repair['mode']}, ridge {repair['ridge']:.2g}"
 
 
 def plot_curve(study: optuna.Study, path: Path) -> Path | None:
@@ -108,16 +113,22 @@ def _results_table(rows, heldout_names: list[str]) -> list[str]:
     header = ["configuration", "validation", "test (in-domain)"]
     if heldout_names:
         header += ["held-out test"] + [f"held-out: {name}" for name in per_source]
-    header.append("parameters kept")
-    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    header += ["parameters kept", "repair"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 2) + "---|"]
     for label, item, kept in rows:
         s = _scores(item)
         cells = [label, _fmt(s["val"]), _fmt(s["test"])]
         if heldout_names:
             cells += [_fmt(s["heldout"])] + [_fmt(s["by_source"].get(name)) for name in per_source]
-        cells.append(_fmt(kept, 0))
+        cells += [_fmt(kept, 0), _repair_cell(item)]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _repair_cell(item) -> str:
+    """How a trial's kept weights were re-fitted (``—`` for the unpruned model)."""
+    config = item.user_attrs.get("config") if isinstance(item, FrozenTrial) else None
+    return "—" if config is None else describe_repair(config)
 
 
 def margin_sentence(best: FrozenTrial, reference: FrozenTrial) -> str:

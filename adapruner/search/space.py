@@ -19,6 +19,9 @@ added but costs a backward pass per trial.
 the end, the adaptive strength, and the share of each layer's budget taken from attention. Flat (no
 conditional parameters), so every sampler — TPE, GP, BoTorch, QMC — handles it.
 
+**Repair.** Whether (and how) the kept o_proj/down_proj columns are re-fitted by least squares after
+the cut (:mod:`adapruner.repair`), and the ridge ``λ`` on a log scale.
+
 Any parameter can be fixed (``SearchSpace(fixed={"aggregation": "sum"})``): it is then not
 searched, and a study's trials record only what was searched.
 """
@@ -35,6 +38,7 @@ import torch
 from ..errors import AdaPrunerError
 from ..importance import AGGREGATIONS, METRICS, Mixture
 from ..plan import Allocation
+from ..repair import REPAIR_MODES, Repair
 from ..session import PruneConfig
 
 DEFAULT_METRICS = ("magnitude_l1", "magnitude_l2", "taylor_first_persample", "taylor_second", "taylor_vector",
@@ -50,6 +54,8 @@ class SearchSpace:
     subset_size: tuple[int, int] = (4, 32)
     n_clusters: int = 8
     attn_share: bool = True  # search it; else the attention's proportional share
+    repairs: tuple[str, ...] = ("off", "pool")  # repair modes searched (one: fixed)
+    ridge: tuple[float, float] = (1e-4, 1.0)  # range of the repair's ridge, searched on a log scale
     fixed: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -68,6 +74,13 @@ class SearchSpace:
             raise AdaPrunerError(f"subset_size must be 1 <= min <= max, got {self.subset_size}")
         if self.n_clusters < 1:
             raise AdaPrunerError("n_clusters must be at least 1")
+        bad = sorted(set(self.repairs) - set(REPAIR_MODES))
+        if bad or not self.repairs:
+            raise AdaPrunerError(f"unknown repair mode {bad[0] if bad else None!r} "
+                                 f"(choose from {', '.join(REPAIR_MODES)})")
+        lo, hi = self.ridge
+        if not 0 < lo <= hi < float("inf"):
+            raise AdaPrunerError(f"ridge must be 0 < min <= max, got {self.ridge}")
 
     def to_dict(self) -> dict:
         return {**asdict(self), "fixed": dict(self.fixed)}
@@ -75,7 +88,7 @@ class SearchSpace:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SearchSpace:
         data = dict(data)
-        for key in ("metrics", "aggregations", "subset_size"):
+        for key in ("metrics", "aggregations", "subset_size", "repairs", "ridge"):
             if key in data:
                 data[key] = tuple(data[key])
         return cls(**data)
@@ -154,8 +167,8 @@ class _Params:
     def __init__(self, trial: optuna.Trial, fixed: Mapping[str, Any]):
         self.trial, self.fixed = trial, fixed
 
-    def float(self, name: str, low: float, high: float) -> float:
-        return self.fixed[name] if name in self.fixed else self.trial.suggest_float(name, low, high)
+    def float(self, name: str, low: float, high: float, log: bool = False) -> float:
+        return self.fixed[name] if name in self.fixed else self.trial.suggest_float(name, low, high, log=log)
 
     def int(self, name: str, low: int, high: int) -> int:
         return self.fixed[name] if name in self.fixed else self.trial.suggest_int(name, low, high)
@@ -194,4 +207,9 @@ def suggest_config(trial: optuna.Trial, space: SearchSpace, clusters: PoolCluste
         strength=p.float("strength", 0.0, 1.0),
         attn_share=p.float("attn_share", 0.0, 1.0) if space.attn_share else None,
     )
-    return PruneConfig(Mixture(weights, aggregation, seed), subset, allocation)
+    mode = p.categorical("repair", space.repairs)
+    # Searched whenever a repair may be on, whatever this trial's mode: a flat space (no conditional
+    # parameter) suits every sampler.
+    may_repair = space.fixed.get("repair", "on") != "off" and space.repairs != ("off",)
+    ridge = p.float("ridge", *space.ridge, log=True) if may_repair else Repair.ridge
+    return PruneConfig(Mixture(weights, aggregation, seed), subset, allocation, Repair(mode, ridge))
