@@ -41,6 +41,11 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: d
         save_file(tensors, partial, metadata=metadata)
 
 
-def load_tensors(path: str | Path) -> dict[tuple[int, str], torch.Tensor]:
-    """A file of :func:`save_tensors` whose keys are ``"{layer}.{name}"``, keyed by ``(layer, name)``."""
+def save_layer_tensors(tensors: dict[tuple[int, str], torch.Tensor], path: str | Path) -> None:
+    """Tensors keyed by ``(layer, name)`` (per-layer Grams, unit scores), written atomically."""
+    save_tensors({f"{layer}.{name}": t.contiguous() for (layer, name), t in tensors.items()}, path)
+
+
+def load_layer_tensors(path: str | Path) -> dict[tuple[int, str], torch.Tensor]:
+    """What :func:`save_layer_tensors` wrote, keyed by ``(layer, name)`` again."""
     return {(int(layer), name): t for key, t in load_file(str(path)).items() for layer, name in [key.split(".", 1)]}

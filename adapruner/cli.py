@@ -116,6 +116,7 @@ def ratio_or_count(text: str) -> float | int:
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
+    from .plan import LLM_PRUNER_LAYERS
     from .repair import REPAIR_MODES, Repair
 
     p.add_argument("--ratio", type=ratio_or_count, default=0.2,
@@ -123,8 +124,9 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--aggregation", default="sum", help="sum | mean | max | prod | last (default: %(default)s)")
     p.add_argument("--allocation", default="layer_range",
                    help="uniform | layer_range | adaptive (default: %(default)s)")
-    p.add_argument("--layers", type=parse_layers, default=(4, -2), metavar="FIRST:LAST",
-                   help="layer_range: layers FIRST..LAST-1 are pruned (default: 4:-2, as LLM-Pruner)")
+    p.add_argument("--layers", type=parse_layers, default=LLM_PRUNER_LAYERS, metavar="FIRST:LAST",
+                   help="layer_range: layers FIRST..LAST-1 are pruned (default: {}:{}, as LLM-Pruner)"
+                   .format(*LLM_PRUNER_LAYERS))
     p.add_argument("--strength", type=float, default=0.5, help="adaptive allocation strength in [0, 1]")
     p.add_argument("--attn-share", type=float, default=None,
                    help="share of each layer's budget taken from attention groups (default: proportional)")
@@ -150,12 +152,15 @@ def print_sizes(plan_sizes: list[dict[str, int]], dense: list[dict[str, int]]) -
               f"{size['intermediate_size']:6d}/{base['intermediate_size']}")
 
 
-def add_lora_args(p: argparse.ArgumentParser, steps_flag: str, steps_default: int) -> None:
-    p.add_argument(steps_flag, type=int, default=steps_default, dest="lora_steps", help="LoRA steps")
-    p.add_argument("--lora-r", type=positive(int, "--lora-r"), default=8)
-    p.add_argument("--lora-alpha", type=positive(int, "--lora-alpha"), default=16)
-    p.add_argument("--lora-dropout", type=float, default=0.05)
-    p.add_argument("--lr", type=positive(float, "--lr"), default=2e-4)
+def add_lora_args(p: argparse.ArgumentParser, steps_flag: str, steps_default: int | None = None) -> None:
+    from .finetune import LoRA
+
+    p.add_argument(steps_flag, type=int, default=LoRA.steps if steps_default is None else steps_default,
+                   dest="lora_steps", help="LoRA steps (default: %(default)s)")
+    p.add_argument("--lora-r", type=positive(int, "--lora-r"), default=LoRA.r)
+    p.add_argument("--lora-alpha", type=positive(int, "--lora-alpha"), default=LoRA.alpha)
+    p.add_argument("--lora-dropout", type=float, default=LoRA.dropout)
+    p.add_argument("--lr", type=positive(float, "--lr"), default=LoRA.lr)
     p.add_argument("--train-batch-size", type=positive(int, "--train-batch-size"), default=4)
     p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
 
@@ -267,8 +272,15 @@ def parse_fixed(text: str) -> tuple[str, object]:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from .finetune import LoRA
-    from .search import SearchJob, SearchSpace, run_search
-    from .search.report import baseline_trials, describe_config, margin_sentence, write_report
+    from .search import (
+        SearchJob,
+        SearchSpace,
+        baseline_trials,
+        describe_config,
+        margin_sentence,
+        run_search,
+        write_report,
+    )
 
     space = SearchSpace(
         metrics=tuple(args.metrics.split(",")) if args.metrics else SearchSpace.metrics,
@@ -355,22 +367,23 @@ def build_parser(add_commands: Callable[[argparse._SubParsersAction], None] | No
     p = sub.add_parser("finetune", help="recover a pruned model with LoRA, merged back into its weights")
     add_model_args(p)
     add_eval_args(p)
-    add_lora_args(p, "--steps", 100)
+    add_lora_args(p, "--steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output folder (default: MODEL-lora)")
     p.set_defaults(func=cmd_finetune)
 
+    from .finetune import LoRA
     from .repair import REPAIR_MODES
-    from .search import BASELINES, DEFAULT_BASELINES, PRUNERS, SAMPLERS, SearchJob, SearchSpace
+    from .search import BASELINES, CALIBRATION_MODES, DEFAULT_BASELINES, PRUNERS, SAMPLERS, SearchJob, SearchSpace
 
     p = sub.add_parser("search", help="Bayesian-optimization search for the best pruning configuration")
     add_model_args(p)
-    p.add_argument("--ratio", type=ratio_or_count, default=0.2,
+    p.add_argument("--ratio", type=ratio_or_count, default=SearchJob.ratio,
                    help="share of ALL parameters to remove, in (0, 1), or a parameter count (default: %(default)s)")
-    p.add_argument("--trials", type=positive(int, "--trials"), default=30,
+    p.add_argument("--trials", type=positive(int, "--trials"), default=SearchJob.trials,
                    help="finished trials in the study, baselines included (default: %(default)s)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="tpe")
-    p.add_argument("--pruner", choices=PRUNERS, default="wilcoxon", help="early stopping (default: %(default)s)")
+    p.add_argument("--sampler", choices=SAMPLERS, default=SearchJob.sampler)
+    p.add_argument("--pruner", choices=PRUNERS, default=SearchJob.pruner, help="early stopping (default: %(default)s)")
     p.add_argument("--storage", default="sqlite:///runs/adapruner.db",
                    help="Optuna storage URL (default: %(default)s); postgresql://... for many machines")
     p.add_argument("--study", default=None, help="study name; the same name resumes (default: from the job)")
@@ -381,19 +394,20 @@ def build_parser(add_commands: Callable[[argparse._SubParsersAction], None] | No
     p.add_argument("--heldout", action="append", metavar="SOURCE",
                    help="out-of-domain test source, repeatable, never calibrated or validated on; 'none' for none "
                    "(default: the built-in sources the job does not use, when it uses one)")
-    p.add_argument("--pool-size", type=positive(int, "--pool-size"), default=64, help="candidate calibration windows")
-    p.add_argument("--seq-len", type=positive(int, "--seq-len"), default=128)
-    p.add_argument("--val-windows", type=positive(int, "--val-windows"), default=32,
+    p.add_argument("--pool-size", type=positive(int, "--pool-size"), default=SearchJob.pool_size,
+                   help="candidate calibration windows (default: %(default)s)")
+    p.add_argument("--seq-len", type=positive(int, "--seq-len"), default=SearchJob.seq_len)
+    p.add_argument("--val-windows", type=positive(int, "--val-windows"), default=SearchJob.val_windows,
                    help="validation windows per source (default: %(default)s)")
-    p.add_argument("--test-windows", type=positive(int, "--test-windows"), default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--test-windows", type=positive(int, "--test-windows"), default=SearchJob.test_windows)
+    p.add_argument("--seed", type=int, default=SearchJob.seed)
     p.add_argument("--baselines", default=",".join(DEFAULT_BASELINES),
                    help=f"comma-separated, from {', '.join(BASELINES)}; empty for none (default: %(default)s)")
     p.add_argument("--metrics", default=None, help="metrics the mixture may use, comma-separated")
-    p.add_argument("--calibration", choices=("clusters", "random", "all"), default="clusters",
+    p.add_argument("--calibration", choices=CALIBRATION_MODES, default=SearchSpace.calibration,
                    help="how subsets are searched (default: %(default)s)")
-    p.add_argument("--subset-size", type=subset_range, default=(4, 32), metavar="MIN:MAX")
-    p.add_argument("--clusters", type=positive(int, "--clusters"), default=8)
+    p.add_argument("--subset-size", type=subset_range, default=SearchSpace.subset_size, metavar="MIN:MAX")
+    p.add_argument("--clusters", type=positive(int, "--clusters"), default=SearchSpace.n_clusters)
     p.add_argument("--repairs", default=",".join(SearchSpace.repairs),
                    help=f"repair modes the search may choose, comma-separated, from {', '.join(REPAIR_MODES)} "
                    "(default: %(default)s)")
@@ -404,8 +418,8 @@ def build_parser(add_commands: Callable[[argparse._SubParsersAction], None] | No
                    help="Optuna artifact store: a folder or s3://BUCKET (default: beside the database)")
     p.add_argument("--recover-steps", type=int, default=0,
                    help="LoRA steps to fine-tune the best configuration after the search (default: none)")
-    p.add_argument("--recover-lr", type=positive(float, "--recover-lr"), default=2e-4)
-    p.add_argument("--recover-r", type=positive(int, "--recover-r"), default=8)
+    p.add_argument("--recover-lr", type=positive(float, "--recover-lr"), default=LoRA.lr)
+    p.add_argument("--recover-r", type=positive(int, "--recover-r"), default=LoRA.r)
     p.set_defaults(func=cmd_search)
     if add_commands is not None:
         add_commands(sub)

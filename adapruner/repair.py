@@ -64,16 +64,33 @@ class Repair:
         return self.mode != "off"
 
 
-def refit_columns(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, ridge: float) -> torch.Tensor:
-    """``W G[:, K] (G[K, K] + λ mean(diag G[K, K]) I)⁻¹`` in float64, returned in ``weight``'s dtype."""
+def refit_columns(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, ridge: float,
+                  weight_gram: torch.Tensor | None = None) -> torch.Tensor:
+    """``W G[:, K] (G[K, K] + λ mean(diag G[K, K]) I)⁻¹`` in float64, returned in ``weight``'s dtype.
+
+    ``weight_gram`` is ``W G``, if already computed (it depends on the dense weight and the Gram only,
+    not on what a plan keeps, so a search computes it once per job: :func:`weight_grams`).
+    """
     g = gram.to(device=weight.device, dtype=torch.float64)
     keep = keep.to(weight.device)
     g_kk = g[keep][:, keep]
     damp = ridge * g_kk.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
-    g_kk = g_kk + damp * torch.eye(len(keep), dtype=torch.float64, device=weight.device)
-    rhs = weight.double() @ g[:, keep]  # [out, k]
+    g_kk.diagonal().add_(damp)
+    wg = weight_gram.to(weight.device) if weight_gram is not None else weight.double() @ g
+    rhs = wg[:, keep].double()  # [out, k]
     factor = torch.linalg.cholesky(g_kk)
     return torch.cholesky_solve(rhs.T, factor).T.to(weight.dtype)
+
+
+@torch.no_grad()
+def weight_grams(dense: nn.Module, grams: Grams) -> dict[tuple[int, str], torch.Tensor]:
+    """``W G`` of every repaired projection of ``dense``, float32 (as the Grams are stored)."""
+    layers = decoder_layers(dense)
+    products = {}
+    for (i, module), gram in grams.items():
+        weight = layer_linears(layers[i])[module].weight
+        products[(i, module)] = (weight.double() @ gram.to(weight.device, torch.float64)).float()
+    return products
 
 
 def kept_columns(structure, plan: PruningPlan) -> dict[tuple[int, str], torch.Tensor]:
@@ -88,15 +105,18 @@ def kept_columns(structure, plan: PruningPlan) -> dict[tuple[int, str], torch.Te
 
 
 @torch.no_grad()
-def repair_pruned(pruned: nn.Module, dense: nn.Module, plan: PruningPlan, grams: Grams, ridge: float) -> nn.Module:
+def repair_pruned(pruned: nn.Module, dense: nn.Module, plan: PruningPlan, grams: Grams, ridge: float,
+                  products: Grams | None = None) -> nn.Module:
     """Re-fit, in place, the sliced o_proj/down_proj of ``pruned`` (``plan`` applied to ``dense``) from
-    the dense model's input Grams; returns ``pruned``."""
+    the dense model's input Grams (and their :func:`weight_grams` ``products``, if computed); returns
+    ``pruned``."""
     keep = kept_columns(model_structure(dense), plan)
     dense_layers, pruned_layers = decoder_layers(dense), decoder_layers(pruned)
     for (i, module), columns in keep.items():
         full = layer_linears(dense_layers[i])[module].weight
         target = layer_linears(pruned_layers[i])[module].weight
-        target.copy_(refit_columns(full, grams[(i, module)], columns, ridge))
+        product = products.get((i, module)) if products is not None else None
+        target.copy_(refit_columns(full, grams[(i, module)], columns, ridge, product))
     return pruned
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .cache import cache_dir, load_tensors, save_tensors
+from .cache import cache_dir, load_layer_tensors, save_layer_tensors
 from .data import TextSource, check_heldout, load_source
 from .data.windows import CalibrationPool, build_pool, eval_windows, even_counts, parse_draw
 from .evaluate import Perplexity, perplexity
@@ -25,7 +25,7 @@ from .importance import EXACT_TAYLOR_DTYPES, GroupScores, Mixture, WeightSummary
 from .models import load_model, model_fingerprint
 from .plan import Allocation, PruningPlan, make_plan
 from .prune import prune_model
-from .repair import GRAM_VERSION, Repair, collect_grams, repair_pruned, repair_sequential
+from .repair import GRAM_VERSION, Repair, collect_grams, repair_pruned, repair_sequential, weight_grams
 from .statistics import (
     EXACT_TAYLOR_VERSION,
     FORMAT_VERSION,
@@ -161,11 +161,16 @@ class PruningSession:
         path = self._cache_path("grams", f"-g{GRAM_VERSION}")
         if self.cache_statistics and path.is_file():
             logger.info("repair Grams from cache %s", path)
-            return load_tensors(path)
+            return load_layer_tensors(path)
         grams = collect_grams(self.model, self.pool.windows, progress=self.progress)
         if self.cache_statistics:
-            save_tensors({f"{i}.{name}": g.contiguous() for (i, name), g in grams.items()}, path)
+            save_layer_tensors(grams, path)
         return grams
+
+    @cached_property
+    def weight_grams(self) -> dict[tuple[int, str], torch.Tensor]:
+        """``W G`` of every repaired projection: the part of each re-fit that no plan changes."""
+        return weight_grams(self.model, self.grams)
 
     def exact_taylor(self, metric: str, subset: Sequence[int]) -> dict[tuple[int, str], torch.Tensor]:
         """LLM-Pruner's exact Taylor unit scores of ``subset`` (a backward pass, in float16 for
@@ -178,11 +183,11 @@ class PruningSession:
             digest = hashlib.sha256(repr((metric, str(dtype), subset, EXACT_TAYLOR_VERSION)).encode()).hexdigest()[:16]
             path = self._cache_path("taylor", f"-{digest}")
             if self.cache_statistics and path.is_file():
-                scores = load_tensors(path)
+                scores = load_layer_tensors(path)
             else:
                 scores = taylor_first_exact(self.model, self.pool.windows[list(subset)], dtype=dtype)
                 if self.cache_statistics:
-                    save_tensors({f"{i}.{name}": t.contiguous() for (i, name), t in scores.items()}, path)
+                    save_layer_tensors(scores, path)
             self._exact[key] = scores
         return self._exact[key]
 
@@ -227,7 +232,7 @@ class PruningSession:
     def repair(self, pruned: nn.Module, plan: PruningPlan, repair: Repair) -> nn.Module:
         """Re-fit ``pruned``'s cut projections as ``repair`` says (in place; see :mod:`adapruner.repair`)."""
         if repair.mode == "pool":
-            return repair_pruned(pruned, self.model, plan, self.grams, repair.ridge)
+            return repair_pruned(pruned, self.model, plan, self.grams, repair.ridge, self.weight_grams)
         if repair.mode == "sequential":
             return repair_sequential(pruned, self.model, plan, self.pool.windows, repair.ridge)
         return pruned

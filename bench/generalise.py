@@ -32,8 +32,7 @@ from pathlib import Path
 import optuna
 
 from adapruner.data import BUILTIN_SOURCES
-from adapruner.search import SearchJob, run_search
-from adapruner.search.report import baseline_trials
+from adapruner.search import SearchJob, baseline_trials, run_search
 
 BASELINE = "llm-pruner"
 REPAIRED = "llm-pruner+repair"  # the same model re-fitted by least squares: the repair's gain apart from the search's

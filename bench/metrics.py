@@ -27,7 +27,7 @@ def main() -> None:
     args = parser.parse_args()
     session = open_session(SearchJob(pool_size=args.samples, test_windows=args.test_windows), progress=False)
     subset = tuple(range(len(session.pool)))
-    layers = Allocation.named("layer_range", first=4, last=-2)
+    layers = Allocation.named("layer_range")
     dense = session.perplexity(session.model, "test").ppl
     print(f"Command: `python {' '.join(sys.argv)}`\n")
     print(f"SmolLM2-135M, {args.ratio:.0%} of all parameters removed, {args.samples} random book windows of 128 "

@@ -26,8 +26,7 @@ from pathlib import Path
 
 import optuna
 
-from adapruner.search import SearchJob, SearchSpace, run_search
-from adapruner.search.report import baseline_trials
+from adapruner.search import SearchJob, SearchSpace, baseline_trials, run_search
 
 SOURCES = ("books", "wiki", "news")
 ROWS = (("unpruned", "unpruned"), ("LLM-Pruner", "llm_pruner"), ("LLM-Pruner + repair", "llm_pruner_repair"),

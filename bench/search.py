@@ -34,9 +34,17 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from adapruner.search import SearchJob, SearchSpace, create_study, open_session, run_search
-from adapruner.search.report import baseline_trials, best_so_far, finished_trials
-from adapruner.search.samplers import ESTIMATING_SAMPLERS
+from adapruner.search import (
+    ESTIMATING_SAMPLERS,
+    SearchJob,
+    SearchSpace,
+    baseline_trials,
+    best_so_far,
+    create_study,
+    finished_trials,
+    open_session,
+    run_search,
+)
 
 
 def copy_reference(source: optuna.Study, target: optuna.Study) -> None:

@@ -18,13 +18,12 @@ from sqlalchemy.orm import Session
 
 from adapruner import __version__
 from adapruner.errors import AdaPrunerError
-from adapruner.search import make_storage
-from adapruner.search.artifacts import artifact_store
+from adapruner.search import artifact_store, make_storage
 
 from . import jobs
 from .db import JobStatus, check_schema, make_engine, session_factory
 from .policy import InvalidField, PolicyError, check_spec
-from .schemas import SAFE_NAME, JobList, JobOut, JobSpec, TrialList
+from .schemas import SAFE_NAME, JobCreate, JobList, JobOut, TrialList
 from .settings import Settings
 
 bearer = HTTPBearer(auto_error=False)
@@ -80,7 +79,7 @@ router = APIRouter(prefix="/v1", tags=["jobs"])
 
 
 @router.post("/jobs", status_code=202, response_model=JobOut)
-def submit_job(spec: JobSpec, request: Request, response: Response, owner: Writer, db: DB, storage: Storage,
+def submit_job(spec: JobCreate, request: Request, response: Response, owner: Writer, db: DB, storage: Storage,
                settings: Config) -> JobOut:
     """Queue a search job. Answers 202 with the job and a Location header to follow it."""
     job = jobs.create_job(db, storage, check_spec(spec, settings), owner)
@@ -132,7 +131,7 @@ def download_model(job_id: str, _: Reader, db: DB, settings: Config,
 @router.get("/jobs/{job_id}/report", response_class=PlainTextResponse)
 def get_report(job_id: str, _: Reader, db: DB, storage: Storage) -> PlainTextResponse:
     """The study's markdown report: baselines beside the best configuration, cost, importances."""
-    from adapruner.search.report import report_markdown
+    from adapruner.search import report_markdown
 
     study = jobs.load_study(storage, jobs.get_job(db, job_id))
     if study is None or "job" not in study.user_attrs:

@@ -67,8 +67,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_dashboard(args: argparse.Namespace) -> int:
     import optuna_dashboard
 
-    from adapruner.search import make_storage
-    from adapruner.search.artifacts import artifact_store
+    from adapruner.search import artifact_store, make_storage
 
     settings = _settings(args)
     storage = make_storage(settings.db_url, create_tables=False)

@@ -14,12 +14,10 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
-from adapruner.search import create_study
-from adapruner.search.lock import StudyLock
-from adapruner.search.study import count_trials, fail_dead_trials
+from adapruner.search import StudyLock, count_trials, create_study, fail_dead_trials
 
 from .db import Job, JobStatus, utcnow
-from .schemas import JobOut, JobSpec, Links, Progress, TrialSummary
+from .schemas import JobCreate, JobOut, Links, Progress, TrialSummary
 from .settings import Settings
 
 
@@ -31,7 +29,7 @@ class Conflict(Exception):
     pass
 
 
-def create_job(db: Session, storage: optuna.storages.BaseStorage, spec: JobSpec, owner: str | None) -> Job:
+def create_job(db: Session, storage: optuna.storages.BaseStorage, spec: JobCreate, owner: str | None) -> Job:
     """Store the job and create its study, baselines queued, so workers find everything ready."""
     job_id = uuid.uuid4().hex
     job = Job(id=job_id, name=spec.name, spec=spec.model_dump(mode="json"), owner=owner, study_name=f"job-{job_id}")

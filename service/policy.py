@@ -13,7 +13,7 @@ from pathlib import Path
 from adapruner.data import BUILTIN_SOURCES, parse_draw
 from adapruner.models import BUILTIN_MODELS
 
-from .schemas import JobSpec
+from .schemas import JobCreate
 from .settings import Settings
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -90,7 +90,7 @@ def check_text(spec: str, settings: Settings, field: str) -> str:
     return f"{inside(settings.texts_root, source, field, 'texts')}{suffix}"
 
 
-def check_spec(spec: JobSpec, settings: Settings) -> JobSpec:
+def check_spec(spec: JobCreate, settings: Settings) -> JobCreate:
     """Check a job against the policy and limits; returns it with local paths resolved."""
     if spec.trust_remote_code and not settings.allow_trust_remote_code:
         raise PolicyError("trust_remote_code", "this server does not run model code from the hub")

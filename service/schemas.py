@@ -7,9 +7,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
+from adapruner.finetune import LoRA
 from adapruner.importance import AGGREGATIONS, METRICS
 from adapruner.repair import REPAIR_MODES
-from adapruner.search import BASELINES, DEFAULT_BASELINES, DEFAULT_METRICS, PRUNERS, SAMPLERS, SearchJob, SearchSpace
+from adapruner.search import BASELINES, CALIBRATION_MODES, DEFAULT_BASELINES, PRUNERS, SAMPLERS, SearchJob, SearchSpace
 
 SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # no slashes, no leading dot: safe as a file name
 # The pruning target: a share of all parameters, or a whole parameter count (checked against the model
@@ -23,12 +24,12 @@ class SpaceSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    metrics: list[Literal[METRICS]] = Field(default=list(DEFAULT_METRICS), min_length=1)  # type: ignore[valid-type]
-    aggregations: list[Literal[AGGREGATIONS]] = Field(default=list(AGGREGATIONS), min_length=1)  # type: ignore[valid-type]
-    calibration: Literal["clusters", "random", "all"] = "clusters"
-    subset_size: tuple[int, int] = (4, 32)
-    n_clusters: int = Field(default=8, ge=1, le=64)
-    attn_share: bool = True
+    metrics: list[Literal[METRICS]] = Field(default=list(SearchSpace.metrics), min_length=1)  # type: ignore[valid-type]
+    aggregations: list[Literal[AGGREGATIONS]] = Field(default=list(SearchSpace.aggregations), min_length=1)  # type: ignore[valid-type]
+    calibration: Literal[CALIBRATION_MODES] = SearchSpace.calibration  # type: ignore[valid-type]
+    subset_size: tuple[int, int] = SearchSpace.subset_size
+    n_clusters: int = Field(default=SearchSpace.n_clusters, ge=1, le=64)
+    attn_share: bool = SearchSpace.attn_share
     repairs: list[Literal[REPAIR_MODES]] = Field(default=list(SearchSpace.repairs), min_length=1)  # type: ignore[valid-type]
     ridge: tuple[PositiveFloat, PositiveFloat] = Field(default=SearchSpace.ridge, description="searched on a log scale")
     fixed: dict[str, float | int | str | None] = Field(default_factory=dict)
@@ -46,14 +47,14 @@ class RecoverSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    steps: int = Field(default=100, ge=1, le=100_000)
-    lr: float = Field(default=2e-4, gt=0, le=1)
-    r: int = Field(default=8, ge=1, le=256)
-    alpha: int = Field(default=16, ge=1, le=1024)
-    batch_size: int = Field(default=4, ge=1, le=256)
+    steps: int = Field(default=LoRA.steps, ge=1, le=100_000)
+    lr: float = Field(default=LoRA.lr, gt=0, le=1)
+    r: int = Field(default=LoRA.r, ge=1, le=256)
+    alpha: int = Field(default=LoRA.alpha, ge=1, le=1024)
+    batch_size: int = Field(default=LoRA.batch_size, ge=1, le=256)
 
 
-class JobSpec(BaseModel):
+class JobCreate(BaseModel):
     """A search job: what to prune, on which texts, how far, and how to search."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
@@ -67,15 +68,16 @@ class JobSpec(BaseModel):
     heldout: list[str] | None = Field(default=None, max_length=8, description=(
         "out-of-domain test sources, never calibrated or validated on; null: the built-in sources the job "
         "does not use (when it uses one); [] for none"))
-    ratio: Ratio = Field(default=0.2, description="share of all parameters to remove, in (0, 1), or a parameter count")
-    trials: int = Field(default=30, ge=1, description="finished trials, baselines included")
-    sampler: Literal[SAMPLERS] = "tpe"  # type: ignore[valid-type]
-    pruner: Literal[PRUNERS] = "wilcoxon"  # type: ignore[valid-type]
-    seed: int = Field(default=0, ge=0, le=2**31 - 1)
-    pool_size: int = Field(default=64, ge=1)
-    seq_len: int = Field(default=128, ge=8, le=8192)
-    val_windows: int = Field(default=32, ge=1)
-    test_windows: int = Field(default=64, ge=1)
+    ratio: Ratio = Field(default=SearchJob.ratio,
+                         description="share of all parameters to remove, in (0, 1), or a parameter count")
+    trials: int = Field(default=SearchJob.trials, ge=1, description="finished trials, baselines included")
+    sampler: Literal[SAMPLERS] = SearchJob.sampler  # type: ignore[valid-type]
+    pruner: Literal[PRUNERS] = SearchJob.pruner  # type: ignore[valid-type]
+    seed: int = Field(default=SearchJob.seed, ge=0, le=2**31 - 1)
+    pool_size: int = Field(default=SearchJob.pool_size, ge=1)
+    seq_len: int = Field(default=SearchJob.seq_len, ge=8, le=8192)
+    val_windows: int = Field(default=SearchJob.val_windows, ge=1)
+    test_windows: int = Field(default=SearchJob.test_windows, ge=1)
     baselines: list[Literal[BASELINES]] = Field(default=list(DEFAULT_BASELINES))  # type: ignore[valid-type]
     space: SpaceSpec = Field(default_factory=SpaceSpec)
     recover: RecoverSpec | None = None

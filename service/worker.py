@@ -15,13 +15,11 @@ import threading
 
 from sqlalchemy.exc import OperationalError
 
-from adapruner.search import run_search
-from adapruner.search.report import write_report
-from adapruner.search.study import make_storage, open_session
+from adapruner.search import make_storage, open_session, run_search, write_report
 
 from . import jobs
 from .db import JobStatus, check_schema, make_engine, session_factory
-from .schemas import JobSpec
+from .schemas import JobCreate
 from .settings import Settings
 
 logger = logging.getLogger("adapruner.worker")
@@ -64,7 +62,7 @@ class Worker:
                 continue
             self.serve(job)
 
-    def _session(self, job_id: str, spec: JobSpec):
+    def _session(self, job_id: str, spec: JobCreate):
         if self._loaded is None or self._loaded[0] != job_id:
             self._loaded = None  # free the previous job's model before loading the next
             session = open_session(spec.to_search_job(), self.device, self.dtype,
@@ -74,7 +72,7 @@ class Worker:
 
     def serve(self, job) -> None:
         logger.info("serving job %s (%s)", job.id, job.study_name)
-        spec = JobSpec.model_validate(job.spec)
+        spec = JobCreate.model_validate(job.spec)
 
         def should_stop() -> bool:
             if self.stopping.is_set():

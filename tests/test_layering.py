@@ -47,7 +47,10 @@ LAYERS = (
     "adapruner.search.samplers",
     "adapruner.search.baselines",
     "adapruner.search.space",
+    "adapruner.search.job",
+    "adapruner.search.storage",
     "adapruner.search.objective",
+    "adapruner.search.best",
     "adapruner.search.study",
     "adapruner.search.report",
     "adapruner.search",
@@ -139,6 +142,26 @@ def test_the_library_never_imports_the_service():
                  for node in runtime_imports(ast.parse(path.read_text()))
                  for target in imported_modules(node, name) if target.split(".")[0] == "service"]
     assert offenders == []
+
+
+def search_submodule_imports(path: Path, name: str) -> list[str]:
+    """Imports of ``adapruner.search.<module>`` (not of the package itself) in one file."""
+    return [f"{path.name} line {node.lineno}: {target}" for node in runtime_imports(ast.parse(path.read_text()))
+            for target in (imported_modules(node, name) if name in MODULES else
+                           [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names])
+            if target.startswith("adapruner.search.")]
+
+
+def test_the_cli_and_the_service_enter_the_search_by_its_one_door():
+    users = {"adapruner.cli": MODULES["adapruner.cli"],
+             **{f"service.{p.stem}": p for p in sorted((ROOT / "service").glob("*.py"))}}
+    assert [hit for name, path in users.items() for hit in search_submodule_imports(path, name)] == []
+
+
+def test_an_import_through_a_side_door_is_found(tmp_path):
+    module = tmp_path / "worker.py"
+    module.write_text("def f():\n    from adapruner.search.study import run_search\n")
+    assert search_submodule_imports(module, "service.worker") == ["worker.py line 2: adapruner.search.study"]
 
 
 @pytest.mark.parametrize("name", BOTTOM)

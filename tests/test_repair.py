@@ -17,6 +17,7 @@ from adapruner.repair import (
     refit_columns,
     repair_pruned,
     repair_sequential,
+    weight_grams,
 )
 from adapruner.search.baselines import baseline_config
 from adapruner.session import PruneConfig, PruningSession
@@ -178,8 +179,9 @@ def test_a_session_without_a_cache_measures_the_grams_itself(tiny_tokenizer):
     session = toy_session(tiny_tokenizer, cache=False)
     config = PruneConfig(Mixture.single("magnitude_l2"), (0, 1), Allocation(), Repair("pool", 1e-3))
     model, plan = session.prune(config, 0.2)
-    expected = repair_pruned(prune_model(session.model, plan), session.model, plan,
-                             collect_grams(session.model, session.pool.windows, progress=False), 1e-3)
+    grams = collect_grams(session.model, session.pool.windows, progress=False)
+    expected = repair_pruned(prune_model(session.model, plan), session.model, plan, grams, 1e-3,
+                             weight_grams(session.model, grams))
     assert torch.equal(logits(model), logits(expected))
     assert not any(session._cache_path("grams", "").parent.iterdir())
 
@@ -223,3 +225,12 @@ def test_a_search_with_repair_in_its_space_reports_it(tiny_tokenizer, tmp_path):
     assert row.split("|")[-2].strip() == "pool, ridge 0.01"
     row = next(line for line in report.splitlines() if line.startswith("| baseline: llm-pruner "))
     assert row.split("|")[-2].strip() == "off"
+
+
+def test_a_precomputed_weight_gram_gives_the_same_fit():
+    dense = make_tiny_model()
+    plan = cut_plan(dense)
+    grams = collect_grams(dense, WINDOWS, progress=False)
+    direct = repair_pruned(prune_model(dense, plan), dense, plan, grams, 1e-3)
+    cached = repair_pruned(prune_model(dense, plan), dense, plan, grams, 1e-3, weight_grams(dense, grams))
+    torch.testing.assert_close(logits(cached), logits(direct), rtol=1e-5, atol=1e-5)

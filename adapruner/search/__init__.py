@@ -1,13 +1,33 @@
-"""Bayesian-optimization search over calibration subsets, metric mixtures and layer allocation."""
+"""Bayesian-optimization search over calibration subsets, metric mixtures, layer allocation and repair.
 
+The one door into the search: the CLI, the service and the benches import from here.
+"""
+
+from .artifacts import artifact_store
 from .baselines import BASELINES, DEFAULT_BASELINES, baseline_config
+from .best import best_trial, export_best
+from .job import SearchJob
+from .lock import StudyLock
 from .objective import Objective
-from .samplers import PRUNERS, SAMPLERS, make_pruner, make_sampler
-from .space import DEFAULT_METRICS, PoolClusters, SearchSpace, cluster_pool, suggest_config
-from .study import SearchJob, SearchResult, create_study, export_best, make_storage, open_session, run_search
+from .report import (
+    baseline_trials,
+    best_so_far,
+    describe_config,
+    finished_trials,
+    margin_sentence,
+    report_markdown,
+    write_report,
+)
+from .samplers import ESTIMATING_SAMPLERS, PRUNERS, SAMPLERS, make_pruner, make_sampler
+from .space import CALIBRATION_MODES, DEFAULT_METRICS, PoolClusters, SearchSpace, cluster_pool, suggest_config
+from .storage import count_trials, fail_dead_trials, make_storage
+from .study import SearchResult, create_study, open_session, run_search
 
 __all__ = [
-    "BASELINES", "DEFAULT_BASELINES", "DEFAULT_METRICS", "PRUNERS", "SAMPLERS", "Objective", "PoolClusters",
-    "SearchJob", "SearchResult", "SearchSpace", "baseline_config", "cluster_pool", "create_study", "export_best",
-    "make_pruner", "make_sampler", "make_storage", "open_session", "run_search", "suggest_config",
+    "BASELINES", "CALIBRATION_MODES", "DEFAULT_BASELINES", "DEFAULT_METRICS", "ESTIMATING_SAMPLERS", "PRUNERS",
+    "SAMPLERS", "Objective", "PoolClusters", "SearchJob", "SearchResult", "SearchSpace", "StudyLock",
+    "artifact_store", "baseline_config", "baseline_trials", "best_so_far", "best_trial", "cluster_pool",
+    "count_trials", "create_study", "describe_config", "export_best", "fail_dead_trials", "finished_trials",
+    "make_pruner", "make_sampler", "make_storage", "margin_sentence", "open_session", "report_markdown",
+    "run_search", "suggest_config", "write_report",
 ]

@@ -25,14 +25,9 @@ BASELINES = ("llm-pruner", "llm-pruner+repair", "wanda-sp", "magnitude", "random
 DEFAULT_BASELINES = ("llm-pruner", "llm-pruner+repair", "wanda-sp", "magnitude")
 
 
-def llm_pruner_layers(n_layers: int) -> Allocation:
-    """LLM-Pruner spares the first 4 and the last 2 layers; a shallow model spares proportionally fewer."""
-    return Allocation(first=min(4, n_layers // 4), last=-min(2, n_layers // 8))
-
-
 def baseline_config(name: str, session: PruningSession, seed: int = 0) -> PruneConfig:
     everything = tuple(range(len(session.pool)))
-    llm_pruner_range = llm_pruner_layers(len(session.structure.layers))
+    llm_pruner_range = Allocation.llm_pruner(len(session.structure.layers))
     if name in ("llm-pruner", "llm-pruner+repair"):
         k = min(10, len(session.pool))
         repair = Repair("pool") if name.endswith("+repair") else Repair()

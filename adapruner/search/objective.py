@@ -82,7 +82,7 @@ class Objective:
         estimate_stopped: bool = False,
     ):
         """``estimate_stopped``: a trial stopped early completes with :func:`paired_estimate` instead of
-        being pruned — for samplers that learn only from completed trials (GP, BoTorch)."""
+        being marked pruned (stopped early) — for samplers that learn only from completed trials (GP, BoTorch)."""
         self.session, self.space, self.clusters = session, space, clusters
         self.target, self.baselines, self.seed = target, baselines, seed
         self.running_mean, self.batch_size = running_mean, batch_size
@@ -126,7 +126,8 @@ class Objective:
             trial.set_user_attr("ratio", round(plan.ratio, 6))
             trial.set_user_attr("sizes", [[s["num_key_value_heads"], s["intermediate_size"]] for s in plan.sizes()])
             with phase("validation"):
-                val_nll, stopped = self._validate(trial, pruned, prunable=not trial.user_attrs.get("baseline"))
+                baseline = bool(trial.user_attrs.get("baseline"))  # baselines are never stopped early
+                val_nll, stopped = self._validate(trial, pruned, may_stop_early=not baseline)
             if stopped is not None:
                 return stopped
             val_ppl = math.exp(val_nll)
@@ -141,7 +142,8 @@ class Objective:
             trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}"[:500])
             raise
 
-    def _validate(self, trial: optuna.Trial, model: torch.nn.Module, prunable: bool) -> tuple[float, float | None]:
+    def _validate(self, trial: optuna.Trial, model: torch.nn.Module,
+                  may_stop_early: bool) -> tuple[float, float | None]:
         """(mean validation loss, None), or (partial mean, estimated ppl) for a trial stopped early."""
         windows = self.session.windows("validation")
         losses: dict[int, float] = {}
@@ -154,7 +156,7 @@ class Objective:
                 trial.report(mean, step=len(losses))
             else:
                 trial.report(nll, step=index)
-            if prunable and trial.should_prune():
+            if may_stop_early and trial.should_prune():
                 trial.set_user_attr("windows", len(losses))
                 trial.set_user_attr("partial_val_ppl", math.exp(mean))
                 message = f"stopped after {len(losses)} of {windows.shape[0]} validation windows"

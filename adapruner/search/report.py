@@ -11,7 +11,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from .study import SearchJob
+from .job import SearchJob
 
 
 @dataclass(frozen=True)

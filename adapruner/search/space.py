@@ -11,7 +11,7 @@ which is what Bayesian optimization can exploit; with several text sources the c
 sources, so it also covers a per-source mixture. ``bench/search.py`` measures it against plain
 random subsets (``calibration="random"``: a size and a seed per trial).
 
-**Importance.** One weight in ``[0, 1]`` per metric (normalised to sum 1 by :class:`Mixture`) and the
+**Importance.** One weight in ``[0, 1]`` per metric (relative: the mixture divides by their sum) and the
 aggregation. The default metrics are those computed from cached statistics; ``taylor_first`` may be
 added but costs a backward pass per trial.
 

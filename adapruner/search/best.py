@@ -1,0 +1,92 @@
+"""The best configuration of a finished study: rebuilt, saved, uploaded as an artifact, optionally recovered."""
+
+from __future__ import annotations
+
+import tarfile
+import tempfile
+from pathlib import Path
+
+import optuna
+from optuna.artifacts import upload_artifact
+
+from ..data import training_windows
+from ..errors import AdaPrunerError
+from ..evaluate import perplexity
+from ..export import save_pruned
+from ..finetune import LoRA, finetune
+from ..session import PruneConfig, PruningSession
+from .artifacts import artifact_store
+from .job import SearchJob
+
+
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    try:
+        return study.best_trial
+    except ValueError:
+        return None
+
+
+def default_artifact_dir(storage_url: str | None) -> Path:
+    if storage_url and storage_url.startswith("sqlite:///") and ":memory:" not in storage_url:
+        db = Path(storage_url.removeprefix("sqlite:///"))
+        return db.with_name(db.stem + "-artifacts")
+    return Path("runs") / "artifacts"
+
+
+def export_best(
+    study: optuna.Study,
+    storage: optuna.storages.BaseStorage,
+    session: PruningSession,
+    job: SearchJob,
+    out_dir: str | Path | None,
+    artifact_dir: str | Path,
+) -> tuple[Path | None, str | None]:
+    """Rebuild the best trial's pruned model, save it to ``out_dir/model`` and upload it as an artifact.
+
+    Done once per study: a later call (another process, a resume) finds the artifact recorded and only
+    saves the folder if asked to.
+    """
+    best = best_trial(study)
+    if best is None:
+        return None, None
+    recorded = study.user_attrs.get("best_model")
+    if recorded and recorded.get("trial") == best.number and out_dir is None:
+        return None, recorded["artifact_id"]  # another process exported it already
+    config = PruneConfig.from_dict(best.user_attrs["config"])
+    pruned, plan = session.prune(config, job.ratio)
+    if [[s["num_key_value_heads"], s["intermediate_size"]] for s in plan.sizes()] != best.user_attrs["sizes"]:
+        raise AdaPrunerError(f"rebuilding trial {best.number} gave other layer sizes than the trial recorded")
+    info = {"base_model": job.model, "study": study.study_name, "trial": best.number, "config": config.to_dict(),
+            "ratio": plan.ratio, "val_ppl": best.value, "test_ppl": best.user_attrs.get("test_ppl")}
+    if job.recover is not None and job.recover.steps:
+        pruned, info["recovery"] = recover(pruned, session, job.recover, best.user_attrs.get("test_ppl"))
+        study.set_user_attr("recovery", info["recovery"])
+    model_dir = None
+    if out_dir is not None:
+        model_dir = save_pruned(pruned, session.tokenizer, Path(out_dir) / "model", info=info)
+    if recorded and recorded.get("trial") == best.number:
+        return model_dir, recorded["artifact_id"]
+    store = artifact_store(artifact_dir)
+    with tempfile.TemporaryDirectory(prefix="adapruner-export-") as tmp:
+        folder = model_dir or save_pruned(pruned, session.tokenizer, Path(tmp) / "model", info=info)
+        archive = Path(tmp) / f"{study.study_name}-trial{best.number}.tar"
+        with tarfile.open(archive, "w") as tar:
+            tar.add(folder, arcname="model")
+        artifact_id = upload_artifact(artifact_store=store, file_path=str(archive), study_or_trial=study,
+                                      mimetype="application/x-tar")
+    study.set_user_attr("best_model", {"trial": best.number, "artifact_id": artifact_id,
+                                       "artifact_store": str(artifact_dir)})
+    return model_dir, artifact_id
+
+
+def recover(model, session: PruningSession, lora: LoRA, test_before: float | None) -> tuple[object, dict]:
+    """LoRA-fine-tune the best pruned model on the calibration sources' pool text; test ppl before/after."""
+    if test_before is None:
+        test_before = perplexity(model, session.windows("test"), progress=session.progress, desc="test before").ppl
+    train = training_windows(session.tokenizer, session.train_sources or session.eval_sources, session.pool.seq_len)
+    result = finetune(model, train, lora, progress=session.progress)
+    after = perplexity(result.model, session.windows("test"), progress=session.progress, desc="test after").ppl
+    return result.model, {"steps": lora.steps, "r": lora.r, "lr": lora.lr, "batch_size": lora.batch_size,
+                          "seconds": round(result.seconds, 1), "test_ppl_before": test_before,
+                          "test_ppl_after": after, "loss_first": result.losses[0],
+                          "loss_last": sum(result.losses[-10:]) / len(result.losses[-10:])}

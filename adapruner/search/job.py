@@ -1,0 +1,87 @@
+"""A search job: everything that defines a search, stored with its study so a resume can check it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+from ..data import check_heldout
+from ..errors import AdaPrunerError
+from ..finetune import LoRA
+from .baselines import BASELINES, DEFAULT_BASELINES
+from .samplers import PRUNERS, SAMPLERS
+from .space import SearchSpace
+
+
+@dataclass(frozen=True)
+class SearchJob:
+    """Everything that defines a search; stored with the study so a resume can check it matches."""
+
+    model: str = "smollm2-135m"
+    # Two kinds of text by default, so that validation does not reward fitting one of them.
+    calibration: tuple[str, ...] = ("builtin:books", "builtin:wiki")
+    evaluation: tuple[str, ...] = ()  # default: the calibration sources
+    heldout: tuple[str, ...] | None = None  # test only; None: the built-in sources not used above
+    ratio: float | int = 0.2  # a share of all parameters, or a parameter count
+    trials: int = 30  # finished trials in the study, baselines included
+    sampler: str = "tpe"
+    pruner: str = "wilcoxon"
+    seed: int = 0
+    pool_size: int = 64
+    seq_len: int = 128
+    val_windows: int = 32  # per evaluation source
+    test_windows: int = 64
+    baselines: tuple[str, ...] = DEFAULT_BASELINES
+    space: SearchSpace = field(default_factory=SearchSpace)
+    recover: LoRA | None = None  # fine-tune the best configuration after the search
+
+    def __post_init__(self) -> None:
+        fraction = isinstance(self.ratio, float) and 0 < self.ratio < 1
+        count = isinstance(self.ratio, int) and not isinstance(self.ratio, bool) and self.ratio >= 1
+        if not (fraction or count):
+            raise AdaPrunerError(f"ratio must be a fraction in (0, 1) or a whole parameter count >= 1, "
+                                 f"got {self.ratio!r}")
+        if self.trials < 1:
+            raise AdaPrunerError(f"trials must be at least 1, got {self.trials}")
+        if self.sampler not in SAMPLERS:
+            raise AdaPrunerError(f"unknown sampler {self.sampler!r} (choose from {', '.join(SAMPLERS)})")
+        if self.pruner not in PRUNERS:
+            raise AdaPrunerError(f"unknown pruner {self.pruner!r} (choose from {', '.join(PRUNERS)})")
+        unknown = sorted(set(self.baselines) - set(BASELINES))
+        if unknown:
+            raise AdaPrunerError(f"unknown baseline {unknown[0]!r} (choose from {', '.join(BASELINES)})")
+        for name in ("pool_size", "seq_len", "val_windows", "test_windows"):
+            if getattr(self, name) < (2 if name == "seq_len" else 1):
+                raise AdaPrunerError(f"{name} must be positive, got {getattr(self, name)}")
+        if not self.calibration:
+            raise AdaPrunerError("a search needs at least one calibration source")
+        if self.heldout is not None:
+            check_heldout([*self.calibration, *self.evaluation], self.heldout)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["space"] = self.space.to_dict()
+        return data
+
+    def identity(self) -> dict:
+        """What must match to resume a study: everything but the budget, which may grow."""
+        return {k: v for k, v in json.loads(json.dumps(self.to_dict())).items() if k != "trials"}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SearchJob:
+        data = dict(data)
+        data["space"] = SearchSpace.from_dict(data.get("space", {}))
+        if data.get("recover") is not None:
+            recover = dict(data["recover"])
+            recover["targets"] = tuple(recover.get("targets", LoRA.targets))
+            data["recover"] = LoRA(**recover)
+        for key in ("calibration", "evaluation", "baselines", "heldout"):
+            if data.get(key) is not None:
+                data[key] = tuple(data[key])
+        return cls(**data)
+
+    @property
+    def default_study_name(self) -> str:
+        digest = hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:8]
+        return f"{self.model.replace('/', '_')}-r{self.ratio:g}-{digest}"

@@ -1,0 +1,30 @@
+"""Atomic writes into the cache: a reader sees the old file or the whole new one, never a part."""
+
+import pytest
+import torch
+
+from adapruner.cache import atomic_path, load_layer_tensors, save_layer_tensors
+
+
+def test_a_write_that_fails_leaves_nothing_behind(tmp_path):
+    target = tmp_path / "sub" / "corpus.json"
+    with pytest.raises(RuntimeError), atomic_path(target) as partial:
+        partial.write_text("half")
+        raise RuntimeError("interrupted")
+    assert not target.exists() and list(target.parent.iterdir()) == []
+
+
+def test_a_write_replaces_the_old_file_only_when_complete(tmp_path):
+    target = tmp_path / "corpus.json"
+    target.write_text("old")
+    with atomic_path(target) as partial:
+        partial.write_text("new")
+        assert target.read_text() == "old"
+    assert target.read_text() == "new" and list(tmp_path.iterdir()) == [target]
+
+
+def test_layer_keyed_tensors_round_trip(tmp_path):
+    tensors = {(0, "o_proj"): torch.randn(3, 3), (12, "down_proj"): torch.randn(2)}
+    save_layer_tensors(tensors, tmp_path / "g.safetensors")
+    loaded = load_layer_tensors(tmp_path / "g.safetensors")
+    assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
