@@ -44,12 +44,16 @@ def _schema_checked(fn):
 
 
 def cmd_db(args: argparse.Namespace) -> int:
-    from .db import upgrade
+    from .db import check_drift, upgrade
 
     settings = _settings(args)
+    where = settings.db_url.split("@")[-1]
+    if args.action == "check":  # the tables match the models (alembic check)
+        _schema_checked(lambda: check_drift(settings.db_url))
+        print(f"database {where}: the job tables match the models")
+        return 0
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    version = upgrade(settings.db_url)
-    print(f"database {settings.db_url.split('@')[-1]} at schema version {version}")
+    print(f"database {where} at schema revision {upgrade(settings.db_url)}")
     return 0
 
 
@@ -182,7 +186,8 @@ def add_service_commands(sub) -> None:
 
     p = sub.add_parser("db", help="database schema")
     common(p)
-    p.add_argument("action", choices=["upgrade"], help="create or upgrade the tables")
+    p.add_argument("action", choices=["upgrade", "check"],
+                   help="upgrade: create or migrate the tables; check: find drift between tables and models")
     p.set_defaults(func=cmd_db)
 
 
