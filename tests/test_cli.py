@@ -97,3 +97,19 @@ def test_heldout_flag(argv, heldout):
     from adapruner.cli import parse_heldout
 
     assert parse_heldout(build_parser().parse_args(["search", *argv]).heldout) == heldout
+
+
+def test_an_unknown_repair_mode_exits_2_before_the_model_loads(capsys, tmp_path, corpus):
+    code, _, err = run(capsys, "search", "--model", tmp_path / "never-loaded", "--calib", corpus,
+                       "--repairs", "off,refit", "--storage", f"sqlite:///{tmp_path / 'runs.db'}")
+    assert code == 2 and "unknown repair mode 'refit'" in err and err.count("\n") == 1
+    assert not (tmp_path / "runs.db").exists()
+
+
+def test_prune_repairs_and_saves_the_refitted_model(capsys, tmp_path, tiny_model_dir, corpus):
+    code, out, _ = run(capsys, "prune", "--model", tiny_model_dir, "--calib", f"{corpus}:4", "--metric", "wanda_sp",
+                       "--seq-len", 32, "--layers", "0:0", "--repair", "pool", "--ridge", "0.001",
+                       "--out", tmp_path / "pruned")
+    assert code == 0, out
+    model, _ = load_pruned(tmp_path / "pruned")
+    assert model.config.adapruner["config"]["repair"] == {"mode": "pool", "ridge": 0.001}
