@@ -134,8 +134,7 @@ class PruningSession:
 
     @property
     def statistics_path(self) -> Path:
-        name = f"{self.fingerprint}-{self.pool.content_hash[:16]}-v{FORMAT_VERSION}.safetensors"
-        return cache_dir("statistics") / name
+        return self._cache_path("statistics", f"-v{FORMAT_VERSION}")
 
     @cached_property
     def statistics(self) -> PoolStatistics:
