@@ -35,10 +35,12 @@ def add_eval_args(p: argparse.ArgumentParser, split_default: str = "test") -> No
                    help="text source: builtin:books|wiki|news, hf:NAME[:CONFIG], or a local file/folder; "
                    "repeatable (default: builtin:books)")
     p.add_argument("--split", default=split_default, choices=["pool", "validation", "test"])
-    p.add_argument("--seq-len", type=int, default=128, help="window length in tokens (default: %(default)s)")
-    p.add_argument("--max-windows", type=int, default=64,
+    p.add_argument("--seq-len", type=positive(int, "--seq-len"), default=128,
+                   help="window length in tokens (default: %(default)s)")
+    p.add_argument("--max-windows", type=not_negative(int, "--max-windows"), default=64,
                    help="evaluate at most this many windows per source; 0 = all (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default: 1024 tokens)")
+    p.add_argument("--batch-size", type=positive(int, "--batch-size"), default=None,
+                   help="windows per forward pass (default: 1024 tokens)")
 
 
 def data_specs(args: argparse.Namespace) -> list[str]:
@@ -49,17 +51,40 @@ def batch_size(args: argparse.Namespace) -> int:
     return args.batch_size or max(1, 1024 // args.seq_len)
 
 
-def positive(kind: type, name: str) -> Callable[[str], int | float]:
+def positive(kind: type, name: str, allow_zero: bool = False) -> Callable[[str], int | float]:
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{name} must be positive, got {text}")
+        if value < 0 or (value == 0 and not allow_zero) or value != value:
+            raise argparse.ArgumentTypeError(f"{name} must be {'>= 0' if allow_zero else 'positive'}, got {text}")
         return value
 
     return parse
+
+
+def not_negative(kind: type, name: str) -> Callable[[str], int | float]:
+    return positive(kind, name, allow_zero=True)
+
+
+def check_before_loading(args: argparse.Namespace) -> None:
+    """Everything about the model, device and dtype that can be checked without loading the model."""
+    from .device import resolve_device, resolve_dtype
+    from .models import read_model_config
+
+    if not hasattr(args, "model"):
+        return
+    device = resolve_device(args.device)
+    resolve_dtype(args.dtype, device)
+    config = read_model_config(str(args.model))
+    layers = getattr(args, "layers", None) if getattr(args, "allocation", None) == "layer_range" else None
+    if config is not None and layers is not None and "num_hidden_layers" in config:
+        n_layers, (first, last) = config["num_hidden_layers"], layers
+        end = last if last > 0 else n_layers + last  # LAST <= 0 counts from the end
+        if not 0 <= first < end <= n_layers:
+            raise AdaPrunerError(f"--layers {first}:{last} does not fit the model's {n_layers} layers "
+                                 f"(FIRST:LAST with 0 <= FIRST < LAST <= {n_layers}; a LAST <= 0 counts from the end)")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -97,9 +122,13 @@ def parse_mixture(text: str) -> dict[str, float]:
 def parse_layers(text: str) -> tuple[int, int]:
     first, sep, last = text.partition(":")
     try:
-        return int(first), int(last)
+        first, last = int(first), int(last)
     except ValueError:
         raise argparse.ArgumentTypeError(f"--layers takes FIRST:LAST, e.g. 4:-2, got {text!r}") from None
+    if first < 0 or (last > 0 and first >= last):
+        raise argparse.ArgumentTypeError(f"--layers takes FIRST:LAST with 0 <= FIRST < LAST (LAST may be negative, "
+                                         f"counting from the end), got {text!r}")
+    return first, last
 
 
 def ratio_or_count(text: str) -> float | int:
@@ -152,15 +181,18 @@ def print_sizes(plan_sizes: list[dict[str, int]], dense: list[dict[str, int]]) -
               f"{size['intermediate_size']:6d}/{base['intermediate_size']}")
 
 
-def add_lora_args(p: argparse.ArgumentParser, steps_flag: str, steps_default: int | None = None) -> None:
+def add_lora_args(p: argparse.ArgumentParser, old_steps_flag: str, steps_default: int | None = None) -> None:
+    """LoRA's flags, named alike in every command (``--lora-steps``, ``--lora-r``, ``--lora-lr``, ...);
+    each command's older name for the step count stays as an alias."""
     from .finetune import LoRA
 
-    p.add_argument(steps_flag, type=int, default=LoRA.steps if steps_default is None else steps_default,
-                   dest="lora_steps", help="LoRA steps (default: %(default)s)")
+    p.add_argument("--lora-steps", old_steps_flag, type=not_negative(int, "--lora-steps"),
+                   default=LoRA.steps if steps_default is None else steps_default, dest="lora_steps",
+                   help=f"LoRA steps (default: %(default)s; {old_steps_flag} is the same)")
     p.add_argument("--lora-r", type=positive(int, "--lora-r"), default=LoRA.r)
     p.add_argument("--lora-alpha", type=positive(int, "--lora-alpha"), default=LoRA.alpha)
     p.add_argument("--lora-dropout", type=float, default=LoRA.dropout)
-    p.add_argument("--lr", type=positive(float, "--lr"), default=LoRA.lr)
+    p.add_argument("--lora-lr", "--lr", type=positive(float, "--lora-lr"), default=LoRA.lr, dest="lr")
     p.add_argument("--train-batch-size", type=positive(int, "--train-batch-size"), default=4)
     p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
 
@@ -293,8 +325,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         ratio=args.ratio, trials=args.trials, sampler=args.sampler, pruner=args.pruner, seed=args.seed,
         pool_size=args.pool_size, seq_len=args.seq_len, val_windows=args.val_windows, test_windows=args.test_windows,
         baselines=tuple(b for b in args.baselines.split(",") if b), space=space,
-        recover=LoRA(steps=args.recover_steps, r=args.recover_r, lr=args.recover_lr, seed=args.seed)
-        if args.recover_steps else None,
+        recover=LoRA(steps=args.lora_steps, r=args.lora_r, lr=args.lr, seed=args.seed) if args.lora_steps else None,
     )
     name = args.study or job.default_study_name
     out = Path(args.out or Path("runs") / name)
@@ -416,10 +447,11 @@ def build_parser(add_commands: Callable[[argparse._SubParsersAction], None] | No
     p.add_argument("--out", default=None, help="report and model folder (default: runs/STUDY)")
     p.add_argument("--artifacts", default=None,
                    help="Optuna artifact store: a folder or s3://BUCKET (default: beside the database)")
-    p.add_argument("--recover-steps", type=int, default=0,
-                   help="LoRA steps to fine-tune the best configuration after the search (default: none)")
-    p.add_argument("--recover-lr", type=positive(float, "--recover-lr"), default=LoRA.lr)
-    p.add_argument("--recover-r", type=positive(int, "--recover-r"), default=LoRA.r)
+    p.add_argument("--lora-steps", "--recover-steps", type=not_negative(int, "--lora-steps"), default=0,
+                   dest="lora_steps", help="LoRA steps to fine-tune the best configuration after the search "
+                   "(default: none; --recover-steps is the same)")
+    p.add_argument("--lora-lr", "--recover-lr", type=positive(float, "--lora-lr"), default=LoRA.lr, dest="lr")
+    p.add_argument("--lora-r", "--recover-r", type=positive(int, "--lora-r"), default=LoRA.r)
     p.set_defaults(func=cmd_search)
     if add_commands is not None:
         add_commands(sub)
@@ -436,6 +468,7 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> i
         transformers.utils.logging.disable_progress_bar()  # our own bars say what is happening
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
+        check_before_loading(args)
         return int(args.func(args) or 0)
     except AdaPrunerError as exc:
         print(f"adapruner: error: {exc}", file=sys.stderr)

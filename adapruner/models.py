@@ -12,6 +12,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -113,6 +114,39 @@ def is_pruned_checkpoint(folder: Path) -> bool:
     return config.is_file() and "adapruner" in json.loads(config.read_text())
 
 
+def read_model_config(name: str) -> dict | None:
+    """What can be known of ``name`` without loading it: its ``config.json`` when that is on disk.
+
+    A reference that cannot be loaded is refused here, in a moment, before a slow load would fail on
+    it: a missing folder or file, a folder without a readable ``config.json``, a ``.gguf`` that is not a
+    GGUF file, an architecture AdaPruner cannot prune. ``None`` for what only loading can tell (a hub
+    id, a GGUF file, a built-in model not yet converted).
+    """
+    path = Path(name).expanduser()
+    if name in BUILTIN_MODELS:
+        folder = cache_dir("models") / name
+        return json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else None
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise AdaPrunerError(f"model file not found: {path}")
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise AdaPrunerError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+        return None
+    if not (path.exists() or name.startswith((".", "/", "~"))):
+        return None  # a hub id
+    if not (path / "config.json").is_file():
+        raise AdaPrunerError(f"model folder not found or has no config.json: {path}")
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdaPrunerError(f"{path / 'config.json'} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise AdaPrunerError(f"{path / 'config.json'} is not a JSON object")
+    check_supported(SimpleNamespace(**config))
+    return config
+
+
 def load_model(
     name: str,
     *,
@@ -126,16 +160,13 @@ def load_model(
     """
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    read_model_config(name)
     path = Path(name).expanduser()
     if name in BUILTIN_MODELS:
         source = builtin_checkpoint(name)
     elif path.suffix == ".gguf":
-        if not path.is_file():
-            raise AdaPrunerError(f"model file not found: {path}")
         source = gguf_checkpoint(path)
     elif path.exists() or name.startswith((".", "/", "~")):
-        if not (path / "config.json").is_file():
-            raise AdaPrunerError(f"model folder not found or has no config.json: {path}")
         source = path
     else:
         source = name  # a hub id

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import AdaPrunerError
+from .errors import AdaPrunerError, OnStep
 from .plan import PruningPlan
 from .structure import decoder_layers, group_index, layer_linears, model_structure
 
@@ -142,7 +142,8 @@ class _GramRecorder:
 
 
 @torch.no_grad()
-def collect_grams(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, progress: bool = True) -> dict:
+def collect_grams(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, progress: bool = True,
+                  on_step: OnStep | None = None) -> dict:
     """Input Grams of every o_proj and down_proj over ``windows`` (``[N, seq_len]``), float32 on the CPU."""
     device = next(model.parameters()).device
     recorder = _GramRecorder(dict(enumerate(decoder_layers(model))))
@@ -151,6 +152,8 @@ def collect_grams(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, 
     try:
         starts = range(0, windows.shape[0], batch_size)
         for start in tqdm(starts, desc="repair Grams", unit="batch", disable=not progress, leave=False):
+            if on_step is not None:
+                on_step("repair Grams", start, windows.shape[0])
             model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
     finally:
         recorder.remove()

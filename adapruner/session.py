@@ -19,7 +19,8 @@ from torch import nn
 
 from .cache import cache_dir, load_layer_tensors, save_layer_tensors
 from .data import TextSource, check_heldout, load_source
-from .data.windows import CalibrationPool, build_pool, eval_windows, even_counts, parse_draw
+from .data.windows import CalibrationPool, build_pool, eval_windows, pool_draws
+from .errors import OnStep
 from .evaluate import Perplexity, perplexity
 from .importance import EXACT_TAYLOR_DTYPES, GroupScores, Mixture, WeightSummary, subset_importance
 from .models import load_model, model_fingerprint
@@ -78,6 +79,7 @@ class PruningSession:
     batch_size: int | None = None
     cache_statistics: bool = True
     progress: bool = True
+    on_step: OnStep | None = None  # told of each step of long work; may raise Stopped (see adapruner.errors)
     _windows: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict, repr=False)
     _exact: dict[tuple[str, tuple[int, ...]], dict] = field(default_factory=dict, repr=False)
 
@@ -102,18 +104,18 @@ class PruningSession:
         those without share the rest of ``pool_size``. Evaluation defaults to the calibration sources;
         ``heldout`` (test only) to the built-in sources that neither calibrate nor validate
         (see :func:`~adapruner.data.default_heldout`)."""
-        draws = [parse_draw(spec, 0) for spec in calibration]
+        draws = pool_draws(calibration, pool_size)
         sources = {spec: load_source(spec) for spec, _ in draws}  # bad text fails before the slow model load
         evaluation = list(evaluation) if evaluation else list(sources)
         eval_sources = [sources.get(spec) or load_source(spec) for spec in evaluation]
         heldout = check_heldout([*sources, *evaluation], heldout)
         heldout_sources = [load_source(spec) for spec in heldout]
+        on_step = options.get("on_step")
+        if on_step is not None:
+            on_step("loading model", 0, 1)
         net, tokenizer = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-        unsized = [spec for spec, n in draws if n == 0]
-        rest = pool_size - sum(n for _, n in draws)
-        if unsized:
-            shares = dict(zip(unsized, even_counts(rest, len(unsized)), strict=True))
-            draws = [(spec, n or shares[spec]) for spec, n in draws]
+        if on_step is not None:
+            on_step("loading model", 1, 1)
         pool = build_pool(tokenizer, [(sources[spec], n) for spec, n in draws], seq_len, seed)
         return cls(net, tokenizer, pool, eval_sources, list(sources.values()), heldout_sources, model_name=model,
                    max_eval_windows=max_eval_windows, **options)
@@ -143,7 +145,7 @@ class PruningSession:
         if self.cache_statistics and path.is_file():
             logger.info("pool statistics from cache %s", path)
             return PoolStatistics.load(path)
-        stats = collect_statistics(self.model, self.pool.windows, progress=self.progress)
+        stats = collect_statistics(self.model, self.pool.windows, progress=self.progress, on_step=self.on_step)
         stats.meta |= {"model": self.model_name, "pool": self.pool.content_hash}
         if self.cache_statistics:
             stats.save(path)
@@ -161,7 +163,7 @@ class PruningSession:
         if self.cache_statistics and path.is_file():
             logger.info("repair Grams from cache %s", path)
             return load_layer_tensors(path)
-        grams = collect_grams(self.model, self.pool.windows, progress=self.progress)
+        grams = collect_grams(self.model, self.pool.windows, progress=self.progress, on_step=self.on_step)
         if self.cache_statistics:
             save_layer_tensors(grams, path)
         return grams

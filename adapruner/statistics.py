@@ -34,7 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm.auto import tqdm
 
 from .cache import save_tensors
-from .errors import AdaPrunerError
+from .errors import AdaPrunerError, OnStep
 from .structure import COLUMN_MODULES, decoder_layers, layer_linears, model_structure
 
 FORMAT_VERSION = 2  # bump when the stored statistics change, so stale cache files are not read
@@ -202,11 +202,13 @@ def _grad_only_on_projections(model: nn.Module) -> dict[nn.Parameter, bool]:
     return before
 
 
-def collect_statistics(model: nn.Module, windows: torch.Tensor, progress: bool = True) -> PoolStatistics:
+def collect_statistics(model: nn.Module, windows: torch.Tensor, progress: bool = True,
+                       on_step: OnStep | None = None) -> PoolStatistics:
     """One forward and backward per pool window (``[N, seq_len]``), reduced to per-sample statistics.
 
     Runs on the model's device with fp32 accumulators and ``use_cache=False``; the model's weights
-    are left untouched and its gradients cleared.
+    are left untouched and its gradients cleared. ``on_step("pool statistics", done, total)`` is
+    called before each sample (and may raise :class:`~adapruner.errors.Stopped`).
     """
     structure = model_structure(model)
     device = next(model.parameters()).device
@@ -226,6 +228,8 @@ def collect_statistics(model: nn.Module, windows: torch.Tensor, progress: bool =
     start = time.perf_counter()
     try:
         for s in tqdm(range(n), desc="pool statistics", unit="sample", disable=not progress, leave=False):
+            if on_step is not None:
+                on_step("pool statistics", s, n)
             model.zero_grad(set_to_none=True)
             ids = windows[s : s + 1].to(device)
             model(input_ids=ids, labels=ids, use_cache=False).loss.backward()

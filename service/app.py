@@ -6,11 +6,14 @@ Routes are thin: they check access, call :mod:`service.jobs`, and shape the answ
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Annotated
 
 import optuna
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import text
@@ -23,7 +26,7 @@ from adapruner.search import artifact_store, make_storage
 from . import jobs
 from .db import JobStatus, check_schema, make_engine, session_factory
 from .policy import InvalidField, PolicyError, check_spec
-from .schemas import SAFE_NAME, JobCreate, JobList, JobOut, TrialList
+from .schemas import SAFE_NAME, ErrorOut, JobCreate, JobList, JobOut, TrialList
 from .settings import Settings
 
 bearer = HTTPBearer(auto_error=False)
@@ -50,17 +53,18 @@ def _unauthorized(message: str) -> HTTPException:
 
 
 def require_writer(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-                   settings: Annotated[Settings, Depends(get_settings)]) -> str:
+                   settings: Annotated[Settings, Depends(get_settings)]) -> jobs.Caller:
     if credentials is None:
         raise _unauthorized("this request needs an Authorization: Bearer <token> header")
     owner = settings.token_id(credentials.credentials)
     if owner is None:
         raise _unauthorized("invalid API token")
-    return owner
+    return jobs.Caller(owner, admin=settings.is_admin(credentials.credentials))
 
 
 def require_reader(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-                   settings: Annotated[Settings, Depends(get_settings)]) -> str | None:
+                   settings: Annotated[Settings, Depends(get_settings)]) -> jobs.Caller | None:
+    """``None`` when reads are public (everyone sees every job); else the caller, who sees its own."""
     if settings.public_reads:
         return None
     return require_writer(credentials, settings)
@@ -69,57 +73,61 @@ def require_reader(credentials: Annotated[HTTPAuthorizationCredentials | None, D
 DB = Annotated[Session, Depends(get_db)]
 Storage = Annotated[optuna.storages.BaseStorage, Depends(get_storage)]
 Config = Annotated[Settings, Depends(get_settings)]
-Writer = Annotated[str, Depends(require_writer)]
-Reader = Annotated[str | None, Depends(require_reader)]
+Writer = Annotated[jobs.Caller, Depends(require_writer)]
+Reader = Annotated[jobs.Caller | None, Depends(require_reader)]
+ERRORS = {code: {"model": ErrorOut, "description": text} for code, text in (
+    (401, "no token, or an invalid one"), (403, "not allowed: a path outside the roots, another token's job"),
+    (404, "no such job (or not yours)"), (409, "the job is not in a state that allows this"))}
 
 
 # -- routes -------------------------------------------------------------------------------------
 
-router = APIRouter(prefix="/v1", tags=["jobs"])
+router = APIRouter(prefix="/v1", tags=["jobs"], responses=ERRORS)
 
 
 @router.post("/jobs", status_code=202, response_model=JobOut)
-def submit_job(spec: JobCreate, request: Request, response: Response, owner: Writer, db: DB, storage: Storage,
+def submit_job(spec: JobCreate, response: Response, caller: Writer, db: DB, storage: Storage,
                settings: Config) -> JobOut:
     """Queue a search job. Answers 202 with the job and a Location header to follow it."""
-    job = jobs.create_job(db, storage, check_spec(spec, settings), owner)
+    job = jobs.create_job(db, storage, check_spec(spec, settings), caller.owner)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return jobs.job_view(job, storage, settings, str(request.base_url))
+    return jobs.job_view(job, storage, settings)
 
 
 @router.get("/jobs", response_model=JobList)
-def list_jobs(request: Request, _: Reader, db: DB, storage: Storage, settings: Config,
-              status: JobStatus | None = None, offset: Annotated[int, Query(ge=0)] = 0,
+def list_jobs(reader: Reader, db: DB, storage: Storage, settings: Config,
+              status: JobStatus | None = None, offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
               limit: Annotated[int, Query(ge=1, le=100)] = 20) -> JobList:
-    items, total = jobs.list_jobs(db, status, offset, limit)
-    views = [jobs.job_view(j, storage, settings, str(request.base_url), detail=False) for j in items]
+    items, total = jobs.list_jobs(db, status, offset, limit, reader)
+    views = [jobs.job_view(j, storage, settings, detail=False) for j in items]
     return JobList(items=views, total=total, offset=offset, limit=limit)
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut)
-def get_job(job_id: str, request: Request, _: Reader, db: DB, storage: Storage, settings: Config) -> JobOut:
+def get_job(job_id: str, reader: Reader, db: DB, storage: Storage, settings: Config) -> JobOut:
     """Status, progress (n/N, ETA), best configuration so far, baselines, and links."""
-    return jobs.job_view(jobs.get_job(db, job_id), storage, settings, str(request.base_url))
+    return jobs.job_view(jobs.get_job(db, job_id, reader), storage, settings)
 
 
 @router.get("/jobs/{job_id}/trials", response_model=TrialList)
-def get_trials(job_id: str, _: Reader, db: DB, storage: Storage) -> TrialList:
-    study = jobs.load_study(storage, jobs.get_job(db, job_id))
+def get_trials(job_id: str, reader: Reader, db: DB, storage: Storage) -> TrialList:
+    study = jobs.load_study(storage, jobs.get_job(db, job_id, reader))
     trials = study.get_trials(deepcopy=False) if study else []
     return TrialList(items=[jobs.trial_summary(t) for t in trials])
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobOut)
-def cancel_job(job_id: str, request: Request, _: Writer, db: DB, storage: Storage, settings: Config) -> JobOut:
-    """Stop handing out trials; running trials finish first."""
-    return jobs.job_view(jobs.cancel_job(db, job_id), storage, settings, str(request.base_url))
+def cancel_job(job_id: str, caller: Writer, reader: Reader, db: DB, storage: Storage,
+               settings: Config) -> JobOut:
+    """Stop the job: no trial is handed out any more, and its workers leave it within seconds."""
+    return jobs.job_view(jobs.cancel_job(db, job_id, caller, reader), storage, settings)
 
 
 @router.get("/jobs/{job_id}/model")
-def download_model(job_id: str, _: Reader, db: DB, settings: Config,
+def download_model(job_id: str, reader: Reader, db: DB, settings: Config,
                    filename: Annotated[str | None, Query(pattern=SAFE_NAME)] = None) -> StreamingResponse:
     """The best pruned model as a tar archive (``model/`` with safetensors, config and tokenizer)."""
-    job = jobs.get_job(db, job_id)
+    job = jobs.get_job(db, job_id, reader)
     if not job.artifact_id:
         raise jobs.Conflict(f"job {job_id} has no model yet (status {job.status})")
     reader = artifact_store(settings.artifacts).open_reader(job.artifact_id)
@@ -128,12 +136,13 @@ def download_model(job_id: str, _: Reader, db: DB, settings: Config,
                              headers={"Content-Disposition": f'attachment; filename="{name}.tar"'})
 
 
-@router.get("/jobs/{job_id}/report", response_class=PlainTextResponse)
-def get_report(job_id: str, _: Reader, db: DB, storage: Storage) -> PlainTextResponse:
+@router.get("/jobs/{job_id}/report", response_class=PlainTextResponse,
+            responses={200: {"content": {"text/markdown": {}}}})
+def get_report(job_id: str, reader: Reader, db: DB, storage: Storage) -> PlainTextResponse:
     """The study's markdown report: baselines beside the best configuration, cost, importances."""
     from adapruner.search import report_markdown
 
-    study = jobs.load_study(storage, jobs.get_job(db, job_id))
+    study = jobs.load_study(storage, jobs.get_job(db, job_id, reader))
     if study is None or "job" not in study.user_attrs:
         raise jobs.NotFound(f"job {job_id} has no study")
     return PlainTextResponse(report_markdown(study), media_type="text/markdown")
@@ -146,6 +155,17 @@ def health(request: Request) -> dict:
 
 
 # -- the app --------------------------------------------------------------------------------------
+
+
+def finite(value):
+    """``value`` with every non-finite float replaced by its name, so that it encodes as JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
 
 
 def _field_error(status: int, field: str, message: str, kind: str) -> JSONResponse:
@@ -180,6 +200,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(jobs.NotFound)
     def _not_found(_request, exc: jobs.NotFound):
         return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(jobs.Forbidden)
+    def _not_yours(_request, exc: jobs.Forbidden):
+        return JSONResponse({"detail": str(exc)}, status_code=403)
+
+    @app.exception_handler(RequestValidationError)
+    def _unprocessable(_request, exc: RequestValidationError):
+        # As FastAPI's own handler, except that the echoed input may hold NaN or Infinity (JSON has
+        # neither): those are sent as strings rather than failing the answer with a 500.
+        return JSONResponse({"detail": finite(jsonable_encoder(exc.errors()))}, status_code=422)
 
     @app.exception_handler(jobs.Conflict)
     def _conflict(_request, exc: jobs.Conflict):

@@ -14,6 +14,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -93,14 +94,18 @@ def cmd_api(args: argparse.Namespace) -> int:
     return 0
 
 
+WORKER_CHECK_SECONDS = float(os.environ.get("ADAPRUNER_WORKER_CHECK_SECONDS", 5))
+
+
 def ensure_token(settings) -> str:
     """The embedded server's API token: configured, or made once and kept in the data folder."""
     if settings.api_tokens:
         return settings.api_tokens[0]
     path = settings.data_dir / "api-token"
     if not path.is_file():
-        path.write_text(secrets.token_urlsafe(24) + "\n")
-        path.chmod(0o600)
+        # created readable by its owner only: never, even for a moment, by anyone else
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+            f.write(secrets.token_urlsafe(24) + "\n")
     return path.read_text().strip()
 
 
@@ -111,19 +116,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .app import create_app
     from .db import upgrade
 
+    os.umask(0o077)  # the database, models and artifacts this server writes are its user's alone
     settings = _settings(args)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.db_url)
     token = ensure_token(settings)
     env = {**os.environ, "ADAPRUNER_DATABASE_URL": settings.db_url, "ADAPRUNER_DATA_DIR": str(settings.data_dir),
            "ADAPRUNER_API_TOKENS": ",".join([token, *settings.api_tokens[1:]]),
-           "ADAPRUNER_DASHBOARD_URL": f"http://{args.dashboard_host}:{args.dashboard_port}"}
+           "ADAPRUNER_DASHBOARD_URL": f"http://{args.dashboard_host}:{args.dashboard_port}" if args.dashboard_port
+           else ""}
     exe = [sys.executable, "-m", "service.cli"]
-    children = [subprocess.Popen([*exe, "worker", *(["--device", args.device] if args.device else [])], env=env)
-                for _ in range(args.workers)]
+    worker_command = [*exe, "worker", *(["--device", args.device] if args.device else [])]
+    workers = [subprocess.Popen(worker_command, env=env) for _ in range(args.workers)]
+    children = list(workers)
     if args.dashboard_port:
         children.append(subprocess.Popen([*exe, "dashboard", "--host", args.dashboard_host, "--port",
                                           str(args.dashboard_port)], env=env))
+    stopping = threading.Event()
+
+    def restart_dead_workers():  # a worker that died (killed, out of memory) is replaced
+        while not stopping.wait(WORKER_CHECK_SECONDS):
+            for i, worker in enumerate(workers):
+                if worker.poll() is not None and not stopping.is_set():
+                    print(f"adapruner serve: worker {worker.pid} exited ({worker.returncode}); starting another",
+                          file=sys.stderr, flush=True)
+                    workers[i] = subprocess.Popen(worker_command, env=env)
+
+    threading.Thread(target=restart_dead_workers, daemon=True).start()
     os.environ.update(env)
     from .settings import Settings
 
@@ -136,6 +155,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
+        stopping.set()
+        children = workers + children[len(workers):]  # the workers running now
         for child in children:
             child.terminate()
         for child in children:

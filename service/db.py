@@ -23,6 +23,8 @@ from sqlalchemy import JSON, DateTime, Integer, String, Text, create_engine, eve
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from adapruner.search import SQLITE_BUSY_SECONDS, use_wal
+
 MIGRATIONS = Path(__file__).with_name("migrations")
 VERSION_TABLE = "adapruner_alembic_version"  # Optuna keeps its own revision in ``alembic_version``
 LEGACY_VERSION_TABLE = "adapruner_schema"  # the hand-written versioning before Alembic (version 1 = 0001)
@@ -71,7 +73,8 @@ class SchemaError(RuntimeError):
 
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
+        use_wal(url)  # readers (the API's polls) and the writer (a trial, a submission) never block each other
+        engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_SECONDS, "check_same_thread": False})
 
         # SQLite: let SQLAlchemy, not the driver, open transactions, so that a transaction asked
         # for with the execution option ``sqlite_immediate`` (a job claim) starts as a writer

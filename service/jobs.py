@@ -6,8 +6,9 @@ the submitted spec, the lifecycle status, the owner and the result's artifact.
 
 from __future__ import annotations
 
-import statistics
 import uuid
+from dataclasses import dataclass
+from datetime import UTC
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -29,34 +30,63 @@ class Conflict(Exception):
     pass
 
 
+class Forbidden(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is asking: the id of a valid token (a job's owner), and whether it is an admin token."""
+
+    owner: str
+    admin: bool = False
+
+    def sees(self, job: Job) -> bool:
+        return self.admin or job.owner == self.owner
+
+
 def create_job(db: Session, storage: optuna.storages.BaseStorage, spec: JobCreate, owner: str | None) -> Job:
     """Store the job and create its study, baselines queued, so workers find everything ready."""
     job_id = uuid.uuid4().hex
-    job = Job(id=job_id, name=spec.name, spec=spec.model_dump(mode="json"), owner=owner, study_name=f"job-{job_id}")
+    # The study carries the job's name, so the dashboard's list says which job each study is.
+    study_name = f"{spec.name}-{job_id[:8]}" if spec.name else f"job-{job_id}"
+    job = Job(id=job_id, name=spec.name, spec=spec.model_dump(mode="json"), owner=owner, study_name=study_name)
     create_study(storage, job.study_name, spec.to_search_job())
-    db.add(job)
-    db.commit()
+    try:
+        db.add(job)
+        db.commit()
+    except Exception:
+        # No study without its job: a study nobody can see or cancel would hold queued trials forever.
+        db.rollback()
+        optuna.delete_study(study_name=job.study_name, storage=storage)
+        raise
     return job
 
 
-def get_job(db: Session, job_id: str) -> Job:
+def get_job(db: Session, job_id: str, reader: Caller | None = None) -> Job:
+    """The job, if ``reader`` may see it (``None``: reads are public)."""
     job = db.get(Job, job_id)
-    if job is None:
-        raise NotFound(f"no job {job_id!r}")
+    if job is None or (reader is not None and not reader.sees(job)):
+        raise NotFound(f"no job {job_id!r}")  # another token's job: as if it did not exist
     return job
 
 
-def list_jobs(db: Session, status: JobStatus | None, offset: int, limit: int) -> tuple[list[Job], int]:
+def list_jobs(db: Session, status: JobStatus | None, offset: int, limit: int,
+              reader: Caller | None = None) -> tuple[list[Job], int]:
     query = select(Job)
     counter = select(func.count()).select_from(Job)
     if status is not None:
         query, counter = query.where(Job.status == status.value), counter.where(Job.status == status.value)
+    if reader is not None and not reader.admin:
+        query, counter = query.where(Job.owner == reader.owner), counter.where(Job.owner == reader.owner)
     jobs = db.scalars(query.order_by(Job.created_at.desc()).offset(offset).limit(limit)).all()
     return list(jobs), db.scalar(counter)
 
 
-def cancel_job(db: Session, job_id: str) -> Job:
-    job = get_job(db, job_id)
+def cancel_job(db: Session, job_id: str, caller: Caller, reader: Caller | None) -> Job:
+    job = get_job(db, job_id, reader)
+    if not caller.sees(job):
+        raise Forbidden(f"job {job_id} belongs to another token; only its owner (or an admin token) may cancel it")
     if not JobStatus(job.status).active:
         raise Conflict(f"job {job_id} is already {job.status}")
     db.execute(update(Job).where(Job.id == job_id, Job.status.in_(["queued", "running"]))
@@ -82,6 +112,24 @@ def trial_summary(trial: FrozenTrial) -> TrialSummary:
     )
 
 
+def public_spec(spec: dict, settings: Settings) -> dict:
+    """The spec as served: local paths as the user gave them, relative to the configured roots (the
+    worker needs them resolved; nobody else needs to learn where the server keeps its files)."""
+    roots = [str(r.resolve()) + "/" for r in (settings.models_root, settings.texts_root) if r is not None]
+
+    def relative(value: str) -> str:
+        for root in roots:
+            value = value.replace(root, "")
+        return value
+
+    shown = dict(spec)
+    shown["model"] = relative(spec["model"])
+    for key in ("calibration", "evaluation", "heldout"):
+        if spec.get(key) is not None:
+            shown[key] = [relative(v) for v in spec[key]]
+    return shown
+
+
 def load_study(storage: optuna.storages.BaseStorage, job: Job) -> optuna.Study | None:
     try:
         return optuna.load_study(study_name=job.study_name, storage=storage)
@@ -89,16 +137,42 @@ def load_study(storage: optuna.storages.BaseStorage, job: Job) -> optuna.Study |
         return None
 
 
-def job_view(job: Job, storage: optuna.storages.BaseStorage, settings: Settings, base_url: str,
-             detail: bool = True) -> JobOut:
-    path = f"{base_url.rstrip('/')}/v1/jobs/{job.id}"
-    study = load_study(storage, job) if detail else None
+def progress(job: Job, study: optuna.Study, trials: list[FrozenTrial]) -> Progress:
+    """Trials done, running and left, what the job is doing, and when it should end.
+
+    The ETA is the trials left over the rate at which the job has finished them since its first trial
+    started: a wall-clock rate, so it counts every worker on the job, and the time trials spend
+    waiting for a worker.
+    """
+    count = {state: sum(t.state == state for t in trials) for state in TrialState}
+    finished = count[TrialState.COMPLETE] + count[TrialState.PRUNED]
+    budget = int(job.spec["trials"])
+    starts = [t.datetime_start for t in trials if t.datetime_start is not None]
+    eta = None
+    if finished and finished < budget and job.status == JobStatus.running.value:
+        elapsed = (utcnow() - min(starts).astimezone(UTC)).total_seconds()
+        eta = elapsed / finished * (budget - finished)
+    if job.status != JobStatus.running.value:
+        phase = job.status
+    elif starts:
+        phase = f"trial {min(finished + 1, budget)}/{budget}"
+    else:
+        step = study.user_attrs.get("phase")
+        phase = f"{step['phase']} {step['done']}/{step['total']}" if step else "waiting for a worker"
+    return Progress(finished=finished, running=count[TrialState.RUNNING], pruned=count[TrialState.PRUNED],
+                    failed=count[TrialState.FAIL], budget=budget, eta_seconds=eta, phase=phase)
+
+
+def job_view(job: Job, storage: optuna.storages.BaseStorage, settings: Settings, detail: bool = True) -> JobOut:
+    """The job as served; ``detail=False`` (the job list) leaves out the best trial and the baselines."""
+    path = f"{(settings.public_url or '').rstrip('/')}/v1/jobs/{job.id}"
+    study = load_study(storage, job)
     dashboard = None
-    if study is not None:
+    if study is not None and settings.dashboard_url:
         study_id = storage.get_study_id_from_name(job.study_name)
         dashboard = f"{settings.dashboard_url.rstrip('/')}/dashboard/studies/{study_id}"
     out = JobOut(
-        id=job.id, name=job.name, status=job.status, spec=job.spec, created_at=job.created_at,
+        id=job.id, name=job.name, status=job.status, spec=public_spec(job.spec, settings), created_at=job.created_at,
         started_at=job.started_at, finished_at=job.finished_at, error=job.error, study_name=job.study_name,
         links=Links(self=path, trials=f"{path}/trials", model=f"{path}/model", report=f"{path}/report",
                     dashboard=dashboard),
@@ -106,15 +180,9 @@ def job_view(job: Job, storage: optuna.storages.BaseStorage, settings: Settings,
     if study is None:
         return out
     trials = study.get_trials(deepcopy=False)
-    count = {state: sum(t.state == state for t in trials) for state in TrialState}
-    finished = count[TrialState.COMPLETE] + count[TrialState.PRUNED]
-    budget = int(job.spec["trials"])
-    durations = [(t.datetime_complete - t.datetime_start).total_seconds() for t in trials
-                 if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and t.datetime_start and t.datetime_complete]
-    workers = max(1, count[TrialState.RUNNING])
-    eta = statistics.mean(durations) * (budget - finished) / workers if durations and finished < budget else None
-    out.progress = Progress(finished=finished, running=count[TrialState.RUNNING], pruned=count[TrialState.PRUNED],
-                            failed=count[TrialState.FAIL], budget=budget, eta_seconds=eta)
+    out.progress = progress(job, study, trials)
+    if not detail:
+        return out
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if complete:
         out.best = trial_summary(min(complete, key=lambda t: t.value))
@@ -142,9 +210,9 @@ def claim_job(db: Session, storage: optuna.storages.BaseStorage, settings: Setti
     # Before the claim transaction: Optuna writes through its own connection, which SQLite's write
     # lock, once the claim holds it, would block.
     with db.begin():
-        running_ids = db.scalars(select(Job.id).where(Job.status == "running")).all()
-    for job_id in running_ids:
-        reclaim_dead_trials(storage, settings.db_url, f"job-{job_id}")
+        running_studies = db.scalars(select(Job.study_name).where(Job.status == "running")).all()
+    for study_name in running_studies:
+        reclaim_dead_trials(storage, settings.db_url, study_name)
     postgres = db.bind.dialect.name == "postgresql"
     with db.begin():
         if postgres:

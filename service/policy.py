@@ -10,8 +10,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from adapruner.data import BUILTIN_SOURCES, parse_draw
-from adapruner.models import BUILTIN_MODELS
+from adapruner.data import BUILTIN_SOURCES, parse_draw, pool_draws
+from adapruner.errors import AdaPrunerError
+from adapruner.models import BUILTIN_MODELS, read_model_config
+from adapruner.search import check_fixed
 
 from .schemas import JobCreate
 from .settings import Settings
@@ -63,7 +65,12 @@ def check_model(model: str, settings: Settings) -> str:
             return model
         raise PolicyError("model", f"model {model!r} is not on this server's allow-list")
     if local or "/" in model or model.startswith((".", "~")) or model.endswith(".gguf"):
-        return str(inside(root, model, "model", "models"))
+        path = inside(root, model, "model", "models")
+        try:  # a folder or file that is not a model would be accepted here only to fail in the worker
+            read_model_config(str(path))
+        except AdaPrunerError as exc:
+            raise InvalidField("model", str(exc).replace(str(root.resolve()), "<models root>")) from None
+        return str(path)
     raise InvalidField("model", f"unknown model {model!r}: use a built-in name ({', '.join(BUILTIN_MODELS)}), "
                                 "an allowed hub id, or a folder below the models root")
 
@@ -102,9 +109,21 @@ def check_spec(spec: JobCreate, settings: Settings) -> JobCreate:
     if spec.recover is not None and spec.recover.steps > settings.max_recover_steps:
         raise InvalidField("recover.steps", f"recover.steps must be at most {settings.max_recover_steps} on this "
                                             f"server, got {spec.recover.steps}")
+    try:  # counts in the calibration specs (builtin:books:5000) decide the pool as much as pool_size does
+        pool = sum(n for _, n in pool_draws(spec.calibration, spec.pool_size))
+    except AdaPrunerError as exc:
+        raise InvalidField("calibration", str(exc)) from None
+    if pool > settings.max_pool_size:
+        raise InvalidField("calibration", f"the calibration pool would hold {pool} windows; at most "
+                                          f"{settings.max_pool_size} on this server")
     lo, hi = spec.space.subset_size
     if not 1 <= lo <= hi:
         raise InvalidField("space.subset_size", f"subset_size must satisfy 1 <= min <= max, got {[lo, hi]}")
+    for name, value in spec.space.fixed.items():
+        try:
+            check_fixed(name, value, spec.space.n_clusters)
+        except AdaPrunerError as exc:
+            raise InvalidField(f"space.fixed.{name}", str(exc)) from None
     return spec.model_copy(update={
         "model": check_model(spec.model, settings),
         "calibration": [check_text(s, settings, "calibration") for s in spec.calibration],

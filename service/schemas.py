@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
@@ -16,6 +16,9 @@ SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # no slashes, no leading dot: 
 # The pruning target: a share of all parameters, or a whole parameter count (checked against the model
 # when the plan is made), as the library's ``params_to_remove`` takes it. A JSON 1.0 is a share (refused).
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+# A model or text reference: no control characters (a NUL byte would reach the file system).
+Reference = Annotated[str, Field(min_length=1, max_length=1000, pattern=r"^[^\x00-\x1f\x7f]*$")]
+FixedValue = float | int | Annotated[str, Field(max_length=64)] | None
 Ratio = Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)] | Annotated[StrictInt, Field(ge=1)]
 
 
@@ -32,7 +35,8 @@ class SpaceSpec(BaseModel):
     attn_share: bool = SearchSpace.attn_share
     repairs: list[Literal[REPAIR_MODES]] = Field(default=list(SearchSpace.repairs), min_length=1)  # type: ignore[valid-type]
     ridge: tuple[PositiveFloat, PositiveFloat] = Field(default=SearchSpace.ridge, description="searched on a log scale")
-    fixed: dict[str, float | int | str | None] = Field(default_factory=dict)
+    fixed: dict[Annotated[str, Field(max_length=64)], FixedValue] = Field(
+        default_factory=dict, max_length=64, description="parameters not searched, e.g. {\"aggregation\": \"sum\"}")
 
     @field_validator("ridge")
     @classmethod
@@ -62,23 +66,24 @@ class JobCreate(BaseModel):
          "val_windows": 16, "test_windows": 32}]})
 
     name: str | None = Field(default=None, pattern=SAFE_NAME, description="also names the model archive")
-    model: str = Field(default="smollm2-135m", min_length=1, max_length=200)
-    calibration: list[str] = Field(default=list(SearchJob.calibration), min_length=1, max_length=8)
-    evaluation: list[str] = Field(default_factory=list, max_length=8)
-    heldout: list[str] | None = Field(default=None, max_length=8, description=(
+    model: Reference = Field(default=SearchJob.model, max_length=200)
+    calibration: list[Reference] = Field(default=list(SearchJob.calibration), min_length=1, max_length=8)
+    evaluation: list[Reference] = Field(default_factory=list, max_length=8)
+    heldout: list[Reference] | None = Field(default=None, max_length=8, description=(
         "out-of-domain test sources, never calibrated or validated on; null: the built-in sources the job "
         "does not use (when it uses one); [] for none"))
     ratio: Ratio = Field(default=SearchJob.ratio,
                          description="share of all parameters to remove, in (0, 1), or a parameter count")
-    trials: int = Field(default=SearchJob.trials, ge=1, description="finished trials, baselines included")
+    trials: StrictInt = Field(default=SearchJob.trials, ge=1, description=(
+        "finished trials, the baselines included: trials=4 with 3 baselines runs 1 searched trial"))
     sampler: Literal[SAMPLERS] = SearchJob.sampler  # type: ignore[valid-type]
     pruner: Literal[PRUNERS] = SearchJob.pruner  # type: ignore[valid-type]
-    seed: int = Field(default=SearchJob.seed, ge=0, le=2**31 - 1)
-    pool_size: int = Field(default=SearchJob.pool_size, ge=1)
-    seq_len: int = Field(default=SearchJob.seq_len, ge=8, le=8192)
-    val_windows: int = Field(default=SearchJob.val_windows, ge=1)
-    test_windows: int = Field(default=SearchJob.test_windows, ge=1)
-    baselines: list[Literal[BASELINES]] = Field(default=list(DEFAULT_BASELINES))  # type: ignore[valid-type]
+    seed: StrictInt = Field(default=SearchJob.seed, ge=0, le=2**31 - 1)
+    pool_size: StrictInt = Field(default=SearchJob.pool_size, ge=1)
+    seq_len: StrictInt = Field(default=SearchJob.seq_len, ge=8, le=8192)
+    val_windows: StrictInt = Field(default=SearchJob.val_windows, ge=1)
+    test_windows: StrictInt = Field(default=SearchJob.test_windows, ge=1)
+    baselines: list[Literal[BASELINES]] = Field(default=list(DEFAULT_BASELINES), max_length=len(BASELINES))  # type: ignore[valid-type]
     space: SpaceSpec = Field(default_factory=SpaceSpec)
     recover: RecoverSpec | None = None
     trust_remote_code: bool = False
@@ -106,6 +111,7 @@ class Progress(BaseModel):
     failed: int
     budget: int
     eta_seconds: float | None
+    phase: str = Field(description="what the job is doing: 'loading model', 'pool statistics 12/64', 'trial 3/40'")
 
 
 class TrialSummary(BaseModel):
@@ -124,8 +130,15 @@ class TrialSummary(BaseModel):
     started: datetime | None
     completed: datetime | None
 
+    @field_validator("started", "completed")
+    @classmethod
+    def _with_offset(cls, value: datetime | None) -> datetime | None:
+        return value.astimezone(UTC) if value is not None else None  # Optuna's are naive local times
+
 
 class JobOut(BaseModel):
+    """A job as served. Times are RFC 3339 with their offset (SQLite stores them without one: UTC)."""
+
     id: str
     name: str | None
     status: str
@@ -142,6 +155,11 @@ class JobOut(BaseModel):
     recovery: dict[str, Any] | None = None
     links: Links
 
+    @field_validator("created_at", "started_at", "finished_at")
+    @classmethod
+    def _utc(cls, value: datetime | None) -> datetime | None:
+        return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+
 
 class JobList(BaseModel):
     items: list[JobOut]
@@ -152,3 +170,9 @@ class JobList(BaseModel):
 
 class TrialList(BaseModel):
     items: list[TrialSummary]
+
+
+class ErrorOut(BaseModel):
+    """An error: a sentence, or (422, 403 on a field) a list naming the fields, as FastAPI's own."""
+
+    detail: str | list[dict[str, Any]]

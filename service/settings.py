@@ -20,8 +20,12 @@ class Settings(BaseSettings):
     database_url: str | None = None
     artifact_dir: str | None = None  # Optuna artifact store: a folder or s3://BUCKET; default data_dir/artifacts
 
-    # Access. Writes always need one of the tokens; reads need one unless public_reads is on.
+    # Access. Writes always need one of the tokens, and a job is cancelled only by the token that
+    # submitted it (or an admin token). Reads need a token unless public_reads is on; with a token, a
+    # caller sees only its own jobs, an admin token sees all. public_reads shows everyone every job:
+    # its spec (paths relative to the roots), trials, report and model.
     api_tokens: Annotated[list[str], NoDecode] = Field(default_factory=list)  # comma-separated in the env
+    admin_tokens: Annotated[list[str], NoDecode] = Field(default_factory=list)  # may read and cancel any job
     public_reads: bool = True
 
     # What a job may use. Built-in models and texts are always allowed; hub models only when listed
@@ -40,15 +44,23 @@ class Settings(BaseSettings):
     max_recover_steps: int = 5000
 
     # Links and workers.
-    dashboard_url: str = "http://127.0.0.1:8081"
+    dashboard_url: str | None = "http://127.0.0.1:8081"  # empty: no dashboard, no dashboard links
+    # The API's address as clients see it, for absolute links in answers; unset: links are relative
+    # (never built from the request's Host header, which any client can set).
+    public_url: str | None = None
     worker_poll_seconds: float = 5.0
 
-    @field_validator("api_tokens", "allowed_hub_models", mode="before")
+    @field_validator("api_tokens", "admin_tokens", "allowed_hub_models", mode="before")
     @classmethod
     def _comma_separated(cls, value):
         if isinstance(value, str) and not value.startswith("["):
             return [v.strip() for v in value.split(",") if v.strip()]
         return value
+
+    @field_validator("dashboard_url", "public_url", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value):
+        return value or None
 
     @cached_property
     def db_url(self) -> str:
@@ -73,7 +85,14 @@ class Settings(BaseSettings):
 
     def token_id(self, token: str) -> str | None:
         """A stable, non-secret id for a valid token (stored as a job's owner)."""
-        # compare_digest: how long a comparison takes tells nothing about how much of a token matched
-        if any(hmac.compare_digest(token.encode(), known.encode()) for known in self.api_tokens):
+        if _known(token, [*self.api_tokens, *self.admin_tokens]):
             return hashlib.sha256(token.encode()).hexdigest()[:12]
         return None
+
+    def is_admin(self, token: str) -> bool:
+        return _known(token, self.admin_tokens)
+
+
+def _known(token: str, tokens: list[str]) -> bool:
+    # compare_digest: how long a comparison takes tells nothing about how much of a token matched
+    return any(hmac.compare_digest(token.encode(), known.encode()) for known in tokens)

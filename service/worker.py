@@ -12,9 +12,12 @@ import logging
 import os
 import signal
 import threading
+import time
 
-from sqlalchemy.exc import OperationalError
+import optuna
+from sqlalchemy.exc import DBAPIError, OperationalError
 
+from adapruner.errors import Stopped
 from adapruner.search import make_storage, open_session, run_search, write_report
 
 from . import jobs
@@ -23,6 +26,9 @@ from .schemas import JobCreate
 from .settings import Settings
 
 logger = logging.getLogger("adapruner.worker")
+# The database is away or refused a write: the job has done nothing wrong, and the worker waits it out.
+DATABASE_ERRORS = (OperationalError, DBAPIError, optuna.exceptions.StorageInternalError)
+PHASE_SECONDS = 2.0  # record a job's phase at most this often
 
 
 class Worker:
@@ -47,43 +53,75 @@ class Worker:
         signal.signal(signal.SIGINT, drain)
 
     def run(self, once: bool = False) -> None:
-        """Serve jobs until stopped (or, with ``once``, until no job has work left)."""
+        """Serve jobs until stopped (or, with ``once``, until no job has work left).
+
+        A database outage never ends the worker: it waits, longer each time (up to a minute), and
+        claims again; a job it was serving is picked up again by whichever worker claims it next.
+        """
+        backoff = 0.0
         while not self.stopping.is_set():
             try:
                 with self.sessions() as db:
                     job = jobs.claim_job(db, self.storage, self.settings)
-            except OperationalError as exc:  # the database is busy or briefly away: try again later
-                logger.warning("could not claim a job: %s", str(exc).splitlines()[0])
-                job = None
+                if job is not None:
+                    self.serve(job)
+                backoff = 0.0
+            except DATABASE_ERRORS as exc:
+                backoff = min(60.0, max(1.0, 2 * backoff))
+                logger.warning("database unavailable (%s): trying again in %.0f s", str(exc).splitlines()[0], backoff)
+                self.stopping.wait(backoff)
+                continue
             if job is None:
                 if once:
                     return
                 self.stopping.wait(self.settings.worker_poll_seconds)
-                continue
-            self.serve(job)
 
-    def _session(self, job_id: str, spec: JobCreate):
-        if self._loaded is None or self._loaded[0] != job_id:
+    def _session(self, job, spec: JobCreate):
+        if self._loaded is None or self._loaded[0] != job.id:
             self._loaded = None  # free the previous job's model before loading the next
             session = open_session(spec.to_search_job(), self.device, self.dtype,
-                                   trust_remote_code=spec.trust_remote_code, progress=self.progress)
-            self._loaded = (job_id, session)
+                                   trust_remote_code=spec.trust_remote_code, progress=self.progress,
+                                   on_step=self._phase_recorder(job))
+            self._loaded = (job.id, session)
         return self._loaded[1]
+
+    def _cancelled(self, job_id: str) -> bool:
+        with self.sessions() as db:
+            return jobs.job_status(db, job_id) != JobStatus.running.value
+
+    def _phase_recorder(self, job):
+        """``on_step`` for the job's long work before its trials: records the phase with its study (at most
+        every PHASE_SECONDS) and stops the work within a step once the job is cancelled."""
+        last = [0.0]
+
+        def on_step(phase: str, done: int, total: int) -> None:
+            if self.stopping.is_set() or self._cancelled(job.id):
+                raise Stopped(f"job {job.id} was cancelled")
+            now = time.monotonic()
+            if now - last[0] >= PHASE_SECONDS or done == 0:
+                last[0] = now
+                study = optuna.load_study(study_name=job.study_name, storage=self.storage)
+                study.set_user_attr("phase", {"phase": phase, "done": done, "total": total})
+
+        return on_step
 
     def serve(self, job) -> None:
         logger.info("serving job %s (%s)", job.id, job.study_name)
         spec = JobCreate.model_validate(job.spec)
 
         def should_stop() -> bool:
-            if self.stopping.is_set():
-                return True
-            with self.sessions() as db:
-                return jobs.job_status(db, job.id) != JobStatus.running.value
+            return self.stopping.is_set() or self._cancelled(job.id)
 
         try:
             result = run_search(spec.to_search_job(), self.settings.db_url, job.study_name,
-                                session=self._session(job.id, spec), artifact_dir=self.settings.artifacts,
+                                session=self._session(job, spec), artifact_dir=self.settings.artifacts,
                                 progress=self.progress, should_stop=should_stop, storage=self.storage)
+        except Stopped:
+            logger.info("job %s: stopped (cancelled, or this worker is draining)", job.id)
+            self._loaded = None  # the session may be half built
+            return
+        except DATABASE_ERRORS:
+            raise  # not the job's fault: run() waits for the database; the job stays running for the next worker
         except Exception as exc:  # the job, not the worker, failed: record why and go on
             logger.exception("job %s failed", job.id)
             with self.sessions() as db:

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_documents
+from helpers import make_documents
 
 from adapruner.export import load_pruned
 from service.cli import build_parser, main
@@ -61,11 +61,68 @@ def test_bad_arguments_exit_2_with_one_line(capsys, argv, message):
     assert exc.value.code == 2 and message in err and err.count("\n") == 1
 
 
+@pytest.fixture
+def loading_forbidden(monkeypatch):
+    """Any model load fails the test: the argument should have been refused before it."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the model was loaded before a bad argument was refused")
+
+    import adapruner.models
+    import adapruner.search.study
+    import adapruner.session
+
+    monkeypatch.setattr(adapruner.models, "load_model", forbidden)
+    monkeypatch.setattr(adapruner.session, "load_model", forbidden)
+    monkeypatch.setattr(adapruner.search.study, "open_session", forbidden)
+
+
+@pytest.fixture
+def broken_models(tmp_path):
+    (tmp_path / "not-json").mkdir()
+    (tmp_path / "not-json" / "config.json").write_text("{not json")
+    (tmp_path / "fake.gguf").write_bytes(b"this is no gguf file")
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
+    return tmp_path
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["eval", "--dtype", "nonsense"], "unknown dtype 'nonsense'"),
+    (["search", "--dtype", "nonsense", "--trials", "2"], "unknown dtype 'nonsense'"),
+    (["prune", "--device", "gpu"], "unknown device 'gpu'"),
+    (["prune", "--model", "{tiny}", "--layers", "0:99"], "does not fit the model's 4 layers"),
+    (["prune", "--model", "{tiny}", "--layers", "3:-2"], "does not fit the model's 4 layers"),
+    (["eval", "--model", "{broken}/not-json"], "is not valid JSON"),
+    (["search", "--model", "{broken}/not-json"], "is not valid JSON"),
+    (["eval", "--model", "{broken}/fake.gguf"], "is not a GGUF file"),
+    (["prune", "--model", "{broken}/bert"], "unsupported architecture 'bert'"),
+])
+def test_bad_arguments_are_refused_before_the_model_loads(capsys, loading_forbidden, broken_models,
+                                                           tiny_model_dir, argv, message):
+    argv = [a.format(tiny=tiny_model_dir, broken=broken_models) for a in argv]
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["eval", "--seq-len", "0"], "--seq-len must be positive"),
+    (["prune", "--layers", "20:4"], "0 <= FIRST < LAST"),
+    (["eval", "--max-windows", "-1"], "--max-windows must be >= 0"),
+    (["eval", "--batch-size", "0"], "--batch-size must be positive"),
+    (["finetune", "--seq-len", "-5"], "--seq-len must be positive"),
+])
+def test_bad_numbers_exit_2_before_the_model_loads(capsys, loading_forbidden, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and message in err and err.count("\n") == 1
+
+
 def test_user_errors_exit_2_with_one_line(capsys, tmp_path, tiny_model_dir, corpus):
     code, _, err = run(capsys, "eval", "--model", tmp_path / "missing")
     assert code == 2 and err.startswith("adapruner: error: model folder not found") and err.count("\n") == 1
     code, _, err = run(capsys, "prune", "--model", tiny_model_dir, "--calib", f"{corpus}:4", "--metric", "l0",
-                       "--seq-len", 32)
+                       "--seq-len", 32, "--allocation", "uniform")
     assert code == 2 and "unknown importance metric 'l0'" in err and err.count("\n") == 1
     code, _, err = run(capsys, "eval", "--model", tiny_model_dir, "--data", "builtin:poems")
     assert code == 2 and "built-in text source 'poems'" in err and err.count("\n") == 1
@@ -84,8 +141,9 @@ def test_serve_opens_the_api_only_the_dashboard_stays_on_localhost():
     assert args.host == "0.0.0.0" and args.dashboard_host == "127.0.0.1"  # the dashboard has no auth
 
 
-def test_a_heldout_source_that_also_calibrates_exits_2_before_anything_is_stored(capsys, tmp_path, corpus):
-    code, _, err = run(capsys, "search", "--model", tmp_path / "never-loaded", "--calib", corpus,
+def test_a_heldout_source_that_also_calibrates_exits_2_before_anything_is_stored(capsys, tmp_path, corpus,
+                                                                                tiny_model_dir, loading_forbidden):
+    code, _, err = run(capsys, "search", "--model", tiny_model_dir, "--calib", corpus,
                        "--heldout", corpus, "--storage", f"sqlite:///{tmp_path / 'runs.db'}")
     assert code == 2 and "held-out source" in err and err.count("\n") == 1
     assert not (tmp_path / "runs.db").exists()
@@ -99,8 +157,9 @@ def test_heldout_flag(argv, heldout):
     assert parse_heldout(build_parser().parse_args(["search", *argv]).heldout) == heldout
 
 
-def test_an_unknown_repair_mode_exits_2_before_the_model_loads(capsys, tmp_path, corpus):
-    code, _, err = run(capsys, "search", "--model", tmp_path / "never-loaded", "--calib", corpus,
+def test_an_unknown_repair_mode_exits_2_before_the_model_loads(capsys, tmp_path, corpus, tiny_model_dir,
+                                                              loading_forbidden):
+    code, _, err = run(capsys, "search", "--model", tiny_model_dir, "--calib", corpus,
                        "--repairs", "off,refit", "--storage", f"sqlite:///{tmp_path / 'runs.db'}")
     assert code == 2 and "unknown repair mode 'refit'" in err and err.count("\n") == 1
     assert not (tmp_path / "runs.db").exists()
@@ -113,3 +172,18 @@ def test_prune_repairs_and_saves_the_refitted_model(capsys, tmp_path, tiny_model
     assert code == 0, out
     model, _ = load_pruned(tmp_path / "pruned")
     assert model.config.adapruner["config"]["repair"] == {"mode": "pool", "ridge": 0.001}
+
+
+@pytest.mark.parametrize(("argv", "steps", "lr"), [
+    (["search", "--lora-steps", "7", "--lora-lr", "0.01"], 7, 0.01),
+    (["search", "--recover-steps", "7", "--recover-lr", "0.01"], 7, 0.01),
+    (["prune", "--lora-steps", "3", "--lora-lr", "0.02"], 3, 0.02),
+    (["prune", "--finetune-steps", "3", "--lr", "0.02"], 3, 0.02),
+    (["finetune", "--lora-steps", "5"], 5, None),
+    (["finetune", "--steps", "5"], 5, None),
+])
+def test_lora_flags_have_one_name_in_every_command_and_keep_their_old_names(argv, steps, lr):
+    args = build_parser().parse_args(argv)
+    assert args.lora_steps == steps
+    if lr is not None:
+        assert args.lr == lr

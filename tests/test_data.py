@@ -13,7 +13,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from conftest import make_documents
+from helpers import make_documents
 
 from adapruner.cache import cache_dir
 from adapruner.data import BUILTIN_SOURCES, SPLITS, TextSource, load_source, load_sources, split_documents

@@ -7,7 +7,6 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
-from service_fixtures import drop_postgres, postgres_url_or_skip
 from sqlalchemy import Column, DateTime, Integer, MetaData, Table, inspect, select
 from sqlalchemy.orm import Session
 
@@ -26,15 +25,9 @@ from service.db import (
 )
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request, tmp_path):
-    """A new, empty database for each test."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'jobs.db'}"
-        return
-    fresh = postgres_url_or_skip()
-    yield fresh
-    drop_postgres(fresh)
+@pytest.fixture
+def url(fresh_database):
+    return fresh_database
 
 
 def legacy_database(url: str) -> None:

@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_text
+from helpers import make_text
 
 from adapruner.data.windows import tokenize_windows
 from adapruner.evaluate import perplexity, window_losses

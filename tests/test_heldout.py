@@ -3,7 +3,7 @@
 import math
 
 import pytest
-from conftest import make_documents, make_tiny_model
+from helpers import make_documents, make_tiny_model
 
 from adapruner.data import build_pool, check_heldout, default_heldout, split_documents
 from adapruner.errors import AdaPrunerError

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 
 from adapruner.errors import AdaPrunerError
 from adapruner.importance import DECOMPOSABLE, METRICS, Mixture, metric_scores, subset_importance

@@ -13,7 +13,7 @@ import copy
 
 import pytest
 import torch
-from conftest import make_documents, make_tiny_model
+from helpers import make_documents, make_tiny_model
 
 from adapruner.data import build_pool, split_documents
 from adapruner.importance import Mixture

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 
 from adapruner.errors import AdaPrunerError
 from adapruner.importance import GroupScores

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_documents, make_tiny_model
+from helpers import make_documents, make_tiny_model
 
 from adapruner.data import build_pool, split_documents
 from adapruner.export import load_pruned, save_pruned

@@ -5,7 +5,7 @@ import tarfile
 import optuna
 import pytest
 import torch
-from conftest import make_documents, make_tiny_model
+from helpers import make_documents, make_tiny_model
 from optuna.artifacts import FileSystemArtifactStore, download_artifact
 from optuna.trial import TrialState
 
@@ -29,6 +29,7 @@ from adapruner.search import (
 from adapruner.search.report import best_so_far, write_report
 from adapruner.search.samplers import _make_sampler
 from adapruner.search.space import allocate, subset_from_clusters
+from adapruner.search.study import BASELINE_ATTEMPTS, requeue_failed_baselines
 from adapruner.session import PruningSession
 
 SPACE = SearchSpace(subset_size=(2, 8), n_clusters=3)
@@ -250,11 +251,23 @@ def test_failing_trials_are_recorded_not_fatal(session, tmp_path, monkeypatch):
     assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in result.study.trials) == 6
 
 
-def test_search_that_always_fails_stops_with_a_clear_error(session, tmp_path):
-    job = tiny_job(trials=3, baselines=(), space=SearchSpace(subset_size=(2, 8), n_clusters=3,
-                                                               fixed={"layer_first": 7, "layer_last": 7}))
+def test_search_that_always_fails_stops_with_a_clear_error(session, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(session, "plan", broken)
+    job = tiny_job(trials=3, baselines=(), space=SearchSpace(subset_size=(2, 8), n_clusters=3))
     with pytest.raises(AdaPrunerError, match="trials failed"):
         run_search(job, None, "x", session=session, progress=False, artifact_dir=tmp_path)
+
+
+def test_a_fixed_layer_range_the_model_lacks_is_refused_before_any_trial(session, tmp_path):
+    job = tiny_job(trials=3, baselines=(), space=SearchSpace(subset_size=(2, 8), n_clusters=3,
+                                                               fixed={"layer_first": 3, "layer_last": 1}))
+    storage = optuna.storages.InMemoryStorage()
+    with pytest.raises(AdaPrunerError, match="leave no layer to prune in a model of 4 layers"):
+        run_search(job, None, "x", session=session, progress=False, artifact_dir=tmp_path, storage=storage)
+    assert not optuna.load_study(study_name="x", storage=storage).trials
 
 
 @pytest.mark.parametrize("name", ["tpe", "gp", "random", "qmc", "botorch"])
@@ -288,6 +301,56 @@ def test_samplers_model_the_space_although_baselines_have_no_params(name):
     assert set(sampler.infer_relative_search_space(study, trial)) == {"x", "y"}
     if name != "tpe":  # what the bare sampler sees: nothing to model, so it would sample at random
         assert _make_sampler(name, 0, 2).infer_relative_search_space(study, trial) == {}
+
+
+def test_a_failed_baseline_is_queued_again_a_few_times():
+    job = tiny_job(baselines=("llm-pruner", "magnitude"))
+    study = create_study(optuna.storages.InMemoryStorage(), "b", job)
+
+    def flaky_storage(trial):
+        if trial.user_attrs["baseline"] == "llm-pruner":
+            raise RuntimeError("database is locked")
+        return 1.0
+
+    study.optimize(flaky_storage, n_trials=2, catch=(RuntimeError,))
+    for attempt in range(BASELINE_ATTEMPTS + 2):
+        requeue_failed_baselines(study, job)
+        requeue_failed_baselines(study, job)  # once per failure, however often it is called
+        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        assert len(waiting) == (1 if attempt < BASELINE_ATTEMPTS - 1 else 0)
+        assert all(t.user_attrs["baseline"] == "llm-pruner" for t in waiting)
+        study.optimize(flaky_storage, n_trials=len(waiting), catch=(RuntimeError,))
+    attempts = [t for t in study.trials if t.user_attrs.get("baseline") == "llm-pruner"]
+    assert len(attempts) == BASELINE_ATTEMPTS  # then it is given up, and the magnitude one never retried
+    assert sum(t.user_attrs.get("baseline") == "magnitude" for t in study.trials) == 1
+
+
+def _ask_params(study: optuna.Study) -> dict:
+    trial = study.ask()
+    params = {"x": trial.suggest_float("x", 0, 1), "k": trial.suggest_int("k", 0, 1000)}
+    study.tell(trial, params["x"])
+    return params
+
+
+@pytest.mark.parametrize("name", ["tpe", "gp", "random", "qmc"])
+def test_workers_seeded_alike_propose_distinct_configurations(name):
+    """Four processes on one study, each with a sampler built from the job's seed, ask in turn."""
+    storage = optuna.storages.InMemoryStorage()
+    workers = [optuna.create_study(storage=storage, study_name="shared", load_if_exists=True,
+                                   sampler=make_sampler(name, seed=7, n_startup_trials=8)) for _ in range(4)]
+    proposed = [_ask_params(study) for _ in range(3) for study in workers]
+    assert len({tuple(p.items()) for p in proposed}) == len(proposed)
+
+
+@pytest.mark.parametrize("name", ["tpe", "random"])
+def test_one_process_search_is_reproducible(name):
+    runs = []
+    for _ in range(2):
+        study = optuna.create_study(sampler=make_sampler(name, seed=3, n_startup_trials=4))
+        runs.append([_ask_params(study) for _ in range(8)])
+    assert runs[0] == runs[1]
+    other = optuna.create_study(sampler=make_sampler(name, seed=4, n_startup_trials=4))
+    assert [_ask_params(other) for _ in range(8)] != runs[0]
 
 
 def test_artifact_store_folder_and_s3(tmp_path):

@@ -17,14 +17,13 @@ import optuna
 import optuna_dashboard
 import pytest
 from optuna.trial import TrialState
-from service_fixtures import postgres_url, roots  # noqa: F401
 
 from adapruner.search.artifacts import artifact_store
 
 FAST_HEARTBEAT = {"ADAPRUNER_HEARTBEAT_SECONDS": "1", "ADAPRUNER_GRACE_SECONDS": "4"}
 
 
-def search(roots, storage, study, trials, tmp_path, *extra):  # noqa: F811
+def search(roots, storage, study, trials, tmp_path, *extra):
     argv = [sys.executable, "-m", "service.cli", "search", "--model", str(roots / "models" / "tiny"),
             "--calib", str(roots / "texts" / "toy"), "--pool-size", "12", "--seq-len", "32", "--val-windows", "32",
             "--test-windows", "6", "--subset-size", "2:6", "--clusters", "3", "--trials", str(trials),
@@ -42,7 +41,7 @@ def assert_exact(study, budget):
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_two_processes_share_one_study(backend, request, tmp_path, roots):  # noqa: F811
+def test_two_processes_share_one_study(backend, request, tmp_path, roots):
     storage = f"sqlite:///{tmp_path / 'runs.db'}" if backend == "sqlite" else request.getfixturevalue(
         "postgres_url")
     processes = [search(roots, storage, "shared", 30, tmp_path) for _ in range(2)]
@@ -55,7 +54,7 @@ def test_two_processes_share_one_study(backend, request, tmp_path, roots):  # no
     assert sum(t.user_attrs.get("baseline") == "wanda-sp" for t in study.trials) == 1  # enqueued once
 
 
-def test_a_killed_search_continues_when_run_again(tmp_path, roots):  # noqa: F811
+def test_a_killed_search_continues_when_run_again(tmp_path, roots):
     storage = f"sqlite:///{tmp_path / 'runs.db'}"
     first = search(roots, storage, "resumed", 12, tmp_path)
     deadline = time.time() + 300
@@ -64,9 +63,16 @@ def test_a_killed_search_continues_when_run_again(tmp_path, roots):  # noqa: F81
         try:
             study = optuna.load_study(study_name="resumed", storage=storage)
             finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-            running = [t for t in study.trials if t.state == TrialState.RUNNING]
-            if len(finished) >= 3 and running:
-                killed = running[0].number
+            if len(finished) >= 3 and any(t.state == TrialState.RUNNING for t in study.trials):
+                # Freeze the process, then read which trial it is running: once frozen, the trial
+                # cannot finish between the reading and the kill, however busy the machine is.
+                os.kill(first.pid, signal.SIGSTOP)
+                running = optuna.load_study(study_name="resumed", storage=storage).get_trials(
+                    deepcopy=False, states=(TrialState.RUNNING,))
+                if running:
+                    killed = running[0].number
+                else:  # it finished in the meantime: let it go on and look again
+                    os.kill(first.pid, signal.SIGCONT)
         except KeyError:
             pass
         time.sleep(0.05)
@@ -88,7 +94,7 @@ class QuietHandler(WSGIRequestHandler):
         pass
 
 
-def test_the_study_opens_in_optuna_dashboard(tmp_path, roots):  # noqa: F811
+def test_the_study_opens_in_optuna_dashboard(tmp_path, roots):
     storage = f"sqlite:///{tmp_path / 'runs.db'}"
     process = search(roots, storage, "shown", 5, tmp_path)
     out, _ = process.communicate(timeout=900)

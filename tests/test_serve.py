@@ -7,7 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
+import signal
 import subprocess
 import sys
 import tarfile
@@ -16,37 +16,12 @@ import urllib.error
 import urllib.request
 
 import torch
-from service_fixtures import roots, small_job  # noqa: F401
+from helpers import call, free_port, small_job, wait_for_job, wait_until_up
 
 from adapruner.export import load_pruned
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def call(url: str, body: dict | None = None, token: str | None = None, timeout: float = 30):
-    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {token}"} if token else {})
-    data = json.dumps(body).encode() if body is not None else None
-    with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers), timeout=timeout) as r:
-        return r.status, r.read()
-
-
-def wait_until_up(url: str, process: subprocess.Popen, seconds: float = 120) -> None:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        assert process.poll() is None, process.stdout.read()
-        try:
-            call(url)
-            return
-        except (urllib.error.URLError, ConnectionError):
-            time.sleep(0.3)
-    raise AssertionError(f"{url} never answered")
-
-
-def test_serve_runs_a_job_end_to_end(tmp_path, roots):  # noqa: F811
+def test_serve_runs_a_job_end_to_end(tmp_path, roots):
     api, dashboard = free_port(), free_port()
     data = tmp_path / "data"
     env = {**os.environ, "ADAPRUNER_DATA_DIR": str(data), "ADAPRUNER_MODELS_ROOT": str(roots / "models"),
@@ -70,12 +45,7 @@ def test_serve_runs_a_job_end_to_end(tmp_path, roots):  # noqa: F811
         status, body = call(f"{base}/v1/jobs", small_job(trials=5, space=repaired), token)
         assert status == 202
         job_id = json.loads(body)["id"]
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            job = json.loads(call(f"{base}/v1/jobs/{job_id}")[1])
-            if job["status"] not in ("queued", "running"):
-                break
-            time.sleep(0.5)
+        job = wait_for_job(base, job_id)
         assert job["status"] == "succeeded", job
         assert job["progress"]["finished"] == 5 and job["best"]["test_ppl"] > 1
         assert {b["baseline"] for b in job["baselines"]} == {"wanda-sp", "magnitude"}
@@ -101,3 +71,42 @@ def test_serve_runs_a_job_end_to_end(tmp_path, roots):  # noqa: F811
         server.terminate()
         out, _ = server.communicate(timeout=90)
     assert server.returncode == 0, out  # SIGTERM drains the worker and stops the dashboard cleanly
+
+
+def worker_pids(server: subprocess.Popen) -> set[int]:
+    out = subprocess.run(["pgrep", "-P", str(server.pid), "-f", "service.cli worker"], capture_output=True, text=True)
+    return {int(pid) for pid in out.stdout.split()}
+
+
+def test_serve_replaces_a_dead_worker_keeps_its_files_private_and_links_no_absent_dashboard(tmp_path,
+                                                                                            roots):
+    api = free_port()
+    data = tmp_path / "data"
+    env = {**os.environ, "ADAPRUNER_DATA_DIR": str(data), "ADAPRUNER_MODELS_ROOT": str(roots / "models"),
+           "ADAPRUNER_TEXTS_ROOT": str(roots / "texts"), "ADAPRUNER_WORKER_POLL_SECONDS": "0.5",
+           "ADAPRUNER_WORKER_CHECK_SECONDS": "0.5", "ADAPRUNER_API_TOKENS": "serve-token"}
+    env.pop("ADAPRUNER_DATABASE_URL", None)
+    server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(api),
+                               "--dashboard-port", "0", "--device", "cpu"], env=env, cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{api}"
+    try:
+        wait_until_up(f"{base}/healthz", server)
+        (first,) = worker_pids(server)
+        os.kill(first, signal.SIGKILL)
+        deadline = time.time() + 60
+        while time.time() < deadline and worker_pids(server) in (set(), {first}):
+            time.sleep(0.2)
+        assert len(worker_pids(server) - {first}) == 1, "the dead worker was not replaced"
+        status, body = call(f"{base}/v1/jobs", small_job(trials=3), "serve-token")
+        job_id = json.loads(body)["id"]
+        job = wait_for_job(base, job_id)
+        assert job["status"] == "succeeded", job  # run by the replacement
+        assert job["links"]["dashboard"] is None and job["links"]["self"] == f"/v1/jobs/{job_id}"
+        assert job["created_at"].endswith(("Z", "+00:00")) and job["finished_at"].endswith(("Z", "+00:00"))
+        for path in (data / "adapruner.db", data / "artifacts"):
+            assert path.stat().st_mode & 0o077 == 0, path
+    finally:
+        server.terminate()
+        out, _ = server.communicate(timeout=90)
+    assert server.returncode == 0, out

@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from helpers import TOKEN, service_env, small_job, start_worker
 from pydantic import ValidationError
-from service_fixtures import TOKEN, postgres_url, roots, service_env, small_job, start_worker  # noqa: F401
 
 from adapruner.export import load_pruned
 from service.app import create_app
@@ -23,7 +23,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def backend(request, tmp_path, roots):  # noqa: F811
+def backend(request, tmp_path, roots):
     url = f"sqlite:///{tmp_path / 'service.db'}" if request.param == "sqlite" else request.getfixturevalue(
         "postgres_url")
     upgrade(url)
@@ -73,7 +73,7 @@ def test_submit_answers_202_with_location_and_queued_baselines(client):
     assert response.status_code == 202 and response.headers["Location"] == f"/v1/jobs/{body['id']}"
     assert body["status"] == "queued" and body["progress"]["budget"] == 6 and body["progress"]["finished"] == 0
     assert body["links"]["dashboard"].startswith("http://127.0.0.1:8081/dashboard/studies/")
-    assert body["spec"]["model"].endswith("/models/tiny")  # resolved inside the models root
+    assert body["spec"]["model"] == "tiny" and body["spec"]["calibration"] == ["toy"]  # no server paths shown
     assert body["spec"]["recover"] is None
     trials = client.get(body["links"]["trials"]).json()["items"]
     assert [t["baseline"] for t in trials] == ["wanda-sp", "magnitude"] and trials[0]["state"] == "waiting"
@@ -108,12 +108,47 @@ def test_submit_answers_202_with_location_and_queued_baselines(client):
     ({"surprise": 1}, 422, "surprise", "Extra inputs are not permitted"),
     ({"recover": {"steps": 0}}, 422, "steps", "greater than or equal to 1"),
     ({"recover": {"steps": 9000}}, 422, "steps", "at most 5000"),
+    ({"model": "a\u0000b.gguf"}, 422, "model", "String should match pattern"),
+    ({"calibration": ["toy\u0000"]}, 422, "calibration", "String should match pattern"),
+    ({"heldout": ["x\u0000y"]}, 422, "heldout", "String should match pattern"),
+    ({"trials": True}, 422, "trials", "valid integer"),
+    ({"calibration": ["builtin:books:5000"], "pool_size": 8}, 422, "calibration", "at most 256"),
+    ({"calibration": ["builtin:books:200", "toy"], "pool_size": 100}, 422, "calibration", "cannot cover"),
+    ({"space": {"fixed": {"aggregation": "nonsense"}}}, 422, "space.fixed.aggregation", "must be one of"),
+    ({"space": {"fixed": {"nope": 1}}}, 422, "space.fixed.nope", "not a search parameter"),
+    ({"space": {"fixed": {"layers_first": 1e9}}}, 422, "space.fixed.layers_first", "not a search parameter"),
+    ({"space": {"fixed": {"layer_first": 1.5}}}, 422, "space.fixed.layer_first", "an integer"),
+    ({"space": {"fixed": {f"k{i}": 1 for i in range(200)}}}, 422, "space.fixed", "at most 64"),
+    ({"baselines": ["magnitude"] * 50}, 422, "baselines", "at most"),
+    ({"model": "fake.gguf"}, 422, "model", "is not a GGUF file"),
+    ({"model": "empty"}, 422, "model", "has no config.json"),
+    ({"model": "."}, 422, "model", "has no config.json"),
 ])
 def test_bad_jobs_get_4xx_naming_the_field(client, change, status, field, message):
     response = submit(client, **change)
     assert response.status_code == status, response.text
     detail = response.json()["detail"]
     assert any(field.split(".")[-1] in map(str, d["loc"]) and message in d["msg"] for d in detail), detail
+
+
+@pytest.mark.parametrize("body", ['{"ratio": NaN}', '{"trials": Infinity}', '{"trials": 1e400}',
+                                  '{"ratio": -Infinity}', '{"space": {"ridge": [NaN, 1]}}'])
+def test_non_finite_numbers_get_422_not_500(client, body):
+    response = client.post("/v1/jobs", content=body, headers={**AUTH, "Content-Type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["loc"][1] in ("ratio", "trials", "space")
+
+
+def test_a_huge_offset_gets_422(client):
+    response = client.get("/v1/jobs", params={"offset": 9223372036854775808})
+    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["query", "offset"]
+
+
+def test_the_error_answers_are_documented(client):
+    responses = client.get("/openapi.json").json()["paths"]["/v1/jobs/{job_id}/cancel"]["post"]["responses"]
+    assert {"401", "403", "404", "409", "422"} <= set(responses)
+    report = client.get("/openapi.json").json()["paths"]["/v1/jobs/{job_id}/report"]["get"]["responses"]
+    assert "text/markdown" in report["200"]["content"]
 
 
 def test_a_job_takes_a_parameter_count_as_its_ratio(client):
@@ -166,6 +201,48 @@ def test_a_worker_runs_a_job_to_the_end(client, backend):
     assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 320)
     # a finished job stays finished: cancelling it is a conflict
     assert client.post(f"/v1/jobs/{created['id']}/cancel", headers=AUTH).status_code == 409
+
+
+OTHER, ADMIN = "other-token-5678", "admin-token-9999"
+
+
+@pytest.fixture
+def tokens(backend, monkeypatch):
+    """Clients of three tokens on one server, reads private: the owner, another user, an admin."""
+    env = {**backend, "ADAPRUNER_API_TOKENS": f"{TOKEN},{OTHER}", "ADAPRUNER_ADMIN_TOKENS": ADMIN,
+           "ADAPRUNER_PUBLIC_READS": "false"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with TestClient(create_app(Settings())) as c:
+        yield c
+
+
+def test_only_the_owner_or_an_admin_sees_and_cancels_a_job(tokens):
+    other, admin = {"Authorization": f"Bearer {OTHER}"}, {"Authorization": f"Bearer {ADMIN}"}
+    mine = submit(tokens).json()["id"]
+    theirs = tokens.post("/v1/jobs", json=small_job(), headers=other).json()["id"]
+
+    def listed(headers):  # the database may hold other tests' jobs (of the first token)
+        return {j["id"] for j in tokens.get("/v1/jobs", params={"limit": 100}, headers=headers).json()["items"]}
+
+    assert mine in listed(AUTH) and theirs not in listed(AUTH)
+    assert listed(other) == {theirs} and {mine, theirs} <= listed(admin)
+    for path in ("", "/trials", "/model", "/report"):
+        assert tokens.get(f"/v1/jobs/{mine}{path}", headers=other).status_code == 404
+    assert tokens.post(f"/v1/jobs/{mine}/cancel", headers=other).status_code == 404
+    assert tokens.get(f"/v1/jobs/{mine}", headers=AUTH).json()["status"] == "queued"
+    assert tokens.post(f"/v1/jobs/{theirs}/cancel", headers=admin).json()["status"] == "cancelled"
+    assert tokens.post(f"/v1/jobs/{mine}/cancel", headers=AUTH).json()["status"] == "cancelled"
+
+
+def test_with_public_reads_another_token_still_cannot_cancel(backend, monkeypatch):
+    for key, value in {**backend, "ADAPRUNER_API_TOKENS": f"{TOKEN},{OTHER}"}.items():
+        monkeypatch.setenv(key, value)
+    with TestClient(create_app(Settings())) as c:
+        job_id = submit(c).json()["id"]
+        response = c.post(f"/v1/jobs/{job_id}/cancel", headers={"Authorization": f"Bearer {OTHER}"})
+        assert response.status_code == 403 and "another token" in response.json()["detail"]
+        assert c.get(f"/v1/jobs/{job_id}").json()["status"] == "queued"
 
 
 def test_restarting_the_api_loses_nothing(backend, monkeypatch):

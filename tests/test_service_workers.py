@@ -9,8 +9,8 @@ import time
 import optuna
 import pytest
 from fastapi.testclient import TestClient
+from helpers import TOKEN, service_env, small_job, start_worker
 from optuna.trial import TrialState
-from service_fixtures import TOKEN, postgres_url, roots, service_env, small_job, start_worker  # noqa: F401
 
 from service.app import create_app
 from service.db import upgrade
@@ -46,7 +46,7 @@ def assert_exact(study, budget):
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_killed_worker_trial_is_failed_and_retried(backend, request, tmp_path, roots, monkeypatch):  # noqa: F811
+def test_killed_worker_trial_is_failed_and_retried(backend, request, tmp_path, roots, monkeypatch):
     url = f"sqlite:///{tmp_path / 's.db'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
     upgrade(url)
     env = service_env(tmp_path / "data", url, roots, **FAST_HEARTBEAT)
@@ -76,15 +76,18 @@ def test_killed_worker_trial_is_failed_and_retried(backend, request, tmp_path, r
     assert_exact(study, 8)
 
 
-def test_three_workers_share_one_postgres_job(postgres_url, tmp_path, roots, monkeypatch):  # noqa: F811
+def test_four_workers_share_one_postgres_job_and_never_repeat_a_configuration(postgres_url, tmp_path, roots,
+                                                                              monkeypatch):
     upgrade(postgres_url)
     env = service_env(tmp_path / "data", postgres_url, roots)
     job = submit(env, monkeypatch, trials=24, val_windows=48, baselines=[])
-    workers = [start_worker(env, "--once") for _ in range(3)]
+    workers = [start_worker(env, "--once") for _ in range(4)]
     outputs = [w.communicate(timeout=600)[0] for w in workers]
     assert all(w.returncode == 0 for w in workers), outputs
     assert job_state(env, job["id"])["status"] == "succeeded"
     study = study_of(postgres_url, job)
     assert_exact(study, 24)
     contributors = {t.user_attrs["worker"] for t in study.trials if t.state != TrialState.FAIL}
-    assert len(contributors) == 3, contributors
+    assert len(contributors) == 4, contributors
+    configurations = [tuple(sorted(t.params.items())) for t in study.trials if t.state != TrialState.FAIL]
+    assert len(set(configurations)) == len(configurations)  # the workers' samplers share the job's seed

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from adapruner.errors import AdaPrunerError, UnsupportedModelError

@@ -9,10 +9,18 @@ tests on but never sees.
 from .builtin import BUILTIN_SOURCES
 from .heldout import check_heldout, default_heldout
 from .sources import SPLITS, TextSource, load_source, load_sources, split_documents, split_works
-from .windows import CalibrationPool, build_pool, eval_windows, parse_draw, tokenize_windows, training_windows
+from .windows import (
+    CalibrationPool,
+    build_pool,
+    eval_windows,
+    parse_draw,
+    pool_draws,
+    tokenize_windows,
+    training_windows,
+)
 
 __all__ = [
     "BUILTIN_SOURCES", "SPLITS", "CalibrationPool", "TextSource", "build_pool", "check_heldout", "default_heldout",
-    "eval_windows", "load_source",
-    "load_sources", "parse_draw", "split_documents", "split_works", "tokenize_windows", "training_windows",
+    "eval_windows", "load_source", "load_sources", "parse_draw", "pool_draws", "split_documents", "split_works",
+    "tokenize_windows", "training_windows",
 ]

@@ -100,6 +100,17 @@ def even_counts(n_samples: int, n_sources: int) -> list[int]:
     return [share + (1 if i < extra else 0) for i in range(n_sources)]
 
 
+def pool_draws(specs: Sequence[str], pool_size: int) -> list[tuple[str, int]]:
+    """Each calibration spec with the number of pool windows it gives: its own count (``SOURCE:N``), or
+    an even share of what the counted specs leave of ``pool_size``."""
+    draws = [parse_draw(spec, 0) for spec in specs]
+    unsized = [spec for spec, n in draws if n == 0]
+    if unsized:
+        shares = dict(zip(unsized, even_counts(pool_size - sum(n for _, n in draws), len(unsized)), strict=True))
+        draws = [(spec, n or shares[spec]) for spec, n in draws]
+    return draws
+
+
 def build_pool(
     tokenizer: PreTrainedTokenizerBase,
     draws: Sequence[tuple[TextSource, int]],

@@ -19,15 +19,24 @@ from .report import (
     write_report,
 )
 from .samplers import ESTIMATING_SAMPLERS, PRUNERS, SAMPLERS, make_pruner, make_sampler
-from .space import CALIBRATION_MODES, DEFAULT_METRICS, PoolClusters, SearchSpace, cluster_pool, suggest_config
-from .storage import count_trials, fail_dead_trials, make_storage
+from .space import (
+    CALIBRATION_MODES,
+    DEFAULT_METRICS,
+    PoolClusters,
+    SearchSpace,
+    check_fixed,
+    cluster_pool,
+    suggest_config,
+)
+from .storage import SQLITE_BUSY_SECONDS, count_trials, fail_dead_trials, make_storage, use_wal
 from .study import SearchResult, create_study, open_session, run_search
 
 __all__ = [
     "BASELINES", "CALIBRATION_MODES", "DEFAULT_BASELINES", "DEFAULT_METRICS", "ESTIMATING_SAMPLERS", "PRUNERS",
-    "SAMPLERS", "Objective", "PoolClusters", "SearchJob", "SearchResult", "SearchSpace", "StudyLock",
-    "artifact_store", "baseline_config", "baseline_trials", "best_so_far", "best_trial", "cluster_pool",
+    "SAMPLERS", "SQLITE_BUSY_SECONDS", "Objective", "PoolClusters", "SearchJob", "SearchResult", "SearchSpace",
+    "StudyLock",
+    "artifact_store", "baseline_config", "baseline_trials", "best_so_far", "best_trial", "check_fixed", "cluster_pool",
     "count_trials", "create_study", "describe_config", "export_best", "fail_dead_trials", "finished_trials",
     "make_pruner", "make_sampler", "make_storage", "margin_sentence", "open_session", "report_markdown",
-    "run_search", "suggest_config", "write_report",
+    "run_search", "suggest_config", "use_wal", "write_report",
 ]

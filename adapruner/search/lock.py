@@ -8,17 +8,17 @@ and overshoot the budget. The lock lives where the study does:
   held by a transaction kept open for the claim: no table of our own is needed, a dead worker's lock
   dies with its connection, and it stays correct behind PgBouncer in transaction-pooling mode;
 * MySQL/MariaDB: ``GET_LOCK`` likewise;
-* SQLite: ``flock`` on a file beside the database (SQLite itself only works on one machine);
+* SQLite: a file lock (``filelock``) beside the database (SQLite itself only works on one machine);
 * anything else (in-memory storage): a lock within this process.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import threading
 from pathlib import Path
 
+from filelock import FileLock
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
@@ -53,8 +53,9 @@ class StudyLock:
         elif backend == "sqlite" and self.url.database not in (None, "", ":memory:"):
             database = Path(self.url.database)
             path = database.with_name(f"{database.name}.{self._key & 0xFFFFFFFF:08x}.lock")
-            self._file = open(path, "a+")
-            fcntl.flock(self._file, fcntl.LOCK_EX)
+            # not a singleton, not reentrant: each StudyLock is its own holder, as for the other backends
+            self._file = FileLock(path, is_singleton=False)
+            self._file.acquire()
         else:
             self._thread_lock = _local_locks.setdefault(self.study_name, threading.Lock())
             self._thread_lock.acquire()
@@ -75,8 +76,7 @@ class StudyLock:
                 self._conn.close()
                 self._conn = None
         elif self._file is not None:
-            fcntl.flock(self._file, fcntl.LOCK_UN)
-            self._file.close()
+            self._file.release(force=True)
             self._file = None
         elif self._thread_lock is not None:
             self._thread_lock.release()

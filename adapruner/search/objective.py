@@ -156,7 +156,8 @@ class Objective:
                 trial.report(mean, step=len(losses))
             else:
                 trial.report(nll, step=index)
-            if may_stop_early and trial.should_prune():
+            # A trial that has seen every window is finished, not stopped: nothing is left to save.
+            if may_stop_early and len(losses) < windows.shape[0] and trial.should_prune():
                 trial.set_user_attr("windows", len(losses))
                 trial.set_user_attr("partial_val_ppl", math.exp(mean))
                 message = f"stopped after {len(losses)} of {windows.shape[0]} validation windows"

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Callable
 
+import numpy as np
 import optuna
 from optuna.trial import FrozenTrial
 
@@ -46,6 +48,11 @@ class _SearchedTrials:
         return self.get_trials()
 
 
+def trial_seed(seed: int, number: int) -> int:
+    """The seed of trial ``number`` of a study seeded with ``seed``: distinct per trial, the same every run."""
+    return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
+
+
 class BaselinesHidden(optuna.samplers.BaseSampler):
     """Wraps a sampler so that it learns from the searched trials only, never from the baselines.
 
@@ -53,10 +60,19 @@ class BaselinesHidden(optuna.samplers.BaseSampler):
     GP and BoTorch model the intersection of the completed trials' spaces, and QMC takes its space
     from the first completed trial: a baseline makes that space empty, and they would fall back,
     silently, to independent random sampling for the whole study.
+
+    With ``reseed`` (a factory taking a seed), the sampler is rebuilt before every trial with a seed
+    drawn from the job's seed and the trial's number. Several processes on one study each build
+    their sampler from the same job seed: seeded once, they would all draw the same random start-up
+    configurations (and, on equal history, the same proposals), and mostly repeat each other's work.
+    Trial numbers are unique within a study, so no two trials share a seed, and a run by one process
+    is still reproducible. The samplers keep nothing else between trials: they read the history from
+    the study.
     """
 
-    def __init__(self, sampler: optuna.samplers.BaseSampler):
-        self.sampler = sampler
+    def __init__(self, sampler: optuna.samplers.BaseSampler,
+                 reseed: Callable[[int], optuna.samplers.BaseSampler] | None = None, seed: int = 0):
+        self.sampler, self._reseed, self._seed = sampler, reseed, seed
 
     def __str__(self) -> str:
         return f"{type(self.sampler).__name__} (baselines hidden)"
@@ -71,6 +87,8 @@ class BaselinesHidden(optuna.samplers.BaseSampler):
         return self.sampler.sample_independent(_SearchedTrials(study), trial, param_name, param_distribution)
 
     def before_trial(self, study, trial) -> None:
+        if self._reseed is not None:
+            self.sampler = self._reseed(trial_seed(self._seed, trial.number))
         self.sampler.before_trial(_SearchedTrials(study), trial)
 
     def after_trial(self, study, trial, state, values) -> None:
@@ -81,9 +99,15 @@ class BaselinesHidden(optuna.samplers.BaseSampler):
 
 
 def make_sampler(name: str, seed: int = 0, n_startup_trials: int = 8) -> optuna.samplers.BaseSampler:
-    """The named sampler, wrapped so that the study's baseline trials do not shape its search."""
-    with chosen_experimental_features():
-        return BaselinesHidden(_make_sampler(name, seed, n_startup_trials))
+    """The named sampler, wrapped so that the study's baseline trials do not shape its search, and
+    seeded per trial so that processes sharing the study do not repeat each other (QMC excepted: its
+    processes already share one sequence through the study and take distinct points of it)."""
+
+    def build(trial_seed: int) -> optuna.samplers.BaseSampler:
+        with chosen_experimental_features():
+            return _make_sampler(name, trial_seed, n_startup_trials)
+
+    return BaselinesHidden(build(seed), reseed=None if name == "qmc" else build, seed=seed)
 
 
 def _make_sampler(name: str, seed: int, n_startup_trials: int) -> optuna.samplers.BaseSampler:

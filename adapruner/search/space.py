@@ -28,6 +28,7 @@ searched, and a study's trials record only what was searched.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -44,6 +45,43 @@ from ..session import PruneConfig
 DEFAULT_METRICS = ("magnitude_l1", "magnitude_l2", "taylor_first_persample", "taylor_second", "taylor_vector",
                    "wanda_sp", "flap_fluctuation")
 CALIBRATION_MODES = ("clusters", "random", "all")
+
+
+# What each parameter of a trial may be fixed to (see suggest_config): a range or a tuple of choices.
+_UNIT = ("number", 0.0, 1.0)
+FIXABLE: dict[str, tuple] = {
+    "calib_size": ("integer", 1, None), "calib_seed": ("integer", 0, 2**20), "aggregation": AGGREGATIONS,
+    "layer_first": ("integer", 0, None), "layer_last": ("integer", 0, None), "strength": _UNIT, "attn_share": _UNIT,
+    "repair": REPAIR_MODES, "ridge": ("positive number", 0.0, None), **{f"w_{m}": _UNIT for m in METRICS},
+}
+
+
+def _in_range(value: Any, kind: str, low: float, high: float | None) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return False
+    if kind == "integer" and not isinstance(value, int):
+        return False
+    return (value > low if kind == "positive number" else value >= low) and (high is None or value <= high)
+
+
+def check_fixed(name: str, value: Any, n_clusters: int) -> None:
+    """A fixed parameter must be one that trials have (``calib_c0`` .. one per cluster), in its range."""
+    if name.startswith("calib_c") and name[7:].isdigit() and int(name[7:]) < n_clusters:
+        domain = _UNIT
+    elif name in FIXABLE:
+        domain = FIXABLE[name]
+    else:
+        raise AdaPrunerError(f"cannot fix {name!r}: not a search parameter (choose from {', '.join(FIXABLE)}, "
+                             f"calib_c0..calib_c{n_clusters - 1})")
+    if domain[0] in ("integer", "number", "positive number"):
+        kind, low, high = domain
+        if not _in_range(value, kind, low, high):
+            bounds = f"in [{low}, {high}]" if high is not None else f"above {low}" if kind.startswith("pos") \
+                else f">= {low}"
+            article = "an" if kind == "integer" else "a"
+            raise AdaPrunerError(f"fixed {name} must be {article} {kind} {bounds}, got {value!r}")
+    elif value not in domain:
+        raise AdaPrunerError(f"fixed {name} must be one of {', '.join(domain)}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -81,9 +119,19 @@ class SearchSpace:
         lo, hi = self.ridge
         if not 0 < lo <= hi < float("inf"):
             raise AdaPrunerError(f"ridge must be 0 < min <= max, got {self.ridge}")
+        for name, value in self.fixed.items():
+            check_fixed(name, value, self.n_clusters)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "fixed": dict(self.fixed)}
+
+    def check_layers(self, n_layers: int) -> None:
+        """Fixed layer ranges must leave a layer to prune in a model of ``n_layers`` (checked once the
+        model is known, before any trial runs, so that no trial fails on it)."""
+        first, last = self.fixed.get("layer_first", 0), self.fixed.get("layer_last", 0)
+        if first + last >= n_layers:
+            raise AdaPrunerError(f"fixed layer_first={first} and layer_last={last} leave no layer to prune in "
+                                 f"a model of {n_layers} layers")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SearchSpace:

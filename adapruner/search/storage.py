@@ -10,11 +10,13 @@ import contextlib
 import logging
 import os
 import socket
+import sqlite3
 from pathlib import Path
 
 import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
+from sqlalchemy.engine import make_url
 
 from .lock import StudyLock
 from .samplers import chosen_experimental_features
@@ -25,6 +27,8 @@ logger = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = int(os.environ.get("ADAPRUNER_HEARTBEAT_SECONDS", 15))
 GRACE_SECONDS = int(os.environ.get("ADAPRUNER_GRACE_SECONDS", 45))
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+# How long a process waits for SQLite's write lock before it gives up with "database is locked".
+SQLITE_BUSY_SECONDS = 60
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
 
@@ -37,13 +41,31 @@ def make_storage(url: str | None, create_tables: bool = True) -> optuna.storages
         return optuna.storages.InMemoryStorage()
     engine_kwargs = {"pool_pre_ping": True}
     if url.startswith("sqlite"):
-        engine_kwargs["connect_args"] = {"timeout": 60}  # several processes on one file wait, not fail
-        Path(url.split("///", 1)[-1]).parent.mkdir(parents=True, exist_ok=True)
+        engine_kwargs["connect_args"] = {"timeout": SQLITE_BUSY_SECONDS}  # processes on one file wait, not fail
+        use_wal(url)
     # Processes starting together on a fresh database would race to create Optuna's tables.
     with StudyLock(url, "__schema__") if create_tables else contextlib.nullcontext(), chosen_experimental_features():
         return RDBStorage(url, engine_kwargs=engine_kwargs, skip_table_creation=not create_tables,
                           heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
                           heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
+
+
+def use_wal(url: str) -> None:
+    """Put a SQLite database file (created if need be) in write-ahead-log mode.
+
+    In SQLite's default rollback-journal mode a reader holds a lock that keeps the writer out, and a
+    writer waiting for it keeps new readers out: an API answering polls, a trial recording its values
+    and a job being submitted can then block each other until one gives up ("database is locked").
+    With WAL, readers and the one writer never block each other; only writers wait, for each other's
+    short transactions. The mode is stored in the file, so it holds for every later connection.
+    """
+    parsed = make_url(url)
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or database in (None, "", ":memory:"):
+        return
+    Path(database).parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.closing(sqlite3.connect(database, timeout=SQLITE_BUSY_SECONDS)) as connection:
+        connection.execute("PRAGMA journal_mode=WAL")
 
 
 def has_heartbeats(storage: optuna.storages.BaseStorage) -> bool:

@@ -24,7 +24,7 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..errors import AdaPrunerError
+from ..errors import AdaPrunerError, OnStep
 from ..evaluate import perplexity
 from ..session import PruningSession
 from .baselines import baseline_config
@@ -48,12 +48,13 @@ class SearchResult:
 
 
 def open_session(job: SearchJob, device: str | None = None, dtype: str | None = None,
-                 trust_remote_code: bool = False, progress: bool = True) -> PruningSession:
+                 trust_remote_code: bool = False, progress: bool = True,
+                 on_step: OnStep | None = None) -> PruningSession:
     return PruningSession.open(
         job.model, job.calibration, job.evaluation or None, pool_size=job.pool_size, seq_len=job.seq_len,
         seed=job.seed, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
         max_eval_windows={"validation": job.val_windows, "test": job.test_windows}, progress=progress,
-        heldout=job.heldout,
+        heldout=job.heldout, on_step=on_step,
     )
 
 
@@ -83,6 +84,20 @@ def create_study(storage: optuna.storages.BaseStorage, name: str, job: SearchJob
     study.set_user_attr("job", job.to_dict())
     study.set_user_attr("adapruner_version", __version__)
     return study
+
+
+BASELINE_ATTEMPTS = 3
+
+
+def requeue_failed_baselines(study: optuna.Study, job: SearchJob) -> None:
+    """Queue a baseline again whose every trial failed (a storage error, say), up to BASELINE_ATTEMPTS
+    trials in all: the report exists for the comparison with it. Call it holding the study lock."""
+    trials = study.get_trials(deepcopy=False)
+    for name in job.baselines[: job.trials]:
+        attempts = [t for t in trials if t.user_attrs.get("baseline") == name]
+        if attempts and len(attempts) < BASELINE_ATTEMPTS and all(t.state == TrialState.FAIL for t in attempts):
+            logger.warning("baseline %s failed (%s): queued again", name, attempts[-1].user_attrs.get("fail_reason"))
+            study.enqueue_trial({}, user_attrs={"baseline": name})
 
 
 def describe_data(study: optuna.Study, session: PruningSession) -> None:
@@ -133,6 +148,9 @@ def run_search(
     name = study_name or job.default_study_name
     study = create_study(storage, name, job)
     session = session or open_session(job, device, dtype, progress=progress)
+    job.space.check_layers(len(session.structure.layers))
+    if session.on_step is not None:
+        session.on_step("unpruned perplexity", 0, 1)
     describe_data(study, session)
     clusters = cluster_pool(session.statistics.embedding, job.space.n_clusters, job.seed)
     baselines = {b: baseline_config(b, session, job.seed) for b in job.baselines}
@@ -155,6 +173,7 @@ def run_search(
         lock.acquire()
         try:
             fail_dead_trials(study)
+            requeue_failed_baselines(study, job)
             finished, running = count_trials(study)
             if finished >= job.trials:
                 break

@@ -1,0 +1,160 @@
+"""Helpers the tests import: deterministic text, the tiny model, and the service's test setup.
+
+Fixtures live in ``conftest.py``; this module holds plain functions and constants only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from sqlalchemy import create_engine, text
+from sqlalchemy.pool import NullPool
+from transformers import AutoConfig, AutoModelForCausalLM
+
+WORDS = (
+    "the a of and to in was she he it that her his with for had not on be as at by but which you all "
+    "Elizabeth Darcy Emma Anne house letter sister morning walk dinner ball family friend heart mind "
+    "could would should must very much little great good young first last never always every day "
+    "said thought felt knew saw came went gave took made found told asked replied answered"
+).split()
+
+
+def make_text(n_words: int, seed: int) -> str:
+    """Deterministic pseudo-prose: sentences of random words, paragraphs separated by blank lines."""
+    rng = random.Random(seed)
+    out, sentence = [], []
+    for i in range(n_words):
+        sentence.append(rng.choice(WORDS))
+        if len(sentence) >= rng.randint(6, 14):
+            out.append(" ".join(sentence).capitalize() + ".")
+            sentence = []
+        if i % 90 == 89:
+            out.append("\n\n")
+    return " ".join(out).replace(" \n\n ", "\n\n")
+
+
+def make_documents(n_docs: int, words_per_doc: int = 120, seed: int = 0) -> list[str]:
+    return [make_text(words_per_doc, seed * 100_003 + i) for i in range(n_docs)]
+
+
+def tiny_config(model_type: str = "llama", **overrides):
+    base = dict(
+        vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )
+    if model_type == "qwen2":
+        base.update(use_sliding_window=False)
+    base.update(overrides)
+    return AutoConfig.for_model(model_type, **base)
+
+
+def make_tiny_model(model_type: str = "llama", seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides), dtype=torch.float32)
+    # Random init gives near-uniform predictions; a wider spread makes importance differences visible.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, 0.08)
+            elif "bias" in name:
+                p.normal_(0.0, 0.02)
+    return model.eval()
+
+
+# -- the service ---------------------------------------------------------------------------------
+
+TOKEN = "test-token-1234"
+PG_ADMIN_URL = os.environ.get("ADAPRUNER_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def postgres_url_or_skip() -> str:
+    """A fresh database on the machine's PostgreSQL; skipped only when it is down and CI is unset."""
+    try:
+        admin = create_engine(PG_ADMIN_URL, poolclass=NullPool, isolation_level="AUTOCOMMIT",
+                              connect_args={"connect_timeout": 3})
+        with admin.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception as exc:  # noqa: BLE001
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL is required in CI but unreachable at {PG_ADMIN_URL}: {exc}")
+        pytest.skip(f"PostgreSQL unreachable at {PG_ADMIN_URL} (and CI is unset): {str(exc).splitlines()[0]}")
+    name = f"adapruner_test_{uuid.uuid4().hex[:10]}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    return PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+
+
+def drop_postgres(url: str) -> None:
+    name = url.rsplit("/", 1)[1]
+    admin = create_engine(PG_ADMIN_URL, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"))
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+
+
+def service_env(data_dir: Path, db_url: str, roots: Path, **extra: str) -> dict[str, str]:
+    return {
+        "ADAPRUNER_DATA_DIR": str(data_dir), "ADAPRUNER_DATABASE_URL": db_url, "ADAPRUNER_API_TOKENS": TOKEN,
+        "ADAPRUNER_MODELS_ROOT": str(roots / "models"), "ADAPRUNER_TEXTS_ROOT": str(roots / "texts"),
+        "ADAPRUNER_WORKER_POLL_SECONDS": "0.5", **extra,
+    }
+
+
+def small_job(**overrides) -> dict:
+    job = {"name": "tiny-job", "model": "tiny", "calibration": ["toy"], "ratio": 0.2, "trials": 6, "pool_size": 12,
+           "seq_len": 32, "val_windows": 12, "test_windows": 6, "baselines": ["wanda-sp", "magnitude"],
+           "space": {"subset_size": [2, 6], "n_clusters": 3}}
+    return {**job, **overrides}
+
+
+def start_worker(env: dict[str, str], *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "service.cli", "worker", *args], env={**os.environ, **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def call(url: str, body: dict | None = None, token: str | None = None, timeout: float = 30):
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {token}"} if token else {})
+    data = json.dumps(body).encode() if body is not None else None
+    with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers), timeout=timeout) as r:
+        return r.status, r.read()
+
+
+def wait_until_up(url: str, process: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        assert process.poll() is None, process.stdout.read()
+        try:
+            call(url)
+            return
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(0.3)
+    raise AssertionError(f"{url} never answered")
+
+
+def wait_for_job(base: str, job_id: str, seconds: float = 300) -> dict:
+    """The job, once it has left ``queued`` and ``running`` (or as it is when ``seconds`` ran out)."""
+    deadline = time.time() + seconds
+    while True:
+        job = json.loads(call(f"{base}/v1/jobs/{job_id}")[1])
+        if job["status"] not in ("queued", "running") or time.time() > deadline:
+            return job
+        time.sleep(0.5)
