@@ -205,7 +205,7 @@ def lora_from(args: argparse.Namespace):
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from .export import save_pruned
+    from .export import load_instructions, save_pruned
     from .importance import Mixture
     from .plan import Allocation
     from .repair import Repair
@@ -254,6 +254,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
                     info={"base_model": args.model, "config": config.to_dict(), "ratio": ratio,
                           "incremental_step": args.step if args.incremental else None})
         print(f"saved   {args.out}")
+        uniform = all(size == sizes[0] for size in sizes)
+        print(f"load    {load_instructions(args.out, uniform)}")
     return 0
 
 
@@ -309,6 +311,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         SearchSpace,
         baseline_trials,
         describe_config,
+        load_line,
         margin_sentence,
         run_search,
         write_report,
@@ -349,6 +352,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     print(f"report  {report}")
     if result.model_dir:
         print(f"model   {result.model_dir}  (artifact {result.artifact_id})")
+        print(f"load    {load_line(best, str(result.model_dir))}")
     print(f"study   {name} in {args.storage}  (optuna-dashboard {args.storage})")
     return 0
 

@@ -1,23 +1,35 @@
 """Save and load pruned models: safetensors weights, a ``config.json`` recording per-layer sizes,
-and the tokenizer.
+the tokenizer and a model card (``README.md``).
 
 When every layer kept the same sizes the config is an ordinary one, and the folder loads with plain
-``AutoModelForCausalLM.from_pretrained``. Otherwise :func:`load_pruned` rebuilds the model: the
-architecture from the config, each layer's projections at their recorded sizes, then the weights.
+``AutoModelForCausalLM.from_pretrained``. Otherwise the folder carries :mod:`.modeling_pruned`, named
+in ``config.json``'s ``auto_map``: ``from_pretrained(folder, trust_remote_code=True)`` loads it on any
+machine with transformers, AdaPruner or not; :func:`load_pruned` builds the same class without the flag.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from . import modeling_pruned
 from .device import resolve_device, resolve_dtype
 from .errors import AdaPrunerError
-from .structure import ATTN_MODULES, COLUMN_MODULES, decoder_layers, layer_linears, model_structure, set_layer_sizes
+from .modeling_pruned import PRUNED_CLASSES
+from .structure import model_structure, set_layer_sizes
+
+MODELING_FILE = Path(modeling_pruned.__file__).name
+
+
+def load_instructions(folder: str | Path, uniform: bool) -> str:
+    """The line of code that loads an export."""
+    remote = "" if uniform else ", trust_remote_code=True"
+    return f'AutoModelForCausalLM.from_pretrained("{folder}"{remote})'
 
 
 def save_pruned(
@@ -35,30 +47,43 @@ def save_pruned(
         set_layer_sizes(config, structure.sizes(), structure.layers[0].head_dim)
     if info:
         config.adapruner = {**config.adapruner, **info}
+    sizes = config.adapruner["layers"]
+    uniform = all(size == sizes[0] for size in sizes)
+    if not uniform:  # the layers differ: ship the class that builds them, for loading without AdaPruner
+        pruned_class = PRUNED_CLASSES[config.model_type]
+        config.auto_map = {"AutoModelForCausalLM": f"{Path(MODELING_FILE).stem}.{pruned_class.__name__}"}
+        shutil.copyfile(modeling_pruned.__file__, folder / MODELING_FILE)
     model.save_pretrained(folder, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+    (folder / "README.md").write_text(model_card(config, uniform, folder))
     return folder
 
 
-def _resize_layers(model: nn.Module, sizes: list[dict[str, int]]) -> None:
-    """Replace each layer's projections by empty ones of the recorded sizes (weights come next)."""
-    config = model.config
-    n_rep = config.num_attention_heads // config.num_key_value_heads
-    head_dim = config.head_dim
-    for layer, size in zip(decoder_layers(model), sizes, strict=True):
-        linears = layer_linears(layer)
-        kv, channels = size["num_key_value_heads"], size["intermediate_size"]
-        units = {"q_proj": kv * n_rep * head_dim, "k_proj": kv * head_dim, "v_proj": kv * head_dim,
-                 "o_proj": kv * n_rep * head_dim, "gate_proj": channels, "up_proj": channels, "down_proj": channels}
-        for name, linear in linears.items():
-            columns = name in COLUMN_MODULES
-            shape = (linear.out_features, units[name]) if columns else (units[name], linear.in_features)
-            if (linear.out_features, linear.in_features) == shape:
-                continue
-            new = nn.Linear(shape[1], shape[0], bias=linear.bias is not None,
-                            device=linear.weight.device, dtype=linear.weight.dtype)
-            setattr(layer.self_attn if name in ATTN_MODULES else layer.mlp, name, new)
+def model_card(config, uniform: bool, folder: Path) -> str:
+    """A model card: what was pruned, how far, the configuration found, its perplexities, how to load it."""
+    info = config.adapruner
+    lines = ["---", "library_name: transformers", "tags: [pruned, adapruner]", "---", "",
+             f"# {info.get('base_model', 'model')}, pruned by AdaPruner", ""]
+    if info.get("ratio") is not None:
+        lines.append(f"- parameters removed: {info['ratio']:.2%} of all")
+    for key in ("target", "trial", "val_ppl", "test_ppl", "heldout_ppl"):
+        if info.get(key) is not None:
+            lines.append(f"- {key.replace('_', ' ')}: {info[key]}")
+    sizes = info["layers"]
+    lines.append(f"- layers: {len(sizes)}; attention (KV) groups kept per layer "
+                 f"{[s['num_key_value_heads'] for s in sizes]}; MLP channels kept per layer "
+                 f"{[s['intermediate_size'] for s in sizes]}")
+    if info.get("config"):
+        lines += ["", "Configuration found:", "", "```json", json.dumps(info["config"], indent=1), "```"]
+    lines += ["", "## Load", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+              f"model = {load_instructions(folder.name, uniform)}",
+              f'tokenizer = AutoTokenizer.from_pretrained("{folder.name}")', "```", ""]
+    if not uniform:
+        lines += [f"Its layers kept different sizes, so the folder carries `{MODELING_FILE}`, a subclass of "
+                  "the architecture's own class that builds each layer at its size (no other code); "
+                  "`trust_remote_code=True` lets transformers use it. AdaPruner need not be installed.", ""]
+    return "\n".join(lines)
 
 
 def load_pruned(
@@ -79,8 +104,9 @@ def load_pruned(
     shards = sorted(folder.glob("*.safetensors"))
     if not shards:
         raise AdaPrunerError(f"no safetensors weights in {folder}")
-    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
-    _resize_layers(model, sizes)
+    if config.model_type not in PRUNED_CLASSES:
+        raise AdaPrunerError(f"{folder}: unsupported architecture {config.model_type!r}")
+    model = PRUNED_CLASSES[config.model_type]._from_config(config, dtype=torch_dtype)
     state = {}
     for shard in shards:
         state |= load_file(str(shard))

@@ -15,7 +15,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
-from adapruner.search import StudyLock, count_trials, create_study, fail_dead_trials
+from adapruner.search import StudyLock, count_trials, create_study, fail_dead_trials, load_line
 
 from .db import Job, JobStatus, utcnow
 from .schemas import JobCreate, JobOut, Links, Progress, TrialSummary
@@ -192,6 +192,8 @@ def job_view(job: Job, storage: optuna.storages.BaseStorage, settings: Settings,
         if name and name not in seen:
             seen.add(name)
             out.baselines.append(trial_summary(t))
+    if job.best_trial is not None:
+        out.load = load_line(study.trials[job.best_trial])
     out.dense = study.user_attrs.get("dense")
     out.recovery = study.user_attrs.get("recovery")
     return out

@@ -153,6 +153,8 @@ class JobOut(BaseModel):
     baselines: list[TrialSummary] = Field(default_factory=list)
     dense: dict[str, float] | None = None
     recovery: dict[str, Any] | None = None
+    load: str | None = Field(default=None, description="once the job succeeded: the line of code that loads "
+                                                        "the model folder from the downloaded archive")
     links: Links
 
     @field_validator("created_at", "started_at", "finished_at")

@@ -37,6 +37,7 @@ def test_prune_saves_a_loadable_model(capsys, tmp_path, tiny_model_dir, corpus, 
                          "--out", out_dir)
     assert code == 0, err
     assert "removed" in out and "validation ppl" in out and "test       ppl" in out
+    assert f'load    AutoModelForCausalLM.from_pretrained("{out_dir}"' in out  # how to use what was saved
     model, _ = load_pruned(out_dir)
     assert model.config.adapruner["config"]["mixture"]["weights"]
     assert 0.19 < model.config.adapruner["ratio"] < 0.21

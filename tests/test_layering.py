@@ -23,6 +23,7 @@ LAYERS = (
     "adapruner.cache",
     "adapruner.fetch",
     "adapruner.device",
+    "adapruner.modeling_pruned",  # copied into exports: imports torch and transformers only
     "adapruner.structure",
     "adapruner.statistics",
     "adapruner.importance",

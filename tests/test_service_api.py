@@ -192,6 +192,8 @@ def test_a_worker_runs_a_job_to_the_end(client, backend):
     assert job["dense"]["test"] > 1
     report = client.get(job["links"]["report"])
     assert report.status_code == 200 and "baseline: wanda-sp" in report.text
+    assert "Load the exported model" in report.text
+    assert job["load"].startswith('AutoModelForCausalLM.from_pretrained("model"')
     archive = client.get(job["links"]["model"], params={"filename": "best"})
     assert archive.status_code == 200 and 'filename="best.tar"' in archive.headers["content-disposition"]
     with tarfile.open(fileobj=io.BytesIO(archive.content)) as tar:

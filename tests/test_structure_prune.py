@@ -1,5 +1,10 @@
 """Structure, slicing and export on tiny models of every supported architecture."""
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from helpers import make_tiny_model
@@ -153,3 +158,58 @@ def test_pruned_copy_shares_no_tensor_with_the_original():
         for p in pruned.parameters():
             p.add_(1.0)
         assert torch.equal(logits(model), before)
+
+
+LOAD_WITHOUT_ADAPRUNER = r"""
+import importlib.abc, sys, torch
+class NoAdaPruner(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("adapruner", "service"):
+            raise ImportError(f"{name} must not be needed to load an export")
+sys.meta_path.insert(0, NoAdaPruner())
+from transformers import AutoModelForCausalLM
+folder, again = sys.argv[1], sys.argv[2]
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+model.save_pretrained(again)
+reloaded = AutoModelForCausalLM.from_pretrained(again, trust_remote_code=True).eval()
+ids = torch.tensor([[1, 5, 9, 2, 7]])
+with torch.no_grad():
+    torch.save([model(input_ids=ids).logits, reloaded(input_ids=ids).logits], sys.argv[3])
+assert not [m for m in sys.modules if m.split(".")[0] == "adapruner"]
+"""
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_a_non_uniform_export_loads_with_plain_transformers_where_adapruner_is_absent(tmp_path, model_type):
+    model = arch(model_type)
+    structure = model_structure(model)
+    layers = [LayerPlan(tuple(range(s.n_groups)), tuple(range(0, s.n_channels, 1 + i % 2)))
+              for i, s in enumerate(structure.layers)]
+    layers[0] = LayerPlan((1,), layers[0].keep_channels)
+    pruned = prune_model(model, PruningPlan(tuple(layers), 1, structure.total_params))
+    sizes = pruned.config.adapruner["layers"]
+    assert any(s != sizes[0] for s in sizes), "the plan must give the layers different sizes"
+    save_pruned(pruned, None, tmp_path / "export", info={"base_model": "tiny", "ratio": 0.2})
+    assert (tmp_path / "export" / "modeling_pruned.py").is_file()
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert 'from_pretrained("export", trust_remote_code=True)' in card and "20.00% of all" in card
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_ADAPRUNER, str(tmp_path / "export"),
+                             str(tmp_path / "again"), str(tmp_path / "logits.pt")], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded, reloaded = torch.load(tmp_path / "logits.pt")
+    with torch.no_grad():
+        expected = pruned(input_ids=torch.tensor([[1, 5, 9, 2, 7]])).logits
+    assert torch.equal(loaded, expected) and torch.equal(reloaded, expected)
+
+
+def test_a_uniform_export_needs_no_code(tmp_path):
+    model = arch("llama")
+    structure = model_structure(model)
+    plan = PruningPlan(tuple(LayerPlan((1,), tuple(range(0, s.n_channels, 2))) for s in structure.layers),
+                       1, structure.total_params)
+    save_pruned(prune_model(model, plan), None, tmp_path)
+    assert not (tmp_path / "modeling_pruned.py").exists()
+    assert "auto_map" not in json.loads((tmp_path / "config.json").read_text())
+    assert 'from_pretrained("' in (tmp_path / "README.md").read_text()

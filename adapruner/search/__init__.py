@@ -14,6 +14,7 @@ from .report import (
     best_so_far,
     describe_config,
     finished_trials,
+    load_line,
     margin_sentence,
     report_markdown,
     write_report,
@@ -34,9 +35,8 @@ from .study import SearchResult, create_study, open_session, run_search
 __all__ = [
     "BASELINES", "CALIBRATION_MODES", "DEFAULT_BASELINES", "DEFAULT_METRICS", "ESTIMATING_SAMPLERS", "PRUNERS",
     "SAMPLERS", "SQLITE_BUSY_SECONDS", "Objective", "PoolClusters", "SearchJob", "SearchResult", "SearchSpace",
-    "StudyLock",
-    "artifact_store", "baseline_config", "baseline_trials", "best_so_far", "best_trial", "check_fixed", "cluster_pool",
-    "count_trials", "create_study", "describe_config", "export_best", "fail_dead_trials", "finished_trials",
-    "make_pruner", "make_sampler", "make_storage", "margin_sentence", "open_session", "report_markdown",
-    "run_search", "suggest_config", "use_wal", "write_report",
+    "StudyLock", "artifact_store", "baseline_config", "baseline_trials", "best_so_far", "best_trial", "check_fixed",
+    "cluster_pool", "count_trials", "create_study", "describe_config", "export_best", "fail_dead_trials",
+    "finished_trials", "load_line", "make_pruner", "make_sampler", "make_storage", "margin_sentence", "open_session",
+    "report_markdown", "run_search", "suggest_config", "use_wal", "write_report",
 ]

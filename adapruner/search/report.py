@@ -11,6 +11,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from ..export import load_instructions
 from .job import SearchJob
 
 
@@ -143,6 +144,12 @@ def margin_sentence(best: FrozenTrial, reference: FrozenTrial) -> str:
     return f"{where.capitalize()} test perplexity {ratio:.2f}x the LLM-Pruner default of this study ({side})."
 
 
+def load_line(trial: FrozenTrial, folder: str = "model") -> str | None:
+    """The line of code that loads the model exported from ``trial`` (a folder named ``folder``)."""
+    sizes = trial.user_attrs.get("sizes")
+    return load_instructions(folder, all(s == sizes[0] for s in sizes)) if sizes else None
+
+
 def report_markdown(study: optuna.Study, curve_png: str | None = None) -> str:
     job = SearchJob.from_dict(study.user_attrs["job"])
     data, dense = study.user_attrs.get("data", {}), study.user_attrs.get("dense", {})
@@ -189,6 +196,9 @@ def report_markdown(study: optuna.Study, curve_png: str | None = None) -> str:
         reference = baselines.get("llm-pruner")
         if reference is not None:
             lines += [margin_sentence(best, reference)]
+        if load_line(best):
+            lines += ["", f"Load the exported model (the `model` folder beside this report) with transformers alone: "
+                      f"`{load_line(best)}`."]
     recovery = study.user_attrs.get("recovery")
     if recovery:
         lines += ["", f"Recovery of the best configuration: LoRA r={recovery['r']}, {recovery['steps']} steps of "
