@@ -5,8 +5,11 @@ No Docker engine runs on the test machines: these tests parse the files, they do
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -28,11 +31,14 @@ def parses(argv: list[str]) -> None:
     build_parser().parse_args(argv[1:])  # argparse exits (and the test fails) on anything unknown
 
 
-def test_compose_names_the_five_services():
-    assert {"postgres", "migrate", "api", "dashboard", "worker"} <= set(COMPOSE["services"])
+WORKERS = sorted(name for name in COMPOSE["services"] if name.startswith("worker"))
 
 
-@pytest.mark.parametrize("service", ["migrate", "api", "dashboard", "worker"])
+def test_compose_names_its_services():
+    assert {"postgres", "migrate", "api", "dashboard", "worker-gpu0", "worker-gpu1"} <= set(COMPOSE["services"])
+
+
+@pytest.mark.parametrize("service", ["migrate", "api", "dashboard", *WORKERS])
 def test_compose_commands_exist_in_the_cli(service):
     parses(COMPOSE["services"][service]["command"])
 
@@ -54,12 +60,44 @@ def test_compose_variables_are_in_the_example_env():
     assert {k for k in example if k.startswith("ADAPRUNER_")} <= SETTINGS_VARS | LIBRARY_VARS
 
 
-def test_compose_gpu_worker_and_private_dashboard():
-    worker = COMPOSE["services"]["worker"]
-    devices = worker["deploy"]["resources"]["reservations"]["devices"]
-    assert devices[0]["capabilities"] == ["gpu"] and "container_name" not in worker  # --scale worker=N works
+def test_compose_gives_each_gpu_its_own_worker_and_keeps_the_dashboard_private():
+    gpus = []
+    for name in WORKERS:
+        worker = COMPOSE["services"][name]
+        (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
+        assert device["capabilities"] == ["gpu"] and "count" not in device, name
+        gpus += device["device_ids"]
+        assert worker["build"]["dockerfile"] == "docker/Dockerfile.gpu" and "--device" in worker["command"]
+    assert len(WORKERS) >= 2 and sorted(gpus) == sorted(set(gpus))  # N GPUs, N workers, one GPU each
     assert all(port.startswith("127.0.0.1:") for port in COMPOSE["services"]["dashboard"]["ports"])
-    assert COMPOSE["services"]["worker"]["build"]["dockerfile"] == "docker/Dockerfile.gpu"
+
+
+@pytest.mark.parametrize(("service", "port"), [("api", 8080), ("dashboard", 8081)])
+def test_compose_healthchecks_ask_each_service_on_its_own_port(service, port):
+    check = " ".join(COMPOSE["services"][service]["healthcheck"]["test"])
+    assert f"127.0.0.1:{port}/" in check
+    assert str({8080: 8081, 8081: 8080}[port]) not in check
+
+
+def test_the_cpu_image_pulls_no_cuda_wheels():
+    for name in ("api", "dashboard", "migrate"):
+        assert COMPOSE["services"][name]["build"]["args"]["TORCH_INDEX_URL"].endswith("/whl/cpu")
+    assert 'TORCH_INDEX_URL="https://download.pytorch.org/whl/cpu"' in (ROOT / "docker" / "Dockerfile").read_text()
+
+
+def torch_floor(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in re.search(r"torch>=(\d+)\.(\d+)", text).groups())
+
+
+def test_image_torch_agrees_with_the_package_and_transformers_imports():
+    floor = torch_floor((ROOT / "pyproject.toml").read_text())
+    assert floor >= (2, 6)  # transformers 5's own floor
+    gpu = (ROOT / "docker" / "Dockerfile.gpu").read_text()
+    base = tuple(int(v) for v in re.search(r"pytorch/pytorch:(\d+)\.(\d+)", gpu).groups())
+    assert base >= floor
+    assert torch_floor((ROOT / "docker" / "Dockerfile").read_text()) >= floor
+    for dockerfile in DOCKERFILES:
+        assert "from transformers import AutoModelForCausalLM" in dockerfile.read_text(), dockerfile.name
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
@@ -95,3 +133,13 @@ def test_the_deploy_guide_commands_exist():
         parses(argv)
     variables = set(re.findall(r"\b(ADAPRUNER_[A-Z_]+)\b", guide))
     assert variables <= SETTINGS_VARS | LIBRARY_VARS, variables - SETTINGS_VARS - LIBRARY_VARS
+
+
+def test_docker_compose_accepts_the_file_where_it_is_installed(tmp_path):
+    probe = subprocess.run(["docker", "compose", "version"], capture_output=True) if shutil.which("docker") else None
+    if probe is None or probe.returncode != 0:
+        pytest.skip("docker compose is not installed here (the tests above parse the file instead)")
+    env = {**os.environ, "POSTGRES_PASSWORD": "x", "ADAPRUNER_API_TOKENS": "x"}
+    result = subprocess.run(["docker", "compose", "-f", str(ROOT / "docker" / "compose.yaml"), "config", "-q"],
+                            capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
