@@ -16,6 +16,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi_offline import FastAPIOffline
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
@@ -177,8 +178,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     engine = make_engine(settings.db_url)
     check_schema(engine)
-    app = FastAPI(title="AdaPruner", version=__version__,
-                  description="Bayesian-optimization search for structured-pruning configurations.")
+    # FastAPIOffline: /docs and /redoc serve their scripts and styles from the package, not a CDN, so they
+    # work on an air-gapped host.
+    app = FastAPIOffline(title="AdaPruner", version=__version__,
+                         description="Bayesian-optimization search for structured-pruning configurations.")
     app.state.settings = settings
     app.state.sessions = session_factory(engine)
     app.state.storage = make_storage(settings.db_url, create_tables=False)

@@ -4,6 +4,7 @@ cancel, progress, and a job run by a real worker subprocess end to end (download
 from __future__ import annotations
 
 import io
+import re
 import tarfile
 import time
 
@@ -47,6 +48,15 @@ def test_health_and_docs(client):
     assert client.get("/healthz").json()["status"] == "ok"
     assert "/v1/jobs" in client.get("/openapi.json").json()["paths"]
     assert client.get("/docs").status_code == 200
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_the_api_docs_work_offline(client, page):
+    html = client.get(page).text
+    assets = re.findall(r'(?:src|href)="([^"]+)"', html)
+    assert assets and not [a for a in assets if "://" in a or a.startswith("//")], assets  # no CDN
+    for asset in assets:
+        assert client.get(asset).status_code == 200, asset
 
 
 def test_writes_need_a_valid_token(client):
