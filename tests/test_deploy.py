@@ -143,3 +143,28 @@ def test_docker_compose_accepts_the_file_where_it_is_installed(tmp_path):
     result = subprocess.run(["docker", "compose", "-f", str(ROOT / "docker" / "compose.yaml"), "config", "-q"],
                             capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
+
+
+def kubernetes_example() -> list[dict]:
+    guide = (ROOT / "docs" / "deploy.md").read_text()
+    (block,) = re.findall(r"```yaml\n(.*?)```", guide.split("## Kubernetes", 1)[1], flags=re.S)[:1]
+    return [doc for doc in yaml.safe_load_all(block) if doc]
+
+
+def test_the_kubernetes_example_gives_each_worker_one_gpu_and_shares_the_data_volume():
+    objects = {(o["kind"], o["metadata"]["name"]): o for o in kubernetes_example()}
+    assert {("Deployment", "adapruner-worker"), ("Deployment", "adapruner-api"), ("Job", "adapruner-migrate"),
+            ("StatefulSet", "postgres"), ("PersistentVolumeClaim", "adapruner-data")} <= set(objects)
+    assert objects[("PersistentVolumeClaim", "adapruner-data")]["spec"]["accessModes"] == ["ReadWriteMany"]
+    (worker,) = objects[("Deployment", "adapruner-worker")]["spec"]["template"]["spec"]["containers"]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
+    for obj in objects.values():
+        spec = obj["spec"].get("template", {}).get("spec", {})
+        for container in spec.get("containers", []):
+            if container["image"].startswith("adapruner"):
+                parses(container["command"])
+                names = {e["name"] for e in container.get("env", [])}
+                assert names <= SETTINGS_VARS | LIBRARY_VARS, names - SETTINGS_VARS - LIBRARY_VARS
+        claims = [v["persistentVolumeClaim"]["claimName"] for v in spec.get("volumes", [])
+                  if "persistentVolumeClaim" in v]
+        assert claims in ([], ["adapruner-data"])
