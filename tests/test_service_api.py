@@ -8,6 +8,7 @@ import re
 import tarfile
 import time
 
+import optuna
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -266,3 +267,25 @@ def test_restarting_the_api_loses_nothing(backend, monkeypatch):
     with TestClient(create_app(Settings())) as second:
         job = second.get(f"/v1/jobs/{job_id}").json()
         assert job["status"] == "queued" and len(second.get(f"/v1/jobs/{job_id}/trials").json()["items"]) == 2
+
+
+def test_a_job_row_that_cannot_be_stored_leaves_no_study_behind(backend, monkeypatch):
+    from sqlalchemy.exc import OperationalError
+
+    from service import jobs
+    from service.db import make_engine, session_factory
+    from service.policy import check_spec
+
+    for key, value in backend.items():
+        monkeypatch.setenv(key, value)
+    settings = Settings()
+    storage = create_app(settings).state.storage
+    before = {s.study_name for s in optuna.get_all_study_summaries(storage)}
+    with session_factory(make_engine(settings.db_url))() as db:
+        def locked():
+            raise OperationalError("INSERT INTO jobs", {}, Exception("database is locked"))
+
+        monkeypatch.setattr(db, "commit", locked)
+        with pytest.raises(OperationalError):
+            jobs.create_job(db, storage, check_spec(JobCreate(**small_job()), settings), "owner")
+    assert {s.study_name for s in optuna.get_all_study_summaries(storage)} == before
