@@ -52,16 +52,20 @@ def trial_cost(study: optuna.Study) -> float | None:
 
 def run_pair(args, ratio: float, seed: int) -> dict:
     studies = {}
-    for kind, repairs in (("plain", ("off",)), ("repaired", ("pool",))):
+    # The study without repair has only the plain baseline: with the re-fitted one beside it, its best
+    # (by validation) would be that baseline, not a configuration without repair (seen in the first run:
+    # every searched trial was stopped early against it).
+    for kind, repairs, baselines in (("plain", ("off",), ("llm-pruner",)),
+                                     ("repaired", ("pool",), ("llm-pruner", "llm-pruner+repair"))):
         job = SearchJob(model="smollm2-135m", calibration=("builtin:books",), heldout=("builtin:wiki", "builtin:news"),
                         ratio=ratio, trials=args.trials, sampler=args.sampler, seed=seed, pool_size=args.pool_size,
                         val_windows=args.val_windows, test_windows=args.test_windows,
-                        baselines=("llm-pruner", "llm-pruner+repair"), space=SearchSpace(repairs=repairs))
+                        baselines=baselines, space=SearchSpace(repairs=repairs))
         name = f"repair-{kind}-r{ratio:g}-s{seed}-t{args.trials}-{args.sampler}"
         with tempfile.TemporaryDirectory(prefix="adapruner-bench-") as artifacts:
             studies[kind] = run_search(job, args.storage, name, artifact_dir=artifacts, progress=False).study
     plain, repaired = studies["plain"], studies["repaired"]
-    baselines = baseline_trials(plain)
+    baselines = baseline_trials(repaired)
     dense = plain.user_attrs["dense"]
     return {
         "ratio": ratio, "seed": seed,

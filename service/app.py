@@ -6,6 +6,7 @@ Routes are thin: they check access, call :mod:`service.jobs`, and shape the answ
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator
 from typing import Annotated
@@ -22,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from adapruner import __version__
 from adapruner.errors import AdaPrunerError
-from adapruner.search import artifact_store, make_storage
+from adapruner.search import artifact_store, close_storage, make_storage
 
 from . import jobs
 from .db import JobStatus, check_schema, make_engine, session_factory
@@ -180,11 +181,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     check_schema(engine)
     # FastAPIOffline: /docs and /redoc serve their scripts and styles from the package, not a CDN, so they
     # work on an air-gapped host.
-    app = FastAPIOffline(title="AdaPruner", version=__version__,
+    storage = make_storage(settings.db_url, create_tables=False)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        engine.dispose()  # the pools close with the app, not when the process ends
+        close_storage(storage)
+
+    app = FastAPIOffline(title="AdaPruner", version=__version__, lifespan=lifespan,
                          description="Bayesian-optimization search for structured-pruning configurations.")
     app.state.settings = settings
     app.state.sessions = session_factory(engine)
-    app.state.storage = make_storage(settings.db_url, create_tables=False)
+    app.state.storage = storage
     app.include_router(router)
     app.add_api_route("/healthz", health, methods=["GET"], tags=["health"])
 

@@ -279,13 +279,16 @@ def test_a_job_row_that_cannot_be_stored_leaves_no_study_behind(backend, monkeyp
     for key, value in backend.items():
         monkeypatch.setenv(key, value)
     settings = Settings()
-    storage = create_app(settings).state.storage
-    before = {s.study_name for s in optuna.get_all_study_summaries(storage)}
-    with session_factory(make_engine(settings.db_url))() as db:
-        def locked():
-            raise OperationalError("INSERT INTO jobs", {}, Exception("database is locked"))
+    engine = make_engine(settings.db_url)
+    with TestClient(create_app(settings)) as client:  # the app's pools close with it
+        storage = client.app.state.storage
+        before = {s.study_name for s in optuna.get_all_study_summaries(storage)}
+        with session_factory(engine)() as db:
+            def locked():
+                raise OperationalError("INSERT INTO jobs", {}, Exception("database is locked"))
 
-        monkeypatch.setattr(db, "commit", locked)
-        with pytest.raises(OperationalError):
-            jobs.create_job(db, storage, check_spec(JobCreate(**small_job()), settings), "owner")
-    assert {s.study_name for s in optuna.get_all_study_summaries(storage)} == before
+            monkeypatch.setattr(db, "commit", locked)
+            with pytest.raises(OperationalError):
+                jobs.create_job(db, storage, check_spec(JobCreate(**small_job()), settings), "owner")
+        assert {s.study_name for s in optuna.get_all_study_summaries(storage)} == before
+    engine.dispose()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import schemathesis
+from fastapi.testclient import TestClient
 from helpers import TOKEN, service_env
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
@@ -25,7 +26,8 @@ def api_schema(tmp_path_factory, roots):
     upgrade(url)
     app = create_app(Settings(**{k.removeprefix("ADAPRUNER_").lower(): v
                                  for k, v in service_env(folder / "data", url, roots).items()}))
-    return schemathesis.openapi.from_asgi("/openapi.json", app)
+    with TestClient(app):  # runs the app's lifespan, so its database pools close after the test
+        yield schemathesis.openapi.from_asgi("/openapi.json", app)
 
 
 def test_no_server_error_and_no_undocumented_status(api_schema):

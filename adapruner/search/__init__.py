@@ -29,14 +29,21 @@ from .space import (
     cluster_pool,
     suggest_config,
 )
-from .storage import SQLITE_BUSY_SECONDS, count_trials, fail_dead_trials, make_storage, use_wal
+from .storage import (
+    SQLITE_BUSY_SECONDS,
+    close_storage,
+    count_trials,
+    fail_dead_trials,
+    make_storage,
+    use_wal,
+)
 from .study import SearchResult, create_study, open_session, run_search
 
 __all__ = [
     "BASELINES", "CALIBRATION_MODES", "DEFAULT_BASELINES", "DEFAULT_METRICS", "ESTIMATING_SAMPLERS", "PRUNERS",
     "SAMPLERS", "SQLITE_BUSY_SECONDS", "Objective", "PoolClusters", "SearchJob", "SearchResult", "SearchSpace",
     "StudyLock", "artifact_store", "baseline_config", "baseline_trials", "best_so_far", "best_trial", "check_fixed",
-    "cluster_pool", "count_trials", "create_study", "describe_config", "export_best", "fail_dead_trials",
-    "finished_trials", "load_line", "make_pruner", "make_sampler", "make_storage", "margin_sentence", "open_session",
-    "report_markdown", "run_search", "suggest_config", "use_wal", "write_report",
+    "close_storage", "cluster_pool", "count_trials", "create_study", "describe_config", "export_best",
+    "fail_dead_trials", "finished_trials", "load_line", "make_pruner", "make_sampler", "make_storage",
+    "margin_sentence", "open_session", "report_markdown", "run_search", "suggest_config", "use_wal", "write_report",
 ]

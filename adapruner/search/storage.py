@@ -50,6 +50,14 @@ def make_storage(url: str | None, create_tables: bool = True) -> optuna.storages
                           heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
 
 
+def close_storage(storage: optuna.storages.BaseStorage) -> None:
+    """Close the storage's database connections (an RDB storage's pool; nothing for others). A process
+    that opens storages again and again (an API app per test, say) would otherwise keep every pool open."""
+    engine = getattr(getattr(storage, "_backend", storage), "engine", None)
+    if engine is not None:
+        engine.dispose()
+
+
 def use_wal(url: str) -> None:
     """Put a SQLite database file (created if need be) in write-ahead-log mode.
 
