@@ -18,6 +18,8 @@ from transformers.models.mistral.modeling_mistral import MistralForCausalLM
 from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM
 from transformers.models.qwen3.modeling_qwen3 import Qwen3ForCausalLM
 
+# The layout vocabulary of adapruner.structure, written again because this file travels alone;
+# tests/test_structure_prune.py checks that the two agree.
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 INPUT_SIDE = ("o_proj", "down_proj")  # projections whose input columns pruning removes
 

@@ -213,3 +213,11 @@ def test_a_uniform_export_needs_no_code(tmp_path):
     assert not (tmp_path / "modeling_pruned.py").exists()
     assert "auto_map" not in json.loads((tmp_path / "config.json").read_text())
     assert 'from_pretrained("' in (tmp_path / "README.md").read_text()
+
+
+def test_the_standalone_modeling_file_speaks_the_layout_of_structure():
+    from adapruner import modeling_pruned, structure
+
+    assert modeling_pruned.ATTENTION == structure.ATTN_MODULES
+    assert modeling_pruned.INPUT_SIDE == structure.COLUMN_MODULES
+    assert set(modeling_pruned.PRUNED_CLASSES) == set(structure.SUPPORTED_MODEL_TYPES)
