@@ -97,11 +97,12 @@ def submit_job(spec: JobCreate, response: Response, caller: Writer, db: DB, stor
 
 
 @router.get("/jobs", response_model=JobList)
-def list_jobs(reader: Reader, db: DB, storage: Storage, settings: Config,
+def list_jobs(reader: Reader, db: DB, settings: Config,
               status: JobStatus | None = None, offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
               limit: Annotated[int, Query(ge=1, le=100)] = 20) -> JobList:
     items, total = jobs.list_jobs(db, status, offset, limit, reader)
-    views = [jobs.job_view(j, storage, settings, detail=False) for j in items]
+    digests = jobs.study_digests(db, [j.study_name for j in items])
+    views = [jobs.job_summary(j, settings, digests.get(j.study_name)) for j in items]
     return JobList(items=views, total=total, offset=offset, limit=limit)
 
 

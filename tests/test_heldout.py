@@ -64,7 +64,7 @@ def test_validation_is_the_per_source_mean_of_log_perplexity(two_domain_session,
     sources = two_domain_session.window_sources("validation")
     assert sources.count("big") != sources.count("small"), "equal counts would prove nothing"
     trial = heldout_study.best_trial
-    losses = trial.intermediate_values
+    losses = {i: math.log(v) for i, v in trial.intermediate_values.items()}  # per-window perplexity
     by_source = {name: [losses[i] for i, s in enumerate(sources) if s == name] for name in ("big", "small")}
     expected = math.exp(sum(sum(v) / len(v) for v in by_source.values()) / 2)
     assert trial.value == pytest.approx(expected, rel=1e-9)

@@ -1,5 +1,6 @@
 """The search on the tiny model: space encoding, study handling, budgets, resume, failures, report."""
 
+import math
 import tarfile
 
 import optuna
@@ -41,12 +42,16 @@ def tiny_job(**overrides):
     return SearchJob(**{**base, **overrides})
 
 
+def tiny_session(tokenizer) -> PruningSession:
+    source = split_documents("toy", make_documents(60, 150))
+    pool = build_pool(tokenizer, [(source, 16)], seq_len=32)
+    return PruningSession(make_tiny_model(), tokenizer, pool, [source],
+                          max_eval_windows={"validation": 12, "test": 6}, progress=False, cache_statistics=False)
+
+
 @pytest.fixture
 def session(tiny_tokenizer):
-    source = split_documents("toy", make_documents(60, 150))
-    pool = build_pool(tiny_tokenizer, [(source, 16)], seq_len=32)
-    return PruningSession(make_tiny_model(), tiny_tokenizer, pool, [source],
-                          max_eval_windows={"validation": 12, "test": 6}, progress=False, cache_statistics=False)
+    return tiny_session(tiny_tokenizer)
 
 
 # -- the space ----------------------------------------------------------------------------------
@@ -69,7 +74,8 @@ def test_clusters_cover_the_pool_nearest_first():
     assert sorted(sorted(m) for m in clusters.members) == [list(range(0, 6)), list(range(6, 12)), list(range(12, 18))]
     assert cluster_pool(points, 3, seed=1) == clusters
     subset = subset_from_clusters(clusters, [1.0, 0.0, 0.0], 4)
-    assert len(subset) == 4 and set(subset) <= set(clusters.members[0])
+    assert len(subset) == 4
+    assert set(subset) <= set(clusters.members[0])
     assert subset == tuple(sorted(clusters.members[0][:4]))
 
 
@@ -84,16 +90,19 @@ def test_suggest_builds_a_config_and_respects_fixed_params():
               "layer_first": 1, "layer_last": 1, "strength": 0.3, "attn_share": 0.2, "repair": "pool", "ridge": 0.05,
               **{f"w_{m}": 0.5 for m in SPACE.metrics}}
     config = suggest(SPACE, params)
-    assert len(config.subset) == 5 and config.mixture.aggregation == "max"
+    assert len(config.subset) == 5
+    assert config.mixture.aggregation == "max"
     assert (config.allocation.first, config.allocation.last, config.allocation.attn_share) == (1, -1, 0.2)
     fixed = SearchSpace(subset_size=(2, 8), n_clusters=3, metrics=("wanda_sp",), calibration="all",
                         fixed={"aggregation": "sum", "strength": 0.0, "layer_first": 0, "layer_last": 0,
                                "attn_share": 0.1, "repair": "off"})
     config = suggest(fixed, {})  # nothing left to search: a FixedTrial with no params works
-    assert config.subset == tuple(range(16)) and dict(config.mixture.weights) == {"wanda_sp": 1.0}
+    assert config.subset == tuple(range(16))
+    assert dict(config.mixture.weights) == {"wanda_sp": 1.0}
     random_mode = SearchSpace(subset_size=(2, 8), calibration="random")
     a = suggest(random_mode, {**params, "calib_seed": 3})
-    assert a.subset == suggest(random_mode, {**params, "calib_seed": 3}).subset and len(a.subset) == 5
+    assert a.subset == suggest(random_mode, {**params, "calib_seed": 3}).subset
+    assert len(a.subset) == 5
 
 
 def test_the_repair_and_its_ridge_are_searched_or_fixed():
@@ -148,39 +157,103 @@ def test_a_ratio_neither_a_fraction_nor_a_count_is_refused(ratio):
 # -- the study ----------------------------------------------------------------------------------
 
 
-def test_search_runs_baselines_first_and_exports_the_best(session, tmp_path):
-    url = f"sqlite:///{tmp_path / 'runs.db'}"
-    result = run_search(tiny_job(), url, "s", session=session, out_dir=tmp_path / "out",
-                        artifact_dir=tmp_path / "artifacts", progress=False)
-    trials = result.study.trials
-    assert [t.user_attrs.get("baseline") for t in trials[:4]] == \
+@pytest.fixture(scope="module")
+def searched(tiny_tokenizer, tmp_path_factory):
+    """One search of the tiny model to its end (exported, its artifact stored), read by the tests below."""
+    folder = tmp_path_factory.mktemp("search")
+    result = run_search(tiny_job(), f"sqlite:///{folder / 'runs.db'}", "s", session=tiny_session(tiny_tokenizer),
+                        out_dir=folder / "out", artifact_dir=folder / "artifacts", progress=False)
+    return result, folder
+
+
+def test_the_baselines_run_first(searched):
+    result, _ = searched
+    assert [t.user_attrs.get("baseline") for t in result.study.trials[:4]] == \
         ["llm-pruner", "llm-pruner+repair", "wanda-sp", "magnitude"]
-    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    assert len(finished) == 8
-    for t in trials[:4]:
-        assert t.state == TrialState.COMPLETE and t.user_attrs["test_ppl"] > 1
-        assert t.user_attrs["windows"] == 12  # baselines are never stopped early
-    best = result.best_trial
-    assert best.user_attrs["test_ppl"] > 1 and abs(best.user_attrs["ratio"] - 0.2) < 0.01
-    assert set(best.user_attrs["seconds"]) >= {"importance", "plan", "prune", "validation"}
-    # the exported model is the best trial's, and its artifact unpacks to the same model
+
+
+def test_the_search_finishes_its_budget(searched):
+    result, _ = searched
+    assert len([t for t in result.study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]) == 8
+
+
+def test_baselines_are_never_stopped_early(searched):
+    result, _ = searched
+    assert [(t.state, t.user_attrs["windows"]) for t in result.study.trials[:4]] == [(TrialState.COMPLETE, 12)] * 4
+
+
+def test_baselines_are_tested(searched):
+    result, _ = searched
+    assert min(t.user_attrs["test_ppl"] for t in result.study.trials[:4]) > 1
+
+
+def test_the_best_is_tested(searched):
+    result, _ = searched
+    assert result.best_trial.user_attrs["test_ppl"] > 1
+
+
+def test_the_best_meets_the_ratio(searched):
+    result, _ = searched
+    assert result.best_trial.user_attrs["ratio"] == pytest.approx(0.2, abs=0.01)
+
+
+def test_the_best_records_the_time_of_each_phase(searched):
+    result, _ = searched
+    assert set(result.best_trial.user_attrs["seconds"]) >= {"importance", "plan", "prune", "validation"}
+
+
+def test_the_exported_model_is_the_best_trials(searched):
+    result, _ = searched
     model, _ = load_pruned(result.model_dir)
-    assert model.config.adapruner["trial"] == best.number
-    assert [[s["num_key_value_heads"], s["intermediate_size"]] for s in model.config.adapruner["layers"]] == \
-        best.user_attrs["sizes"]
-    download_artifact(artifact_store=FileSystemArtifactStore(str(tmp_path / "artifacts")),
+    assert model.config.adapruner["trial"] == result.best_trial.number
+
+
+def test_the_exported_model_has_the_best_trials_sizes(searched):
+    result, _ = searched
+    model, _ = load_pruned(result.model_dir)
+    sizes = [[s["num_key_value_heads"], s["intermediate_size"]] for s in model.config.adapruner["layers"]]
+    assert sizes == result.best_trial.user_attrs["sizes"]
+
+
+def test_the_artifact_unpacks_to_the_exported_model(searched, tmp_path):
+    result, folder = searched
+    download_artifact(artifact_store=FileSystemArtifactStore(str(folder / "artifacts")),
                       artifact_id=result.artifact_id, file_path=str(tmp_path / "model.tar"))
     with tarfile.open(tmp_path / "model.tar") as tar:
         tar.extractall(tmp_path / "unpacked", filter="data")
     again, _ = load_pruned(tmp_path / "unpacked" / "model")
+    model, _ = load_pruned(result.model_dir)
     ids = torch.tensor([[1, 5, 7, 9]])
     assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_the_study_names_the_artifact(searched):
+    result, _ = searched
     assert result.study.user_attrs["best_model"]["artifact_id"] == result.artifact_id
-    report = write_report(result.study, tmp_path / "out").read_text()
-    assert "baseline: llm-pruner" in report and f"best: trial {best.number}" in report and "## Cost" in report
-    assert (tmp_path / "out" / "best_so_far.png").stat().st_size > 1000
-    curve = best_so_far(result.study)
-    assert len(curve) == 8 and all(a.val_ppl >= b.val_ppl for a, b in zip(curve, curve[1:], strict=False))
+
+
+@pytest.mark.parametrize("line", ["baseline: llm-pruner", "best: trial {best}", "## Cost"])
+def test_the_report_shows_baselines_best_and_cost(searched, tmp_path, line):
+    result, _ = searched
+    report = write_report(result.study, tmp_path).read_text()
+    assert line.format(best=result.best_trial.number) in report
+
+
+def test_the_report_draws_the_best_so_far(searched, tmp_path):
+    result, _ = searched
+    write_report(result.study, tmp_path)
+    assert (tmp_path / "best_so_far.png").stat().st_size > 1000
+
+
+def test_the_best_so_far_never_rises(searched):
+    result, _ = searched
+    values = [point.val_ppl for point in best_so_far(result.study)]
+    assert values == sorted(values, reverse=True)
+
+
+def test_the_best_so_far_has_a_point_per_finished_trial(searched):
+    result, _ = searched
+    assert len(best_so_far(result.study)) == 8
 
 
 def test_a_trial_stopped_early_records_its_windows_and_time(session, tmp_path, monkeypatch):
@@ -188,10 +261,38 @@ def test_a_trial_stopped_early_records_its_windows_and_time(session, tmp_path, m
     job = tiny_job(trials=3, baselines=("magnitude",))
     study = run_search(job, None, "stop", session=session, progress=False, artifact_dir=tmp_path).study
     stopped = [t for t in study.trials if t.state == TrialState.PRUNED]
-    assert len(stopped) == 2 and study.trials[0].state == TrialState.COMPLETE  # baselines are never stopped
+    assert len(stopped) == 2
+    assert study.trials[0].state == TrialState.COMPLETE  # baselines are never stopped
     for t in stopped:
-        assert t.user_attrs["windows"] == 1 and len(t.intermediate_values) == 1
+        assert t.user_attrs["windows"] == 1
+        assert len(t.intermediate_values) == 1
         assert t.user_attrs["seconds"]["validation"] > 0  # the bench's trial cost counts stopped trials too
+
+
+def test_intermediate_values_are_perplexities_like_the_objective(session, tmp_path):
+    study = run_search(tiny_job(trials=3, baselines=("magnitude",)), None, "unit", session=session,
+                       progress=False, artifact_dir=tmp_path).study
+    assert study.user_attrs["intermediate_unit"] == "perplexity"
+    for t in study.get_trials(states=(TrialState.COMPLETE,)):
+        values = list(t.intermediate_values.values())
+        assert len(values) == session.windows("validation").shape[0]
+        # the objective is the geometric mean of the per-window perplexities (one validation source)
+        assert t.value == pytest.approx(math.exp(sum(math.log(v) for v in values) / len(values)), rel=1e-9)
+        assert min(values) <= t.value <= max(values)
+
+
+def test_a_study_begun_before_the_unit_was_recorded_keeps_log_perplexity(session, tmp_path):
+    from adapruner.search.study import intermediate_unit
+
+    storage = optuna.storages.InMemoryStorage()
+    old = optuna.create_study(storage=storage, study_name="old")
+    old.set_user_attr("adapruner_version", "0.1.0")
+    assert intermediate_unit(old) == "log-perplexity"
+    study = run_search(tiny_job(trials=2, baselines=("magnitude",)), None, "old", session=session,
+                       progress=False, artifact_dir=tmp_path, storage=storage).study
+    t = study.trials[0]
+    assert t.value == pytest.approx(math.exp(sum(t.intermediate_values.values()) / len(t.intermediate_values)))
+    assert intermediate_unit(optuna.create_study()) == "perplexity"  # a study being created by another process
 
 
 def test_resume_continues_and_budget_may_grow(session, tmp_path):
@@ -220,9 +321,11 @@ def test_a_trial_orphaned_before_its_first_heartbeat_is_failed_and_retried(sessi
     storage.record_heartbeat(alive._trial_id)
     fail_dead_trials(study)
     states = {t.number: t.state for t in study.trials}
-    assert states[orphan.number] == TrialState.FAIL and states[alive.number] == TrialState.RUNNING
+    assert states[orphan.number] == TrialState.FAIL
+    assert states[alive.number] == TrialState.RUNNING
     retry = [t for t in study.trials if t.system_attrs.get("failed_trial") == orphan.number]
-    assert len(retry) == 1 and retry[0].state == TrialState.WAITING
+    assert len(retry) == 1
+    assert retry[0].state == TrialState.WAITING
     assert retry[0].user_attrs["baseline"] == "llm-pruner"
     storage.set_trial_state_values(alive._trial_id, TrialState.FAIL)  # the other process fails its own
 
@@ -247,7 +350,8 @@ def test_failing_trials_are_recorded_not_fatal(session, tmp_path, monkeypatch):
     result = run_search(tiny_job(trials=6), f"sqlite:///{tmp_path / 'f.db'}", "f", session=session,
                         progress=False, artifact_dir=tmp_path / "a")
     failed = [t for t in result.study.trials if t.state == TrialState.FAIL]
-    assert failed and all(t.user_attrs["fail_reason"] == "RuntimeError: simulated out of memory" for t in failed)
+    assert failed
+    assert all(t.user_attrs["fail_reason"] == "RuntimeError: simulated out of memory" for t in failed)
     assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in result.study.trials) == 6
 
 
@@ -371,7 +475,8 @@ def test_artifact_store_folder_and_s3(tmp_path):
     fake = FakeS3()
     s3 = artifact_store("s3://models", client=fake)
     s3.write("a1", io.BytesIO(b"weights"))
-    assert fake.objects == {("models", "a1"): b"weights"} and s3.open_reader("a1").read() == b"weights"
+    assert fake.objects == {("models", "a1"): b"weights"}
+    assert s3.open_reader("a1").read() == b"weights"
     folder = artifact_store(tmp_path / "store")
     folder.write("a2", io.BytesIO(b"more"))
     assert folder.open_reader("a2").read() == b"more"

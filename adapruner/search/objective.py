@@ -1,7 +1,8 @@
 """One trial: params -> importance from cached statistics -> plan -> pruned copy -> validation perplexity.
 
-The validation windows are visited in one fixed shuffled order and each window's loss is reported,
-so Optuna's pruner can stop a bad trial after a few windows. The validation perplexity is the exp of
+The validation windows are visited in one fixed shuffled order and each window's perplexity is
+reported (in the objective's unit, so the dashboard plots both on one axis), so Optuna's pruner can
+stop a bad trial after a few windows. The validation perplexity is the exp of
 the per-source mean of each source's mean loss, so that no source dominates when validation mixes
 kinds of text. A completed trial that becomes the best so far (and every baseline) is also scored on
 the test windows of the evaluation sources (in-domain) and of the held-out sources (out-of-domain);
@@ -30,6 +31,11 @@ logger = logging.getLogger(__name__)
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+#: The unit of a trial's intermediate values. Studies made before it was recorded hold log-perplexity;
+#: a study keeps the unit it started with, so its trials stay comparable with each other.
+PERPLEXITY, LOG_PERPLEXITY = "perplexity", "log-perplexity"
 
 
 def geometric_mean(values) -> float:
@@ -80,9 +86,15 @@ class Objective:
         running_mean: bool = False,
         batch_size: int = 4,
         estimate_stopped: bool = False,
+        intermediate_unit: str = PERPLEXITY,
     ):
         """``estimate_stopped``: a trial stopped early completes with :func:`paired_estimate` instead of
-        being marked pruned (stopped early) — for samplers that learn only from completed trials (GP, BoTorch)."""
+        being marked pruned (stopped early) — for samplers that learn only from completed trials (GP, BoTorch).
+        ``intermediate_unit``: what :meth:`optuna.Trial.report` receives, :data:`PERPLEXITY` or
+        :data:`LOG_PERPLEXITY` (a study begun before the unit was recorded)."""
+        if intermediate_unit not in (PERPLEXITY, LOG_PERPLEXITY):
+            raise ValueError(f"unknown intermediate unit {intermediate_unit!r}")
+        self.intermediate_unit = intermediate_unit
         self.session, self.space, self.clusters = session, space, clusters
         self.target, self.baselines, self.seed = target, baselines, seed
         self.running_mean, self.batch_size = running_mean, batch_size
@@ -153,9 +165,9 @@ class Objective:
             losses[index] = nll
             mean = weighted_mean(losses, self.weights)
             if self.running_mean:
-                trial.report(mean, step=len(losses))
+                trial.report(self._in_unit(mean), step=len(losses))
             else:
-                trial.report(nll, step=index)
+                trial.report(self._in_unit(nll), step=index)
             # A trial that has seen every window is finished, not stopped: nothing is left to save.
             if may_stop_early and len(losses) < windows.shape[0] and trial.should_prune():
                 trial.set_user_attr("windows", len(losses))
@@ -165,9 +177,16 @@ class Objective:
                     raise optuna.TrialPruned(message)
                 best = trial.study.best_trial
                 trial.set_user_attr("estimated", True)
-                return mean, paired_estimate(losses, best.intermediate_values, best.value, self.weights)
+                best_losses = {i: self._as_loss(v) for i, v in best.intermediate_values.items()}
+                return mean, paired_estimate(losses, best_losses, best.value, self.weights)
         trial.set_user_attr("windows", len(losses))
         return weighted_mean(losses, self.weights), None
+
+    def _in_unit(self, nll: float) -> float:
+        return math.exp(nll) if self.intermediate_unit == PERPLEXITY else nll
+
+    def _as_loss(self, value: float) -> float:
+        return math.log(value) if self.intermediate_unit == PERPLEXITY else value
 
     def _test(self, trial: optuna.Trial, model: torch.nn.Module) -> None:
         """Test perplexity of each evaluation source and each held-out source, and their summaries.

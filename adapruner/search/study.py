@@ -31,7 +31,7 @@ from .baselines import baseline_config
 from .best import best_trial, default_artifact_dir, export_best
 from .job import SearchJob
 from .lock import StudyLock
-from .objective import Objective, geometric_mean
+from .objective import LOG_PERPLEXITY, PERPLEXITY, Objective, geometric_mean
 from .samplers import ESTIMATING_SAMPLERS, make_pruner, make_sampler, reports_running_mean
 from .space import cluster_pool
 from .storage import count_trials, fail_dead_trials, make_storage, mark_alive
@@ -78,12 +78,23 @@ def create_study(storage: optuna.storages.BaseStorage, name: str, job: SearchJob
         if stored is not None and stored.get("trials") != job.trials:
             study.set_user_attr("job", job.to_dict())  # the budget grew or shrank: record the new one
         return study
+    # The unit first: a process that finds the study without it reads it as new (perplexity), and one
+    # that finds the version without the unit has an older study (log-perplexity).
+    study.set_user_attr("intermediate_unit", PERPLEXITY)
     # Baselines first, before anyone else can ask for a trial.
     for baseline in job.baselines[: job.trials]:
         study.enqueue_trial({}, user_attrs={"baseline": baseline})
     study.set_user_attr("job", job.to_dict())
     study.set_user_attr("adapruner_version", __version__)
     return study
+
+
+def intermediate_unit(study: optuna.Study) -> str:
+    """The unit of the study's intermediate values (see :data:`objective.PERPLEXITY`)."""
+    attrs = study.user_attrs
+    if "intermediate_unit" in attrs:
+        return attrs["intermediate_unit"]
+    return LOG_PERPLEXITY if "adapruner_version" in attrs else PERPLEXITY
 
 
 BASELINE_ATTEMPTS = 3
@@ -156,7 +167,8 @@ def run_search(
     baselines = {b: baseline_config(b, session, job.seed) for b in job.baselines}
     objective = Objective(session, job.space, clusters, job.ratio, baselines, job.seed,
                           running_mean=reports_running_mean(job.pruner),
-                          estimate_stopped=job.sampler in ESTIMATING_SAMPLERS)
+                          estimate_stopped=job.sampler in ESTIMATING_SAMPLERS,
+                          intermediate_unit=intermediate_unit(study))
     lock = StudyLock(storage_url, name)
 
     def claimed_trial(trial: optuna.Trial) -> float:
