@@ -11,7 +11,8 @@ def test_a_write_that_fails_leaves_nothing_behind(tmp_path):
     with pytest.raises(RuntimeError), atomic_path(target) as partial:
         partial.write_text("half")
         raise RuntimeError("interrupted")
-    assert not target.exists() and list(target.parent.iterdir()) == []
+    assert not target.exists()
+    assert list(target.parent.iterdir()) == []
 
 
 def test_a_write_replaces_the_old_file_only_when_complete(tmp_path):
@@ -20,11 +21,13 @@ def test_a_write_replaces_the_old_file_only_when_complete(tmp_path):
     with atomic_path(target) as partial:
         partial.write_text("new")
         assert target.read_text() == "old"
-    assert target.read_text() == "new" and list(tmp_path.iterdir()) == [target]
+    assert target.read_text() == "new"
+    assert list(tmp_path.iterdir()) == [target]
 
 
 def test_layer_keyed_tensors_round_trip(tmp_path):
     tensors = {(0, "o_proj"): torch.randn(3, 3), (12, "down_proj"): torch.randn(2)}
     save_layer_tensors(tensors, tmp_path / "g.safetensors")
     loaded = load_layer_tensors(tmp_path / "g.safetensors")
-    assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+    assert loaded.keys() == tensors.keys()
+    assert all(torch.equal(loaded[k], tensors[k]) for k in tensors)

@@ -26,7 +26,8 @@ def test_eval(capsys, tiny_model_dir, corpus):
     code, out, _ = run(capsys, "eval", "--model", tiny_model_dir, "--data", corpus, "--seq-len", 32,
                        "--max-windows", 4, "--split", "validation")
     assert code == 0
-    assert "4 windows x 32 tokens" in out and float(out.split("ppl")[-1].split()[0]) > 1
+    assert "4 windows x 32 tokens" in out
+    assert float(out.split("ppl")[-1].split()[0]) > 1
 
 
 @pytest.mark.parametrize("metric", ["wanda_sp", "taylor_first", "taylor_second=0.5,flap_fluctuation=0.5"])
@@ -36,7 +37,9 @@ def test_prune_saves_a_loadable_model(capsys, tmp_path, tiny_model_dir, corpus, 
                          "--metric", metric, "--allocation", "uniform", "--seq-len", 32, "--max-windows", 2,
                          "--out", out_dir)
     assert code == 0, err
-    assert "removed" in out and "validation ppl" in out and "test       ppl" in out
+    assert "removed" in out
+    assert "validation ppl" in out
+    assert "test       ppl" in out
     assert f'load    AutoModelForCausalLM.from_pretrained("{out_dir}"' in out  # how to use what was saved
     model, _ = load_pruned(out_dir)
     assert model.config.adapruner["config"]["mixture"]["weights"]
@@ -59,7 +62,9 @@ def test_bad_arguments_exit_2_with_one_line(capsys, argv, message):
     with pytest.raises(SystemExit) as exc:
         main(argv)
     err = capsys.readouterr().err
-    assert exc.value.code == 2 and message in err and err.count("\n") == 1
+    assert exc.value.code == 2
+    assert message in err
+    assert err.count("\n") == 1
 
 
 @pytest.fixture
@@ -102,7 +107,9 @@ def test_bad_arguments_are_refused_before_the_model_loads(capsys, loading_forbid
                                                            tiny_model_dir, argv, message):
     argv = [a.format(tiny=tiny_model_dir, broken=broken_models) for a in argv]
     code, out, err = run(capsys, *argv)
-    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert code == 2, err
+    assert message in err, err
+    assert err.count("\n") == 1, err
 
 
 @pytest.mark.parametrize(("argv", "message"), [
@@ -116,17 +123,25 @@ def test_bad_numbers_exit_2_before_the_model_loads(capsys, loading_forbidden, ar
     with pytest.raises(SystemExit) as exc:
         main(argv)
     err = capsys.readouterr().err
-    assert exc.value.code == 2 and message in err and err.count("\n") == 1
+    assert exc.value.code == 2
+    assert message in err
+    assert err.count("\n") == 1
 
 
 def test_user_errors_exit_2_with_one_line(capsys, tmp_path, tiny_model_dir, corpus):
     code, _, err = run(capsys, "eval", "--model", tmp_path / "missing")
-    assert code == 2 and err.startswith("adapruner: error: model folder not found") and err.count("\n") == 1
+    assert code == 2
+    assert err.startswith("adapruner: error: model folder not found")
+    assert err.count("\n") == 1
     code, _, err = run(capsys, "prune", "--model", tiny_model_dir, "--calib", f"{corpus}:4", "--metric", "l0",
                        "--seq-len", 32, "--allocation", "uniform")
-    assert code == 2 and "unknown importance metric 'l0'" in err and err.count("\n") == 1
+    assert code == 2
+    assert "unknown importance metric 'l0'" in err
+    assert err.count("\n") == 1
     code, _, err = run(capsys, "eval", "--model", tiny_model_dir, "--data", "builtin:poems")
-    assert code == 2 and "built-in text source 'poems'" in err and err.count("\n") == 1
+    assert code == 2
+    assert "built-in text source 'poems'" in err
+    assert err.count("\n") == 1
 
 
 def test_search_takes_a_parameter_count_as_its_ratio():
@@ -139,14 +154,17 @@ def test_search_takes_a_fraction_as_its_ratio():
 
 def test_serve_opens_the_api_only_the_dashboard_stays_on_localhost():
     args = build_parser().parse_args(["serve", "--host", "0.0.0.0"])
-    assert args.host == "0.0.0.0" and args.dashboard_host == "127.0.0.1"  # the dashboard has no auth
+    assert args.host == "0.0.0.0"
+    assert args.dashboard_host == "127.0.0.1"  # the dashboard has no auth
 
 
 def test_a_heldout_source_that_also_calibrates_exits_2_before_anything_is_stored(capsys, tmp_path, corpus,
                                                                                 tiny_model_dir, loading_forbidden):
     code, _, err = run(capsys, "search", "--model", tiny_model_dir, "--calib", corpus,
                        "--heldout", corpus, "--storage", f"sqlite:///{tmp_path / 'runs.db'}")
-    assert code == 2 and "held-out source" in err and err.count("\n") == 1
+    assert code == 2
+    assert "held-out source" in err
+    assert err.count("\n") == 1
     assert not (tmp_path / "runs.db").exists()
 
 
@@ -162,7 +180,9 @@ def test_an_unknown_repair_mode_exits_2_before_the_model_loads(capsys, tmp_path,
                                                               loading_forbidden):
     code, _, err = run(capsys, "search", "--model", tiny_model_dir, "--calib", corpus,
                        "--repairs", "off,refit", "--storage", f"sqlite:///{tmp_path / 'runs.db'}")
-    assert code == 2 and "unknown repair mode 'refit'" in err and err.count("\n") == 1
+    assert code == 2
+    assert "unknown repair mode 'refit'" in err
+    assert err.count("\n") == 1
     assert not (tmp_path / "runs.db").exists()
 
 

@@ -231,7 +231,8 @@ def test_split_documents_is_disjoint_stable_and_order_free():
     assert sum(map(len, parts)) == len(set().union(*parts)) == 40
     assert split_documents("s", list(reversed(docs))) == source
     assert split_documents("s", docs).hashes == source.hashes
-    assert len(set(source.hashes.values())) == 3 and all(len(h) == 64 for h in source.hashes.values())
+    assert len(set(source.hashes.values())) == 3
+    assert all(len(h) == 64 for h in source.hashes.values())
 
 
 def test_split_documents_sizes_and_hash_changes():
@@ -242,7 +243,8 @@ def test_split_documents_sizes_and_hash_changes():
     assert sorted(tiny.pool + tiny.validation + tiny.test) == ["a", "b", "c"]
     changed = split_documents("s", [*docs[:-1], docs[-1] + " More."], validation=0.25, test=0.2)
     assert changed.hashes != source.hashes
-    assert isinstance(source, TextSource) and "pool=6" in repr(source)
+    assert isinstance(source, TextSource)
+    assert "pool=6" in repr(source)
 
 
 def test_split_documents_errors():
@@ -325,7 +327,8 @@ def test_local_text_file(tmp_path):
     source = load_source(str(path))
     assert source.name == str(path)
     docs = source.pool + source.validation + source.test
-    assert 20 <= len(docs) <= 60 and len(source.test) >= 2
+    assert 20 <= len(docs) <= 60
+    assert len(source.test) >= 2
     assert sum(map(len, docs)) >= 0.95 * len(path.read_text())
 
 
@@ -372,7 +375,9 @@ def test_fetch_failure_says_how_to_go_on(monkeypatch):
     with pytest.raises(FetchError) as failure:
         load_source("builtin:books")
     message = str(failure.value)
-    assert "r-cran-janeaustenr" in message and "\n" not in message and message.endswith(LOCAL_TEXT_HINT)
+    assert "r-cran-janeaustenr" in message
+    assert "\n" not in message
+    assert message.endswith(LOCAL_TEXT_HINT)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:

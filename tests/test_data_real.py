@@ -35,12 +35,15 @@ def test_fetch_from_an_empty_cache(tmp_path, monkeypatch):
 @pytest.mark.parametrize("name", BUILTIN_SOURCES)
 def test_builtin_source_parts(name):
     source = load_source(f"builtin:{name}")
-    assert source.name == name and load_source(f"builtin:{name}") is source  # parsed once per process
+    assert source.name == name
+    assert load_source(f"builtin:{name}") is source  # parsed once per process
     parts = [set(source.part(split)) for split in SPLITS]
     assert sum(map(len, parts)) >= MIN_DOCUMENTS[name]
-    assert all(parts) and not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+    assert all(parts)
+    assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
     again = cut_in_reverse_order(name)  # re-read from the disk cache
-    assert again.hashes == source.hashes and again == source
+    assert again.hashes == source.hashes
+    assert again == source
 
 
 def cut_in_reverse_order(name: str) -> TextSource:
@@ -63,7 +66,9 @@ def test_books_are_chapters_of_paragraphs():
     assert first.split("\n\n")[0].endswith("must be in want of a wife.")
     assert chapters[0].startswith("Emma Woodhouse, handsome, clever, and rich,")
     for chapter in chapters:
-        assert looks_like_prose(chapter) and "\n\n\n" not in chapter and "_" not in chapter
+        assert looks_like_prose(chapter)
+        assert "\n\n\n" not in chapter
+        assert "_" not in chapter
         assert not re.search(r"^(chapter|volume)\b", chapter, re.I | re.M)
     assert not any(re.search(r"\b(FINIS|THE END)\b", c) for c in chapters)
 
@@ -86,7 +91,8 @@ def test_wiki_is_plain_prose():
     articles = builtin_documents("wiki")
     assert any(a.startswith("Anarchism is a political philosophy") for a in articles)
     for article in articles:
-        assert len(article) >= 200 and looks_like_prose(article)
+        assert len(article) >= 200
+        assert looks_like_prose(article)
         for markup in ("{{", "}}", "[[", "]]", "<ref", "&amp;", "&nbsp;", "'''", "[http", "Category:"):
             assert markup not in article, (markup, article[:80])
 

@@ -65,10 +65,13 @@ def test_compose_gives_each_gpu_its_own_worker_and_keeps_the_dashboard_private()
     for name in WORKERS:
         worker = COMPOSE["services"][name]
         (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
-        assert device["capabilities"] == ["gpu"] and "count" not in device, name
+        assert device["capabilities"] == ["gpu"], name
+        assert "count" not in device, name
         gpus += device["device_ids"]
-        assert worker["build"]["dockerfile"] == "docker/Dockerfile.gpu" and "--device" in worker["command"]
-    assert len(WORKERS) >= 2 and sorted(gpus) == sorted(set(gpus))  # N GPUs, N workers, one GPU each
+        assert worker["build"]["dockerfile"] == "docker/Dockerfile.gpu"
+        assert "--device" in worker["command"]
+    assert len(WORKERS) >= 2
+    assert sorted(gpus) == sorted(set(gpus))  # N GPUs, N workers, one GPU each
     assert all(port.startswith("127.0.0.1:") for port in COMPOSE["services"]["dashboard"]["ports"])
 
 

@@ -20,7 +20,8 @@ def test_perplexity_is_exp_of_transformers_loss(tiny_model):
     reference = hf_mean_loss(tiny_model, windows)
     assert result.nll == pytest.approx(reference, rel=1e-6)
     assert result.ppl == pytest.approx(math.exp(reference), rel=1e-6)
-    assert result.windows == 10 and result.tokens == 10 * 23
+    assert result.windows == 10
+    assert result.tokens == 10 * 23
 
 
 def test_batched_loss_matches_transformers_batch_loss(tiny_model):

@@ -181,10 +181,12 @@ def test_statistics_round_trip(setup, tmp_path):
     _, _, stats = setup
     stats.save(tmp_path / "stats.safetensors")
     again = PoolStatistics.load(tmp_path / "stats.safetensors")
-    assert again.n_samples == stats.n_samples and again.tokens == stats.tokens
+    assert again.n_samples == stats.n_samples
+    assert again.tokens == stats.tokens
     for key, t in stats.taylor.items():
         assert torch.equal(t, again.taylor[key])
-    assert torch.equal(stats.layer_cos, again.layer_cos) and torch.equal(stats.embedding, again.embedding)
+    assert torch.equal(stats.layer_cos, again.layer_cos)
+    assert torch.equal(stats.embedding, again.embedding)
     assert set(again.act_sq) == set(stats.act_sq)
 
 
@@ -238,8 +240,10 @@ def test_statistics_leave_model_untouched(setup):
 
 
 def test_mixture_says_what_it_needs():
-    assert not Mixture.single("taylor_first").needs_data and Mixture.single("taylor_first").needs_backward
-    assert Mixture.single("wanda_sp").needs_data and not Mixture.single("wanda_sp").needs_backward
+    assert not Mixture.single("taylor_first").needs_data
+    assert Mixture.single("taylor_first").needs_backward
+    assert Mixture.single("wanda_sp").needs_data
+    assert not Mixture.single("wanda_sp").needs_backward
     assert not Mixture({"magnitude_l1": 1, "random": 1}).needs_data
 
 

@@ -11,7 +11,8 @@ from adapruner.models import load_model
 
 def test_load_local_folder(tiny_model_dir, tiny_model):
     model, tokenizer = load_model(str(tiny_model_dir), device="cpu")
-    assert not model.training and next(model.parameters()).dtype == torch.float32
+    assert not model.training
+    assert next(model.parameters()).dtype == torch.float32
     ids = torch.tensor([[1, 5, 9, 11]])
     with torch.no_grad():
         assert torch.equal(model(ids).logits, tiny_model(ids).logits)

@@ -48,7 +48,8 @@ def test_layer_range_spares_outer_layers(structure):
     plan = make_plan(structure, scores(structure), 0.2, Allocation.named("layer_range", first=2, last=-2))
     sizes = plan.sizes()
     full = {"num_key_value_heads": 4, "intermediate_size": 160}
-    assert sizes[:2] == [full, full] and sizes[-2:] == [full, full]
+    assert sizes[:2] == [full, full]
+    assert sizes[-2:] == [full, full]
     assert all(s != full for s in sizes[2:-2])
 
 
@@ -97,5 +98,6 @@ def test_adaptive_within_a_layer_range(structure):
     cos = torch.linspace(0.2, 0.99, len(structure.layers))
     plan = make_plan(structure, scores(structure), 0.15, Allocation(first=1, last=-1, strength=0.7), layer_cos=cos)
     sizes = plan.sizes()
-    assert sizes[0]["intermediate_size"] == 160 and sizes[-1]["intermediate_size"] == 160
+    assert sizes[0]["intermediate_size"] == 160
+    assert sizes[-1]["intermediate_size"] == 160
     assert sizes[1]["intermediate_size"] > sizes[-2]["intermediate_size"]

@@ -44,7 +44,8 @@ def test_builtin_checkpoint_is_plain_safetensors(smollm):
     folder = builtin_checkpoint("smollm2-135m")
     config = json.loads((folder / "config.json").read_text())
     assert "quantization_config" not in config
-    assert list(folder.glob("*.safetensors")) and not list(folder.glob("*.gguf"))
+    assert list(folder.glob("*.safetensors"))
+    assert not list(folder.glob("*.gguf"))
     assert (config["num_attention_heads"], config["num_key_value_heads"], config["num_hidden_layers"]) == (9, 3, 30)
     assert 134e6 < sum(p.numel() for p in model.parameters()) < 135e6
     out = model.generate(**tokenizer("The capital of France is", return_tensors="pt"), max_new_tokens=5,
@@ -86,7 +87,8 @@ def test_eval_cli_prints_perplexity(capsys):
     assert main(["eval", "--model", "smollm2-135m", "--data", "builtin:news", "--max-windows", "4"]) == 0
     out = capsys.readouterr().out
     ppl = float(out.split("ppl")[-1].split()[0])
-    assert 10 < ppl < 80 and "news/test" in out
+    assert 10 < ppl < 80
+    assert "news/test" in out
 
 
 def test_real_model_slicing_equals_masking_and_reloads(session, tmp_path):
@@ -123,4 +125,5 @@ def test_gradient_and_activation_metrics_beat_random(session):
     results = {m: test_ppl(m) for m in GRADIENT_METRICS + ACTIVATION_METRICS}
     print({"dense": dense, "random": random_ppl, **results})
     for metric, ppl in results.items():
-        assert math.isfinite(ppl) and dense < ppl < random_ppl / 4, (metric, ppl, random_ppl)
+        assert math.isfinite(ppl), (metric, ppl, random_ppl)
+        assert dense < ppl < random_ppl / 4, (metric, ppl, random_ppl)

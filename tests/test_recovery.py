@@ -86,7 +86,8 @@ def test_incremental_reaches_the_exact_target(text_windows, mixture):
     assert abs((original.total_params - kept) - round(0.2 * original.total_params)) <= \
         original.layers[0].channel_params
     assert [s.params for s in result.steps] == sorted((s.params for s in result.steps), reverse=True)
-    assert all(s.finetune_loss is not None for s in result.steps[:-1]) and result.steps[-1].finetune_loss is None
+    assert all(s.finetune_loss is not None for s in result.steps[:-1])
+    assert result.steps[-1].finetune_loss is None
     assert model_structure(model).total_params == original.total_params  # the input is untouched
     out = result.model(input_ids=train[:1]).logits
     assert torch.isfinite(out).all()
@@ -104,7 +105,8 @@ def test_search_job_recovers_the_best_configuration(tiny_tokenizer, tmp_path):
     result = run_search(job, None, "rec", session=session, out_dir=tmp_path / "out", artifact_dir=tmp_path / "a",
                         progress=False)
     recovery = result.study.user_attrs["recovery"]
-    assert recovery["steps"] == 15 and recovery["test_ppl_after"] < recovery["test_ppl_before"]
+    assert recovery["steps"] == 15
+    assert recovery["test_ppl_after"] < recovery["test_ppl_before"]
     assert recovery["test_ppl_before"] == pytest.approx(result.best_trial.user_attrs["test_ppl"])
     model, _ = load_pruned(result.model_dir)
     assert model.config.adapruner["recovery"]["test_ppl_after"] == recovery["test_ppl_after"]
@@ -120,10 +122,13 @@ def test_cli_finetune_and_incremental_prune(capsys, tmp_path, tiny_model_dir):
                  "--metric", "taylor_second", "--allocation", "adaptive", "--incremental", "--step", "0.1",
                  "--finetune-steps", "2", "--seq-len", "32", "--max-windows", "2", "--out", str(pruned_dir)]) == 0
     out = capsys.readouterr().out
-    assert out.count("step    ->") == 2 and "LoRA loss" in out and "(removed" in out
+    assert out.count("step    ->") == 2
+    assert "LoRA loss" in out
+    assert "(removed" in out
     assert main(["finetune", "--model", str(pruned_dir), "--data", str(corpus), "--steps", "5", "--lr", "0.005",
                  "--seq-len", "32", "--max-windows", "4"]) == 0
     out = capsys.readouterr().out
-    assert "before  test ppl" in out and "after   test ppl" in out
+    assert "before  test ppl" in out
+    assert "after   test ppl" in out
     model, _ = load_pruned(str(pruned_dir) + "-lora")
     assert model.config.adapruner["recovery"]["lora"]["steps"] == 5

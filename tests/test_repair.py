@@ -160,11 +160,13 @@ def test_the_repaired_baseline_is_llm_pruners_model_refitted_from_one_backward(t
     monkeypatch.setattr(session_module, "taylor_first_exact", lambda *a, **k: calls.append(k) or exact(*a, **k))
     session = toy_session(tiny_tokenizer)
     plain, repaired = (baseline_config(name, session) for name in ("llm-pruner", "llm-pruner+repair"))
-    assert repaired.repair == Repair("pool") and plain.repair == Repair()
+    assert repaired.repair == Repair("pool")
+    assert plain.repair == Repair()
     assert (repaired.mixture, repaired.subset, repaired.allocation) == (plain.mixture, plain.subset, plain.allocation)
     model, plan = session.prune(plain, 0.2)
     fixed, fixed_plan = session.prune(repaired, 0.2)
-    assert fixed_plan == plan and len(calls) == 1  # one float16 backward serves both
+    assert fixed_plan == plan
+    assert len(calls) == 1  # one float16 backward serves both
     assert calls[0]["dtype"] == torch.float16
     assert not torch.equal(logits(fixed), logits(model))
     # a new session on the same model and pool reads the backward and the Grams from the disk cache
@@ -218,7 +220,8 @@ def test_a_search_with_repair_in_its_space_reports_it(tiny_tokenizer, tmp_path):
     study = run_search(job, f"sqlite:///{tmp_path / 'runs.db'}", "r", session=toy_session(tiny_tokenizer),
                        artifact_dir=tmp_path / "a", progress=False).study
     searched = [t for t in study.trials if not t.user_attrs.get("baseline") and "config" in t.user_attrs]
-    assert searched and all(t.user_attrs["config"]["repair"]["mode"] == "pool" for t in searched)
+    assert searched
+    assert all(t.user_attrs["config"]["repair"]["mode"] == "pool" for t in searched)
     assert all("repair" in t.user_attrs["seconds"] for t in searched)
     report = write_report(study, tmp_path / "out").read_text()
     row = next(line for line in report.splitlines() if line.startswith("| baseline: llm-pruner+repair "))

@@ -86,7 +86,8 @@ def test_a_killed_search_continues_when_run_again(tmp_path, roots):
     assert_exact(study, 12)
     assert study.trials[killed].state == TrialState.FAIL
     assert any(t.system_attrs.get("failed_trial") == killed for t in study.trials)
-    assert "report" in out and (tmp_path / "out" / "report.md").is_file()
+    assert "report" in out
+    assert (tmp_path / "out" / "report.md").is_file()
 
 
 class QuietHandler(WSGIRequestHandler):
@@ -112,7 +113,9 @@ def test_the_study_opens_in_optuna_dashboard(tmp_path, roots):
     trials = detail["trials"]
     assert len(trials) >= 5
     searched = [t for t in trials if t["params"]]
-    assert searched and {"attn_share", "strength"} <= {p["name"] for p in searched[0]["params"]}
+    assert searched
+    assert {"attn_share", "strength"} <= {p["name"] for p in searched[0]["params"]}
     keys = {a["key"] for t in trials for a in t["user_attrs"]}
     assert {"val_ppl", "config", "sizes", "seconds", "worker"} <= keys
-    assert detail["artifacts"] and detail["artifacts"][0]["filename"].endswith(".tar")
+    assert detail["artifacts"]
+    assert detail["artifacts"][0]["filename"].endswith(".tar")

@@ -14,63 +14,113 @@ import tarfile
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
 
+import pytest
 import torch
 from helpers import call, free_port, small_job, wait_for_job, wait_until_up
 
 from adapruner.export import load_pruned
 
 
-def test_serve_runs_a_job_end_to_end(tmp_path, roots):
+@dataclass
+class Served:
+    base: str
+    dashboard: str
+    data: Path
+    job: dict
+    report: str
+    model: torch.nn.Module
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, roots):
+    """``adapruner serve`` on a fresh data folder, and a job of 5 repaired trials run to its end through it.
+    Stopping it (SIGTERM) must drain the worker and the dashboard cleanly: checked when the module ends."""
+    folder = tmp_path_factory.mktemp("serve")
     api, dashboard = free_port(), free_port()
-    data = tmp_path / "data"
+    data = folder / "data"
     env = {**os.environ, "ADAPRUNER_DATA_DIR": str(data), "ADAPRUNER_MODELS_ROOT": str(roots / "models"),
            "ADAPRUNER_TEXTS_ROOT": str(roots / "texts"), "ADAPRUNER_WORKER_POLL_SECONDS": "0.5"}
     env.pop("ADAPRUNER_API_TOKENS", None)
     env.pop("ADAPRUNER_DATABASE_URL", None)
     server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(api),
-                               "--dashboard-port", str(dashboard), "--device", "cpu"], env=env, cwd=tmp_path,
+                               "--dashboard-port", str(dashboard), "--device", "cpu"], env=env, cwd=folder,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{api}"
     try:
         wait_until_up(f"{base}/healthz", server)
-        token = (data / "api-token").read_text().strip()  # made on first start, readable by its owner only
-        assert (data / "api-token").stat().st_mode & 0o077 == 0
-        try:
-            call(f"{base}/v1/jobs", small_job())
-            raise AssertionError("a write without a token was accepted")
-        except urllib.error.HTTPError as exc:
-            assert exc.code == 401
+        token = (data / "api-token").read_text().strip()  # made on first start
         repaired = {"subset_size": [2, 6], "n_clusters": 3, "repairs": ["pool"]}  # every trial re-fits its cut
-        status, body = call(f"{base}/v1/jobs", small_job(trials=5, space=repaired), token)
-        assert status == 202
-        job_id = json.loads(body)["id"]
-        job = wait_for_job(base, job_id)
-        assert job["status"] == "succeeded", job
-        assert job["progress"]["finished"] == 5 and job["best"]["test_ppl"] > 1
-        assert {b["baseline"] for b in job["baselines"]} == {"wanda-sp", "magnitude"}
-        assert job["links"]["dashboard"].startswith(f"http://127.0.0.1:{dashboard}/dashboard/studies/")
-        report = call(f"{base}/v1/jobs/{job_id}/report")[1].decode()
-        assert "| parameters kept | repair |" in report
-        best_row = next(line for line in report.splitlines() if line.startswith("| **best: trial"))
-        assert ("off" if job["best"]["baseline"] else "pool, ridge") in best_row.split("|")[-2]
-
-        status, archive = call(f"{base}/v1/jobs/{job_id}/model", timeout=60)
+        _, body = call(f"{base}/v1/jobs", small_job(trials=5, space=repaired), token)
+        job = wait_for_job(base, json.loads(body)["id"])
+        report = call(f"{base}/v1/jobs/{job['id']}/report")[1].decode()
+        _, archive = call(f"{base}/v1/jobs/{job['id']}/model", timeout=60)
         with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-            tar.extractall(tmp_path / "download", filter="data")
-        model, _ = load_pruned(tmp_path / "download" / "model")
-        assert model.config.adapruner["trial"] == job["best"]["number"]
-        assert torch.isfinite(model(input_ids=torch.tensor([[1, 5, 7]])).logits).all()
-
+            tar.extractall(folder / "download", filter="data")
+        model, _ = load_pruned(folder / "download" / "model")
         wait_until_up(f"http://127.0.0.1:{dashboard}/api/studies", server)
-        studies = json.loads(call(f"http://127.0.0.1:{dashboard}/api/studies")[1])["study_summaries"]
-        (summary,) = [s for s in studies if s["study_name"] == job["study_name"]]
-        detail = json.loads(call(f"http://127.0.0.1:{dashboard}/api/studies/{summary['study_id']}?after=0")[1])
-        assert len(detail["trials"]) >= 5 and detail["artifacts"]
+        yield Served(base, f"http://127.0.0.1:{dashboard}", data, job, report, model)
     finally:
         server.terminate()
         out, _ = server.communicate(timeout=90)
-    assert server.returncode == 0, out  # SIGTERM drains the worker and stops the dashboard cleanly
+    assert server.returncode == 0, out
+
+
+def test_the_token_file_is_its_owners_alone(served):
+    assert (served.data / "api-token").stat().st_mode & 0o077 == 0
+
+
+def test_a_write_without_a_token_is_refused(served):
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        call(f"{served.base}/v1/jobs", small_job())
+    assert refused.value.code == 401
+
+
+def test_the_job_succeeds(served):
+    assert served.job["status"] == "succeeded", served.job
+
+
+def test_the_job_finishes_its_budget(served):
+    assert served.job["progress"]["finished"] == 5
+
+
+def test_the_best_is_tested(served):
+    assert served.job["best"]["test_ppl"] > 1
+
+
+def test_the_job_shows_both_baselines(served):
+    assert {b["baseline"] for b in served.job["baselines"]} == {"wanda-sp", "magnitude"}
+
+
+def test_the_job_links_its_dashboard_study(served):
+    assert served.job["links"]["dashboard"].startswith(f"{served.dashboard}/dashboard/studies/")
+
+
+def test_the_report_has_a_repair_column(served):
+    assert "| parameters kept | repair |" in served.report
+
+
+def test_the_report_shows_the_best_trials_repair(served):
+    best_row = next(line for line in served.report.splitlines() if line.startswith("| **best: trial"))
+    assert ("off" if served.job["best"]["baseline"] else "pool, ridge") in best_row.split("|")[-2]
+
+
+def test_the_downloaded_model_is_the_best_trials(served):
+    assert served.model.config.adapruner["trial"] == served.job["best"]["number"]
+
+
+def test_the_downloaded_model_runs(served):
+    assert torch.isfinite(served.model(input_ids=torch.tensor([[1, 5, 7]])).logits).all()
+
+
+def test_the_dashboard_shows_the_study_with_its_trials_and_artifact(served):
+    studies = json.loads(call(f"{served.dashboard}/api/studies")[1])["study_summaries"]
+    (summary,) = [s for s in studies if s["study_name"] == served.job["study_name"]]
+    detail = json.loads(call(f"{served.dashboard}/api/studies/{summary['study_id']}?after=0")[1])
+    assert len(detail["trials"]) >= 5
+    assert detail["artifacts"]
 
 
 def worker_pids(server: subprocess.Popen) -> set[int]:
@@ -102,8 +152,10 @@ def test_serve_replaces_a_dead_worker_keeps_its_files_private_and_links_no_absen
         job_id = json.loads(body)["id"]
         job = wait_for_job(base, job_id)
         assert job["status"] == "succeeded", job  # run by the replacement
-        assert job["links"]["dashboard"] is None and job["links"]["self"] == f"/v1/jobs/{job_id}"
-        assert job["created_at"].endswith(("Z", "+00:00")) and job["finished_at"].endswith(("Z", "+00:00"))
+        assert job["links"]["dashboard"] is None
+        assert job["links"]["self"] == f"/v1/jobs/{job_id}"
+        assert job["created_at"].endswith(("Z", "+00:00"))
+        assert job["finished_at"].endswith(("Z", "+00:00"))
         for path in (data / "adapruner.db", data / "artifacts"):
             assert path.stat().st_mode & 0o077 == 0, path
     finally:

@@ -186,9 +186,11 @@ def test_cancelling_stops_the_statistics_pass_between_samples(tmp_path, roots, m
         monkeypatch.setattr(worker, "_phase_recorder", lambda _job: on_step)
         worker.serve(job)  # returns, having stopped: no exception, no failure recorded
         final = client.get(f"/v1/jobs/{job_id}").json()
-    assert final["status"] == "cancelled" and final["error"] is None
+    assert final["status"] == "cancelled"
+    assert final["error"] is None
     statistics = [done for phase, done in steps if phase == "pool statistics"]
     assert statistics == [0, 1, 2, 3]  # it stopped at the first step after the cancel
-    assert ("loading model", 0) in steps and worker._loaded is None
+    assert ("loading model", 0) in steps
+    assert worker._loaded is None
     with pytest.raises(Stopped):
         recorder("pool statistics", 4, 64)

@@ -71,7 +71,8 @@ def test_killed_worker_trial_is_failed_and_retried(backend, request, tmp_path, r
     study = study_of(url, job)
     assert study.trials[killed].state == TrialState.FAIL
     retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed]
-    assert len(retries) == 1 and retries[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
+    assert len(retries) == 1
+    assert retries[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
     assert retries[0].params == study.trials[killed].params
     assert_exact(study, 8)
 

@@ -102,7 +102,8 @@ def test_save_and_load_non_uniform(tmp_path, tiny_tokenizer):
     save_pruned(pruned, tiny_tokenizer, tmp_path / "out", info={"base_model": "tiny"})
     loaded, tokenizer = load_pruned(tmp_path / "out", device="cpu")
     assert torch.equal(logits(pruned), logits(loaded))
-    assert tokenizer is not None and loaded.config.adapruner["base_model"] == "tiny"
+    assert tokenizer is not None
+    assert loaded.config.adapruner["base_model"] == "tiny"
     # load_model recognises a pruned folder too
     again, _ = load_model(str(tmp_path / "out"), device="cpu")
     assert torch.equal(logits(pruned), logits(again))
@@ -119,7 +120,8 @@ def test_uniform_plan_loads_with_plain_from_pretrained(tmp_path):
     pruned = prune_model(model, plan)
     save_pruned(pruned, None, tmp_path)
     plain = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert plain.config.num_key_value_heads == 1 and plain.config.intermediate_size == 48
+    assert plain.config.num_key_value_heads == 1
+    assert plain.config.intermediate_size == 48
     assert torch.equal(logits(pruned), logits(plain))
 
 
@@ -192,7 +194,8 @@ def test_a_non_uniform_export_loads_with_plain_transformers_where_adapruner_is_a
     save_pruned(pruned, None, tmp_path / "export", info={"base_model": "tiny", "ratio": 0.2})
     assert (tmp_path / "export" / "modeling_pruned.py").is_file()
     card = (tmp_path / "export" / "README.md").read_text()
-    assert 'from_pretrained("export", trust_remote_code=True)' in card and "20.00% of all" in card
+    assert 'from_pretrained("export", trust_remote_code=True)' in card
+    assert "20.00% of all" in card
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_ADAPRUNER, str(tmp_path / "export"),
                              str(tmp_path / "again"), str(tmp_path / "logits.pt")], cwd=tmp_path, env=env,
@@ -201,7 +204,8 @@ def test_a_non_uniform_export_loads_with_plain_transformers_where_adapruner_is_a
     loaded, reloaded = torch.load(tmp_path / "logits.pt")
     with torch.no_grad():
         expected = pruned(input_ids=torch.tensor([[1, 5, 9, 2, 7]])).logits
-    assert torch.equal(loaded, expected) and torch.equal(reloaded, expected)
+    assert torch.equal(loaded, expected)
+    assert torch.equal(reloaded, expected)
 
 
 def test_a_uniform_export_needs_no_code(tmp_path):

@@ -1,0 +1,111 @@
+"""A job run to its end by a real worker subprocess, on SQLite and on PostgreSQL, read over HTTP:
+the job, its report, its model download, and what may still be done with it."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from helpers import TOKEN, service_env, small_job, start_worker
+
+from adapruner.export import load_pruned
+from service.app import create_app
+from service.db import upgrade
+from service.settings import Settings
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@dataclass
+class FinishedJob:
+    client: TestClient
+    job: dict
+    worker_code: int
+    worker_output: str
+    folder: Path
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def finished(request, tmp_path_factory, roots):
+    """One job of 5 trials, submitted over HTTP and run by ``adapruner worker --once`` to its end."""
+    folder = tmp_path_factory.mktemp(f"finished-{request.param}")
+    url = f"sqlite:///{folder / 'service.db'}" if request.param == "sqlite" else request.getfixturevalue(
+        "postgres_url")
+    upgrade(url)
+    env = service_env(folder / "data", url, roots)
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        with TestClient(create_app(Settings())) as client:
+            created = client.post("/v1/jobs", json=small_job(trials=5), headers=AUTH).json()
+            worker = start_worker(env, "--once")
+            out, _ = worker.communicate(timeout=600)
+            yield FinishedJob(client, client.get(f"/v1/jobs/{created['id']}").json(), worker.returncode, out, folder)
+
+
+@pytest.fixture(scope="module")
+def downloaded(finished):
+    archive = finished.client.get(finished.job["links"]["model"], params={"filename": "best"})
+    with tarfile.open(fileobj=io.BytesIO(archive.content)) as tar:
+        tar.extractall(finished.folder / "download", filter="data")
+    return archive, load_pruned(finished.folder / "download" / "model")[0]
+
+
+def test_the_worker_exits_cleanly(finished):
+    assert finished.worker_code == 0, finished.worker_output[-3000:]
+
+
+def test_the_job_succeeds(finished):
+    assert finished.job["status"] == "succeeded", (finished.job, finished.worker_output[-3000:])
+
+
+def test_the_job_finishes_its_budget(finished):
+    assert finished.job["progress"]["finished"] == 5
+
+
+def test_the_best_is_tested(finished):
+    assert finished.job["best"]["test_ppl"] > 1
+
+
+def test_the_job_shows_both_baselines(finished):
+    assert {b["baseline"] for b in finished.job["baselines"]} == {"wanda-sp", "magnitude"}
+
+
+def test_the_job_shows_the_unpruned_perplexity(finished):
+    assert finished.job["dense"]["test"] > 1
+
+
+def test_the_job_says_how_to_load_its_model(finished):
+    assert finished.job["load"].startswith('AutoModelForCausalLM.from_pretrained("model"')
+
+
+@pytest.mark.parametrize("line", ["baseline: wanda-sp", "Load the exported model"])
+def test_the_report_shows(finished, line):
+    report = finished.client.get(finished.job["links"]["report"])
+    assert report.status_code == 200
+    assert line in report.text
+
+
+def test_the_model_downloads_under_the_name_asked_for(downloaded):
+    archive, _ = downloaded
+    assert archive.status_code == 200
+    assert 'filename="best.tar"' in archive.headers["content-disposition"]
+
+
+def test_the_downloaded_model_is_the_best_trials(finished, downloaded):
+    _, model = downloaded
+    assert model.config.adapruner["trial"] == finished.job["best"]["number"]
+
+
+def test_the_downloaded_model_runs(downloaded):
+    _, model = downloaded
+    assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 320)
+
+
+def test_a_finished_job_cannot_be_cancelled(finished):
+    assert finished.client.post(f"/v1/jobs/{finished.job['id']}/cancel", headers=AUTH).status_code == 409
