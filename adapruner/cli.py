@@ -7,6 +7,7 @@ The service adds ``serve``, ``worker``, ``dashboard`` and ``db`` to the same par
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -91,8 +92,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .data import eval_windows, load_source
     from .evaluate import perplexity
     from .models import load_model
+    from .tasks import BUILTIN_TASKS, check_tasks, evaluate_tasks, hub_task_names, mean_accuracy
 
-    sources = [load_source(spec) for spec in data_specs(args)]  # bad text fails before the slow model load
+    if args.list_tasks:
+        print("built-in (offline): " + ", ".join(BUILTIN_TASKS))
+        print(f"lm-evaluation-harness: {len(hub_task_names())} more (their data is fetched from the hub), e.g. "
+              "piqa, hellaswag, winogrande, arc_easy, arc_challenge, boolq, openbookqa")
+        return 0
+    tasks = args.tasks or []
+    check_tasks(tasks)  # before the slow model load, as the text below
+    sources = [load_source(spec) for spec in (args.data or ([] if tasks else data_specs(args)))]
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype,
                                   trust_remote_code=args.trust_remote_code)
     params = sum(p.numel() for p in model.parameters())
@@ -104,7 +113,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"data    {source.name}/{args.split} (sha256 {source.hashes[args.split][:12]})  "
               f"{result.windows} windows x {args.seq_len} tokens = {result.tokens} predicted tokens")
         print(f"ppl     {result.ppl:.4f}  (nll {result.nll:.4f})  in {result.seconds:.1f}s")
-    return 0
+    if not tasks:
+        return 0
+    results = evaluate_tasks(model, tokenizer, tasks, args.limit, args.num_fewshot, args.batch_size or 8)
+    print(f"{'task':<20} {'metric':<12} {'value':>10} {'stderr':>8}  samples  data")
+    for r in results:
+        if r.error:
+            print(f"{r.task:<20} failed: {r.error}")
+        for metric, value in r.metrics.items():
+            stderr = f"{r.stderr[metric]:.4f}" if metric in r.stderr else "-"
+            digest = r.data_sha256[:12] if r.data_sha256 else "hub"
+            print(f"{r.task:<20} {metric:<12} {value:>10.4f} {stderr:>8}  {r.samples:>7}  {digest}")
+    mean = mean_accuracy(results)
+    if mean is not None:
+        print(f"mean accuracy {mean:.4f} over {sum('acc' in r.metrics for r in results)} tasks")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": str(args.model), "tasks": [r.to_dict() for r in results],
+                                               "mean_acc": mean}, indent=1))
+    return 1 if any(r.error for r in results) else 0
+
+
+def task_list(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("--tasks takes comma-separated task names, e.g. books-cloze,piqa")
+    return names
 
 
 def parse_mixture(text: str) -> dict[str, float]:
@@ -316,6 +349,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         run_search,
         write_report,
     )
+    from .tasks import check_tasks
 
     space = SearchSpace(
         metrics=tuple(args.metrics.split(",")) if args.metrics else SearchSpace.metrics,
@@ -329,7 +363,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         pool_size=args.pool_size, seq_len=args.seq_len, val_windows=args.val_windows, test_windows=args.test_windows,
         baselines=tuple(b for b in args.baselines.split(",") if b), space=space,
         recover=LoRA(steps=args.lora_steps, r=args.lora_r, lr=args.lr, seed=args.seed) if args.lora_steps else None,
+        tasks=tuple(args.tasks or ()), task_limit=args.task_limit,
     )
+    check_tasks(job.tasks)  # before the model loads
     name = args.study or job.default_study_name
     out = Path(args.out or Path("runs") / name)
     result = run_search(job, args.storage, name, device=args.device, dtype=args.dtype, out_dir=out,
@@ -345,6 +381,10 @@ def cmd_search(args: argparse.Namespace) -> int:
         reference = baseline_trials(result.study).get("llm-pruner")
         if reference is not None and margin_sentence(best, reference):
             print(f"margin  {margin_sentence(best, reference)}")
+        tasks = result.study.user_attrs.get("tasks")
+        if tasks and tasks["best_retained"] is not None:
+            print(f"tasks   mean accuracy {tasks['models']['best']['mean_acc']:.3f} on {', '.join(tasks['tasks'])}: "
+                  f"{tasks['best_retained']:.1%} of the unpruned model's")
     recovery = result.study.user_attrs.get("recovery")
     if recovery:
         print(f"LoRA    {recovery['steps']} steps: test ppl {recovery['test_ppl_before']:.3f} -> "
@@ -378,9 +418,17 @@ def build_parser(add_commands: Callable[[argparse._SubParsersAction], None] | No
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
-    p = sub.add_parser("eval", help="perplexity of a model on a text source")
+    p = sub.add_parser("eval", help="perplexity of a model on a text source, and accuracy on lm-eval tasks")
     add_model_args(p)
     add_eval_args(p)
+    p.add_argument("--tasks", type=task_list, default=None, metavar="TASK[,TASK...]",
+                   help="lm-evaluation-harness tasks (books-cloze and books-lastword are built in and offline); "
+                   "with --tasks, perplexity only for the --data given")
+    p.add_argument("--limit", type=positive(int, "--limit"), default=None, help="at most this many items per task")
+    p.add_argument("--num-fewshot", type=not_negative(int, "--num-fewshot"), default=None,
+                   help="few-shot examples per item (default: the task's own)")
+    p.add_argument("--json", default=None, metavar="FILE", help="write the task results to FILE as JSON")
+    p.add_argument("--list-tasks", action="store_true", help="list the tasks and exit")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("prune", help="prune a model once with a fixed configuration")
@@ -456,6 +504,11 @@ def build_parser(add_commands: Callable[[argparse._SubParsersAction], None] | No
                    "(default: none; --recover-steps is the same)")
     p.add_argument("--lora-lr", "--recover-lr", type=positive(float, "--lora-lr"), default=LoRA.lr, dest="lr")
     p.add_argument("--lora-r", "--recover-r", type=positive(int, "--lora-r"), default=LoRA.r)
+    p.add_argument("--tasks", type=task_list, default=None, metavar="TASK[,TASK...]",
+                   help="lm-eval tasks to score the unpruned model, the baselines and the best on after the search "
+                   "(e.g. books-cloze,books-lastword; `adapruner eval --list-tasks`)")
+    p.add_argument("--task-limit", type=positive(int, "--task-limit"), default=SearchJob.task_limit,
+                   help="at most this many items per task (default: all)")
     p.set_defaults(func=cmd_search)
     if add_commands is not None:
         add_commands(sub)

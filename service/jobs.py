@@ -233,6 +233,7 @@ def job_view(job: Job, storage: optuna.storages.BaseStorage, settings: Settings)
         out.load = load_line(study.trials[job.best_trial])
     out.dense = study.user_attrs.get("dense")
     out.recovery = study.user_attrs.get("recovery")
+    out.tasks = study.user_attrs.get("tasks")
     return out
 
 

@@ -14,6 +14,7 @@ from adapruner.data import BUILTIN_SOURCES, parse_draw, pool_draws
 from adapruner.errors import AdaPrunerError
 from adapruner.models import BUILTIN_MODELS, read_model_config
 from adapruner.search import check_fixed
+from adapruner.tasks import BUILTIN_TASKS, check_tasks
 
 from .schemas import JobCreate
 from .settings import Settings
@@ -124,6 +125,14 @@ def check_spec(spec: JobCreate, settings: Settings) -> JobCreate:
             check_fixed(name, value, spec.space.n_clusters)
         except AdaPrunerError as exc:
             raise InvalidField(f"space.fixed.{name}", str(exc)) from None
+    others = [t for t in spec.tasks if t not in BUILTIN_TASKS]
+    if others and not settings.allow_hub_datasets:  # refused before lm-eval's registry is read (seconds)
+        raise InvalidField("tasks", f"only the built-in tasks ({', '.join(BUILTIN_TASKS)}) run on this server, "
+                                    f"not {', '.join(others)}: hub tasks fetch their data from the hub")
+    try:
+        check_tasks(spec.tasks)
+    except AdaPrunerError as exc:
+        raise InvalidField("tasks", str(exc)) from None
     return spec.model_copy(update={
         "model": check_model(spec.model, settings),
         "calibration": [check_text(s, settings, "calibration") for s in spec.calibration],

@@ -18,6 +18,7 @@ SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # no slashes, no leading dot: 
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 # A model or text reference: no control characters (a NUL byte would reach the file system).
 Reference = Annotated[str, Field(min_length=1, max_length=1000, pattern=r"^[^\x00-\x1f\x7f]*$")]
+TaskName = Annotated[str, Field(min_length=1, max_length=64, pattern=SAFE_NAME)]
 FixedValue = float | int | Annotated[str, Field(max_length=64)] | None
 Ratio = Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)] | Annotated[StrictInt, Field(ge=1)]
 
@@ -86,6 +87,11 @@ class JobCreate(BaseModel):
     baselines: list[Literal[BASELINES]] = Field(default=list(DEFAULT_BASELINES), max_length=len(BASELINES))  # type: ignore[valid-type]
     space: SpaceSpec = Field(default_factory=SpaceSpec)
     recover: RecoverSpec | None = None
+    tasks: list[TaskName] = Field(default_factory=list, max_length=16, description=(
+        "lm-eval tasks to score the unpruned model, the baselines and the best configuration on after the "
+        "search: books-cloze and books-lastword are built in; hub tasks need allow_hub_datasets"))
+    task_limit: StrictInt | None = Field(default=SearchJob.task_limit, ge=1, le=100_000,
+                                         description="at most this many items per task")
     trust_remote_code: bool = False
 
     def to_search_job(self) -> SearchJob:
@@ -153,6 +159,9 @@ class JobOut(BaseModel):
     baselines: list[TrialSummary] = Field(default_factory=list)
     dense: dict[str, float] | None = None
     recovery: dict[str, Any] | None = None
+    tasks: dict[str, Any] | None = Field(default=None, description=(
+        "once the search is done: accuracy per task of the unpruned model, each baseline and the best "
+        "(models.*.results), their means (mean_acc), and best_retained = the best's mean / the unpruned's"))
     load: str | None = Field(default=None, description="once the job succeeded: the line of code that loads "
                                                         "the model folder from the downloaded archive")
     links: Links

@@ -1,5 +1,7 @@
 """The command line on the tiny model and local text: output, saved models, one-line errors."""
 
+import json
+
 import pytest
 import torch
 from helpers import make_documents
@@ -67,6 +69,22 @@ def test_bad_arguments_exit_2_with_one_line(capsys, argv, message):
     assert err.count("\n") == 1
 
 
+def test_eval_scores_the_builtin_tasks_and_writes_json(capsys, tmp_path, tiny_model_dir):
+    code, out, err = run(capsys, "eval", "--model", tiny_model_dir, "--tasks", "books-cloze,books-lastword",
+                         "--limit", 3, "--json", tmp_path / "tasks.json")
+    assert code == 0, err
+    assert "books-cloze          acc" in out
+    assert "ppl " not in out  # --tasks without --data: no perplexity
+    written = json.loads((tmp_path / "tasks.json").read_text())
+    assert [t["samples"] for t in written["tasks"]] == [3, 3]
+
+
+def test_eval_lists_the_tasks(capsys):
+    code, out, _ = run(capsys, "eval", "--list-tasks")
+    assert code == 0
+    assert "books-cloze, books-lastword" in out
+
+
 @pytest.fixture
 def loading_forbidden(monkeypatch):
     """Any model load fails the test: the argument should have been refused before it."""
@@ -102,6 +120,7 @@ def broken_models(tmp_path):
     (["search", "--model", "{broken}/not-json"], "is not valid JSON"),
     (["eval", "--model", "{broken}/fake.gguf"], "is not a GGUF file"),
     (["prune", "--model", "{broken}/bert"], "unsupported architecture 'bert'"),
+    (["eval", "--model", "{tiny}", "--tasks", "books-cloze,no-such-task"], "`adapruner eval --list-tasks` lists"),
 ])
 def test_bad_arguments_are_refused_before_the_model_loads(capsys, loading_forbidden, broken_models,
                                                            tiny_model_dir, argv, message):
@@ -114,6 +133,9 @@ def test_bad_arguments_are_refused_before_the_model_loads(capsys, loading_forbid
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["eval", "--seq-len", "0"], "--seq-len must be positive"),
+    (["eval", "--tasks", ","], "--tasks takes comma-separated task names"),
+    (["eval", "--limit", "0"], "--limit must be positive"),
+    (["eval", "--num-fewshot", "-1"], "--num-fewshot must be >= 0"),
     (["prune", "--layers", "20:4"], "0 <= FIRST < LAST"),
     (["eval", "--max-windows", "-1"], "--max-windows must be >= 0"),
     (["eval", "--batch-size", "0"], "--batch-size must be positive"),

@@ -42,6 +42,7 @@ LAYERS = (
     "adapruner.data.sources",
     "adapruner.data.heldout",
     "adapruner.data",
+    "adapruner.tasks",  # lm-eval is imported where it is used: importing it costs seconds
     "adapruner.session",
     "adapruner.search.artifacts",
     "adapruner.search.lock",
@@ -52,6 +53,7 @@ LAYERS = (
     "adapruner.search.storage",
     "adapruner.search.objective",
     "adapruner.search.best",
+    "adapruner.search.accuracy",
     "adapruner.search.study",
     "adapruner.search.report",
     "adapruner.search",

@@ -127,3 +127,29 @@ def test_gradient_and_activation_metrics_beat_random(session):
     for metric, ppl in results.items():
         assert math.isfinite(ppl), (metric, ppl, random_ppl)
         assert dense < ppl < random_ppl / 4, (metric, ppl, random_ppl)
+
+
+@pytest.fixture(scope="module")
+def lastword(session):
+    """The built-in books-lastword task, 40 items: dense, and pruned at 20% by two metrics."""
+    from adapruner.tasks import evaluate_tasks
+
+    def score(model):
+        (result,) = evaluate_tasks(model, session.tokenizer, ["books-lastword"], limit=40, batch_size=16)
+        return result.metrics
+
+    scores = {"dense": score(session.model)}
+    for metric in ("random", "taylor_first"):
+        config = PruneConfig(Mixture.single(metric), tuple(range(8)), Allocation.named("layer_range"))
+        scores[metric] = score(session.prune(config, 0.2)[0])
+    print(scores)
+    return scores
+
+
+def test_the_dense_model_predicts_last_words_well_above_chance(lastword):
+    assert lastword["dense"]["acc"] >= 0.05  # chance: one word of a 49,152-token vocabulary
+
+
+def test_a_random_cut_makes_the_last_word_far_less_likely_than_a_taylor_cut(lastword):
+    assert lastword["random"]["perplexity"] > 4 * lastword["taylor_first"]["perplexity"]
+

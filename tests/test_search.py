@@ -256,6 +256,44 @@ def test_the_best_so_far_has_a_point_per_finished_trial(searched):
     assert len(best_so_far(result.study)) == 8
 
 
+@pytest.fixture(scope="module")
+def with_tasks(tiny_tokenizer, tmp_path_factory):
+    """A short search that scores the built-in tasks (2 items each) after it."""
+    folder = tmp_path_factory.mktemp("tasks")
+    job = tiny_job(trials=3, baselines=("magnitude",), tasks=("books-cloze", "books-lastword"), task_limit=2)
+    return run_search(job, f"sqlite:///{folder / 'runs.db'}", "t", session=tiny_session(tiny_tokenizer),
+                      artifact_dir=folder / "artifacts", progress=False).study
+
+
+def test_the_tasks_score_the_unpruned_model_the_baselines_and_the_best(with_tasks):
+    assert list(with_tasks.user_attrs["tasks"]["models"]) == ["unpruned", "magnitude", "best"]
+
+
+def test_each_model_has_an_accuracy_per_task(with_tasks):
+    models = with_tasks.user_attrs["tasks"]["models"].values()
+    assert all(set(m["results"]) == {"books-cloze", "books-lastword"} for m in models)
+
+
+def test_the_task_limit_is_kept(with_tasks):
+    results = with_tasks.user_attrs["tasks"]["models"]["best"]["results"].values()
+    assert [r["samples"] for r in results] == [2, 2]
+
+
+def test_the_retained_share_is_the_best_mean_over_the_unpruned_mean(with_tasks):
+    tasks = with_tasks.user_attrs["tasks"]
+    dense, best = tasks["models"]["unpruned"]["mean_acc"], tasks["models"]["best"]["mean_acc"]
+    assert tasks["best_retained"] == (pytest.approx(best / dense) if dense else None)
+
+
+def test_the_report_shows_the_accuracy_table(with_tasks, tmp_path):
+    report = write_report(with_tasks, tmp_path).read_text()
+    assert "| model | books-cloze | books-lastword | mean | of unpruned |" in report
+
+
+def test_tasks_are_not_part_of_what_a_resume_must_match():
+    assert tiny_job(tasks=("books-cloze",), task_limit=5).identity() == tiny_job().identity()
+
+
 def test_a_trial_stopped_early_records_its_windows_and_time(session, tmp_path, monkeypatch):
     monkeypatch.setattr(optuna.Trial, "should_prune", lambda self: True)  # stop every searched trial at once
     job = tiny_job(trials=3, baselines=("magnitude",))

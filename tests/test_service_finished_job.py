@@ -1,9 +1,10 @@
 """A job run to its end by a real worker subprocess, on SQLite and on PostgreSQL, read over HTTP:
-the job, its report, its model download, and what may still be done with it."""
+the job, its report, its downstream accuracy, its model download, and what may still be done with it."""
 
 from __future__ import annotations
 
 import io
+import subprocess
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,9 +43,15 @@ def finished(request, tmp_path_factory, roots):
         for key, value in env.items():
             patch.setenv(key, value)
         with TestClient(create_app(Settings())) as client:
-            created = client.post("/v1/jobs", json=small_job(trials=5), headers=AUTH).json()
+            job = small_job(trials=5, tasks=["books-lastword"], task_limit=2)
+            created = client.post("/v1/jobs", json=job, headers=AUTH).json()
             worker = start_worker(env, "--once")
-            out, _ = worker.communicate(timeout=600)
+            try:
+                out, _ = worker.communicate(timeout=240)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                out = worker.communicate()[0]
+                pytest.fail(f"the worker did not finish in 10 minutes: {out[-3000:]}")
             yield FinishedJob(client, client.get(f"/v1/jobs/{created['id']}").json(), worker.returncode, out, folder)
 
 
@@ -84,7 +91,17 @@ def test_the_job_says_how_to_load_its_model(finished):
     assert finished.job["load"].startswith('AutoModelForCausalLM.from_pretrained("model"')
 
 
-@pytest.mark.parametrize("line", ["baseline: wanda-sp", "Load the exported model"])
+def test_the_job_shows_the_accuracy_of_the_unpruned_model_the_baselines_and_the_best(finished):
+    assert list(finished.job["tasks"]["models"]) == ["unpruned", "wanda-sp", "magnitude", "best"]
+
+
+def test_the_job_shows_the_share_of_the_unpruned_accuracy_the_best_keeps(finished):
+    tasks = finished.job["tasks"]
+    dense, best = tasks["models"]["unpruned"]["mean_acc"], tasks["models"]["best"]["mean_acc"]
+    assert tasks["best_retained"] == (pytest.approx(best / dense) if dense else None)
+
+
+@pytest.mark.parametrize("line", ["baseline: wanda-sp", "Load the exported model", "## Downstream accuracy"])
 def test_the_report_shows(finished, line):
     report = finished.client.get(finished.job["links"]["report"])
     assert report.status_code == 200

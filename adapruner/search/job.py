@@ -13,6 +13,8 @@ from .baselines import BASELINES, DEFAULT_BASELINES
 from .samplers import PRUNERS, SAMPLERS
 from .space import SearchSpace
 
+AFTER_THE_SEARCH = ("trials", "tasks", "task_limit")
+
 
 @dataclass(frozen=True)
 class SearchJob:
@@ -35,6 +37,9 @@ class SearchJob:
     baselines: tuple[str, ...] = DEFAULT_BASELINES
     space: SearchSpace = field(default_factory=SearchSpace)
     recover: LoRA | None = None  # fine-tune the best configuration after the search
+    # lm-eval tasks scored after the search (unpruned, baselines, best); measured, never searched on.
+    tasks: tuple[str, ...] = ()
+    task_limit: int | None = None  # items per task; None: all
 
     def __post_init__(self) -> None:
         fraction = isinstance(self.ratio, float) and 0 < self.ratio < 1
@@ -58,6 +63,8 @@ class SearchJob:
             raise AdaPrunerError("a search needs at least one calibration source")
         if self.heldout is not None:
             check_heldout([*self.calibration, *self.evaluation], self.heldout)
+        if self.task_limit is not None and self.task_limit < 1:
+            raise AdaPrunerError(f"task_limit must be positive, got {self.task_limit}")
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -65,8 +72,9 @@ class SearchJob:
         return data
 
     def identity(self) -> dict:
-        """What must match to resume a study: everything but the budget, which may grow."""
-        return {k: v for k, v in json.loads(json.dumps(self.to_dict())).items() if k != "trials"}
+        """What must match to resume a study: everything but the budget, which may grow, and the tasks
+        measured after the search, which the search never sees."""
+        return {k: v for k, v in json.loads(json.dumps(self.to_dict())).items() if k not in AFTER_THE_SEARCH}
 
     @classmethod
     def from_dict(cls, data: dict) -> SearchJob:
@@ -76,7 +84,7 @@ class SearchJob:
             recover = dict(data["recover"])
             recover["targets"] = tuple(recover.get("targets", LoRA.targets))
             data["recover"] = LoRA(**recover)
-        for key in ("calibration", "evaluation", "baselines", "heldout"):
+        for key in ("calibration", "evaluation", "baselines", "heldout", "tasks"):
             if data.get(key) is not None:
                 data[key] = tuple(data[key])
         return cls(**data)

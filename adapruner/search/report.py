@@ -12,6 +12,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ..export import load_instructions
+from .accuracy import accuracy_table
 from .job import SearchJob
 
 
@@ -205,6 +206,11 @@ def report_markdown(study: optuna.Study, curve_png: str | None = None) -> str:
                   f"{recovery['batch_size']} windows, lr {recovery['lr']:g} ({recovery['seconds']:.0f}s): test "
                   f"perplexity {_fmt(recovery['test_ppl_before'])} -> **{_fmt(recovery['test_ppl_after'])}** "
                   "(the exported model is the fine-tuned one)."]
+    tasks = study.user_attrs.get("tasks")
+    if tasks:
+        limit = f", at most {tasks['limit']} items per task" if tasks.get("limit") else ""
+        lines += ["", f"## Downstream accuracy (lm-evaluation-harness{limit}; higher is better)", "",
+                  *accuracy_table(tasks)]
     if curve_png:
         lines += ["", f"![best so far]({curve_png})"]
     if searched:

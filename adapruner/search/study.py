@@ -27,6 +27,7 @@ from .. import __version__
 from ..errors import AdaPrunerError, OnStep
 from ..evaluate import perplexity
 from ..session import PruningSession
+from .accuracy import score_tasks
 from .baselines import baseline_config
 from .best import best_trial, default_artifact_dir, export_best
 from .job import SearchJob
@@ -211,6 +212,7 @@ def run_search(
     with lock:
         model_dir, artifact_id = export_best(study, storage, session, job, out_dir,
                                              artifact_dir or default_artifact_dir(storage_url))
+        score_tasks(study, session, job)
     return SearchResult(study, best_trial(study), model_dir, artifact_id)
 
 
