@@ -92,7 +92,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .data import eval_windows, load_source
     from .evaluate import perplexity
     from .models import load_model
-    from .tasks import BUILTIN_TASKS, check_tasks, evaluate_tasks, hub_task_names, mean_accuracy
+    from .tasks import BUILTIN_TASKS, check_tasks, evaluate_tasks, headline, hub_task_names, mean_accuracy
 
     if args.list_tasks:
         print("built-in (offline): " + ", ".join(BUILTIN_TASKS))
@@ -126,7 +126,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print(f"{r.task:<20} {metric:<12} {value:>10.4f} {stderr:>8}  {r.samples:>7}  {digest}")
     mean = mean_accuracy(results)
     if mean is not None:
-        print(f"mean accuracy {mean:.4f} over {sum('acc' in r.metrics for r in results)} tasks")
+        print(f"mean accuracy {mean:.4f} over {sum(headline(r) is not None for r in results)} tasks "
+              "(acc_mutual_info where a task has it, else acc)")
     if args.json:
         Path(args.json).write_text(json.dumps({"model": str(args.model), "tasks": [r.to_dict() for r in results],
                                                "mean_acc": mean}, indent=1))

@@ -8,7 +8,10 @@ nothing from a hub: they are lm-eval task configs over JSONL files written into 
 *test* part of ``builtin:books`` (a novel no calibration or validation touches), seeded:
 
 - ``books-cloze``: a passage and four candidate next sentences, one true, three drawn from elsewhere
-  in the same novel, of about the same length (multiple choice; accuracy, chance 0.25).
+  in the same novel, of about the same length (multiple choice, chance 0.25). Its headline accuracy
+  is ``acc_mutual_info``: each choice scored by how much the passage raises its log-likelihood, since
+  a plain sum favours whichever sentence is most likely on its own (SmolLM2-135M: 0.29 ``acc``,
+  0.63 ``acc_mutual_info`` on 100 items).
 - ``books-lastword``: a passage whose last word is to be predicted (LAMBADA-style; accuracy of the
   greedy continuation and its perplexity).
 
@@ -113,7 +116,8 @@ _CONFIGS = {
         "output_type": "multiple_choice", "doc_to_text": "{{context}}", "doc_to_choice": "{{choices}}",
         "doc_to_target": "{{label}}", "target_delimiter": " ",
         "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
-                        {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}],
+                        {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
+                        {"metric": "acc_mutual_info", "aggregation": "mean", "higher_is_better": True}],
     },
     "books-lastword": {
         "output_type": "loglikelihood", "doc_to_text": "{{context}}", "doc_to_target": "{{' ' + target}}",
@@ -239,7 +243,16 @@ def _result(name: str, out: dict, digest: str | None) -> TaskResult:
     return TaskResult(name, metrics, stderr, int(samples), digest)
 
 
+def headline(result: TaskResult) -> str | None:
+    """The metric a task's accuracy is reported by: ``acc_mutual_info`` where the task has it (the
+    built-in cloze), else ``acc``; None for a task that failed."""
+    for metric in ("acc_mutual_info", "acc"):
+        if metric in result.metrics:
+            return metric
+    return None
+
+
 def mean_accuracy(results: Sequence[TaskResult]) -> float | None:
-    """Mean over tasks of each task's accuracy (``acc``), the field's summary figure."""
-    accuracies = [r.metrics["acc"] for r in results if "acc" in r.metrics]
+    """Mean over tasks of each task's headline accuracy, the field's summary figure."""
+    accuracies = [r.metrics[headline(r)] for r in results if headline(r) is not None]
     return sum(accuracies) / len(accuracies) if accuracies else None

@@ -19,7 +19,7 @@ import optuna
 from adapruner.search import SearchJob, baseline_config, open_session
 from adapruner.search.accuracy import accuracy_table
 from adapruner.session import PruneConfig
-from adapruner.tasks import evaluate_tasks, mean_accuracy
+from adapruner.tasks import evaluate_tasks, headline, mean_accuracy
 
 
 def main() -> None:
@@ -42,8 +42,9 @@ def main() -> None:
         start = time.perf_counter()
         results = evaluate_tasks(build(), session.tokenizer, tasks, args.limit, batch_size=16)
         scores[label] = {"results": {r.task: r.to_dict() for r in results}, "mean_acc": mean_accuracy(results)}
-        print(f"{label}: " + ", ".join(f"{r.task} acc {r.metrics.get('acc', float('nan')):.3f} ± "
-                                       f"{r.stderr.get('acc', float('nan')):.3f}" for r in results)
+        print(f"{label}: " + ", ".join(f"{r.task} {headline(r)} {r.metrics.get(headline(r), float('nan')):.3f} ± "
+                                       f"{r.stderr.get(headline(r), float('nan')):.3f} (acc {r.metrics['acc']:.3f})"
+                                       for r in results)
               + f" ({time.perf_counter() - start:.0f}s; data {results[0].data_sha256[:12]})", flush=True)
     print("\n".join(accuracy_table({"tasks": tasks, "models": scores})))
 

@@ -12,7 +12,15 @@ from adapruner.errors import AdaPrunerError
 from adapruner.plan import LayerPlan, PruningPlan
 from adapruner.prune import prune_model
 from adapruner.structure import model_structure
-from adapruner.tasks import check_tasks, cloze_items, evaluate_tasks, lastword_items, mean_accuracy, sha256_of
+from adapruner.tasks import (
+    check_tasks,
+    cloze_items,
+    evaluate_tasks,
+    headline,
+    lastword_items,
+    mean_accuracy,
+    sha256_of,
+)
 
 DOCUMENTS = [
     "\n\n".join(
@@ -71,7 +79,16 @@ def test_each_result_records_its_datas_hash(results, tiny_tasks):
 
 
 def test_mean_accuracy_is_the_mean_over_tasks(results):
-    assert mean_accuracy(results) == pytest.approx((results[0].metrics["acc"] + results[1].metrics["acc"]) / 2)
+    cloze, lastword = results
+    assert mean_accuracy(results) == pytest.approx((cloze.metrics["acc_mutual_info"] + lastword.metrics["acc"]) / 2)
+
+
+def test_the_cloze_is_scored_by_mutual_information(results):
+    assert headline(results[0]) == "acc_mutual_info"
+
+
+def test_the_lastword_is_scored_by_accuracy(results):
+    assert headline(results[1]) == "acc"
 
 
 def test_the_score_is_the_models(tiny_tokenizer, tiny_tasks, non_uniform, results):

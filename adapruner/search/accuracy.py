@@ -44,7 +44,8 @@ def score_tasks(study: optuna.Study, session: PruningSession, job: SearchJob, ba
 
 
 def accuracy_table(summary: dict) -> list[str]:
-    """Markdown: accuracy per task and model, their mean, and the mean as a share of the unpruned model's."""
+    """Markdown: accuracy per task and model (``acc_mutual_info`` where a task has it, else ``acc``, as
+    :func:`~adapruner.tasks.headline`), their mean, and the mean as a share of the unpruned model's."""
     tasks = summary["tasks"]
     dense = summary["models"]["unpruned"]["mean_acc"]
     lines = ["| model | " + " | ".join(tasks) + " | mean | of unpruned |", "|---|" + "---:|" * (len(tasks) + 2)]
@@ -52,7 +53,7 @@ def accuracy_table(summary: dict) -> list[str]:
         cells = []
         for task in tasks:
             result = score["results"][task]
-            acc = result["metrics"].get("acc")
+            acc = result["metrics"].get("acc_mutual_info", result["metrics"].get("acc"))
             cells.append("failed" if result["error"] else "—" if acc is None else f"{acc:.3f}")
         mean = score["mean_acc"]
         share = f"{mean / dense:.1%}" if mean is not None and dense else "—"
