@@ -131,12 +131,12 @@ def test_gradient_and_activation_metrics_beat_random(session):
 
 @pytest.fixture(scope="module")
 def lastword(session):
-    """The built-in books-lastword task, 40 items: dense, and pruned at 20% by two metrics."""
+    """The built-in tasks, 40 items each: dense, and pruned at 20% by two metrics."""
     from adapruner.tasks import evaluate_tasks
 
     def score(model):
-        (result,) = evaluate_tasks(model, session.tokenizer, ["books-lastword"], limit=40, batch_size=16)
-        return result.metrics
+        results = evaluate_tasks(model, session.tokenizer, ["books-lastword", "books-cloze"], limit=40, batch_size=16)
+        return {f"{r.task} {metric}": value for r in results for metric, value in r.metrics.items()}
 
     scores = {"dense": score(session.model)}
     for metric in ("random", "taylor_first"):
@@ -147,9 +147,17 @@ def lastword(session):
 
 
 def test_the_dense_model_predicts_last_words_well_above_chance(lastword):
-    assert lastword["dense"]["acc"] >= 0.05  # chance: one word of a 49,152-token vocabulary
+    assert lastword["dense"]["books-lastword acc"] >= 0.05  # chance: one word of a 49,152-token vocabulary
+
+
+def test_the_dense_model_picks_the_next_sentence_well_above_chance(lastword):
+    assert lastword["dense"]["books-cloze acc_mutual_info"] >= 0.4  # chance: 0.25
+
+
+def test_a_random_cut_picks_the_next_sentence_less_often_than_a_taylor_cut(lastword):
+    assert lastword["random"]["books-cloze acc_mutual_info"] < lastword["taylor_first"]["books-cloze acc_mutual_info"]
 
 
 def test_a_random_cut_makes_the_last_word_far_less_likely_than_a_taylor_cut(lastword):
-    assert lastword["random"]["perplexity"] > 4 * lastword["taylor_first"]["perplexity"]
+    assert lastword["random"]["books-lastword perplexity"] > 4 * lastword["taylor_first"]["books-lastword perplexity"]
 
