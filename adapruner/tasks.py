@@ -28,7 +28,7 @@ import math
 import os
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -243,16 +243,17 @@ def _result(name: str, out: dict, digest: str | None) -> TaskResult:
     return TaskResult(name, metrics, stderr, int(samples), digest)
 
 
-def headline(result: TaskResult) -> str | None:
+def headline_metric(metrics: Mapping[str, float]) -> str | None:
     """The metric a task's accuracy is reported by: ``acc_mutual_info`` where the task has it (the
     built-in cloze), else ``acc``; None for a task that failed."""
-    for metric in ("acc_mutual_info", "acc"):
-        if metric in result.metrics:
-            return metric
-    return None
+    return next((m for m in ("acc_mutual_info", "acc") if m in metrics), None)
+
+
+def headline(result: TaskResult) -> str | None:
+    return headline_metric(result.metrics)
 
 
 def mean_accuracy(results: Sequence[TaskResult]) -> float | None:
     """Mean over tasks of each task's headline accuracy, the field's summary figure."""
-    accuracies = [r.metrics[headline(r)] for r in results if headline(r) is not None]
+    accuracies = [r.metrics[m] for r in results if (m := headline(r)) is not None]
     return sum(accuracies) / len(accuracies) if accuracies else None

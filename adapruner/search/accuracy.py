@@ -10,7 +10,7 @@ import optuna
 import torch
 
 from ..session import PruneConfig, PruningSession
-from ..tasks import evaluate_tasks, mean_accuracy
+from ..tasks import evaluate_tasks, headline_metric, mean_accuracy
 from .baselines import baseline_config
 from .best import best_trial
 from .job import SearchJob
@@ -44,8 +44,8 @@ def score_tasks(study: optuna.Study, session: PruningSession, job: SearchJob, ba
 
 
 def accuracy_table(summary: dict) -> list[str]:
-    """Markdown: accuracy per task and model (``acc_mutual_info`` where a task has it, else ``acc``, as
-    :func:`~adapruner.tasks.headline`), their mean, and the mean as a share of the unpruned model's."""
+    """Markdown: each task's headline accuracy per model (:func:`~adapruner.tasks.headline_metric`),
+    their mean, and the mean as a share of the unpruned model's."""
     tasks = summary["tasks"]
     dense = summary["models"]["unpruned"]["mean_acc"]
     lines = ["| model | " + " | ".join(tasks) + " | mean | of unpruned |", "|---|" + "---:|" * (len(tasks) + 2)]
@@ -53,7 +53,8 @@ def accuracy_table(summary: dict) -> list[str]:
         cells = []
         for task in tasks:
             result = score["results"][task]
-            acc = result["metrics"].get("acc_mutual_info", result["metrics"].get("acc"))
+            metric = headline_metric(result["metrics"])
+            acc = None if metric is None else result["metrics"][metric]
             cells.append("failed" if result["error"] else "—" if acc is None else f"{acc:.3f}")
         mean = score["mean_acc"]
         share = f"{mean / dense:.1%}" if mean is not None and dense else "—"
