@@ -193,6 +193,10 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strength", type=float, default=0.5, help="adaptive allocation strength in [0, 1]")
     p.add_argument("--attn-share", type=float, default=None,
                    help="share of each layer's budget taken from attention groups (default: proportional)")
+    p.add_argument("--drop-layers", type=not_negative(int, "--drop-layers"), default=0,
+                   help="remove this many whole decoder layers, those that change their input least "
+                   "(ShortGPT's block influence); the rest of the target comes from width (default: %(default)s)")
+    add_channel_multiple_arg(p)
     p.add_argument("--repair", choices=REPAIR_MODES, default=Repair.mode,
                    help="re-fit the kept o_proj/down_proj columns by least squares after the cut: from the pool's "
                    "Grams (pool) or layer by layer from the pruned model's own activations (sequential) "
@@ -206,6 +210,19 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-windows", type=int, default=64,
                    help="evaluate at most this many windows per source and split; 0 = all (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default: 1024 tokens)")
+
+
+def add_export_dtype_arg(p: argparse.ArgumentParser) -> None:
+    from .search import EXPORT_DTYPES
+
+    p.add_argument("--export-dtype", choices=EXPORT_DTYPES, default="auto",
+                   help="dtype of the saved weights (default: auto, the dtype the model was released in)")
+
+
+def add_channel_multiple_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--channel-multiple", type=positive(int, "--channel-multiple"), default=None,
+                   help="keep each layer's MLP channels in multiples of this, for fast GPU kernels "
+                   "(default: 64 on CUDA, 1 on CPU)")
 
 
 def print_sizes(plan_sizes: list[dict[str, int]], dense: list[dict[str, int]]) -> None:
@@ -239,8 +256,11 @@ def lora_from(args: argparse.Namespace):
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from .export import load_instructions, save_pruned
     from .importance import Mixture
+    from .models import export_dtype
     from .plan import Allocation
     from .repair import Repair
     from .session import PruneConfig, PruningSession
@@ -249,12 +269,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
     repair = Repair(args.repair, args.ridge)  # checked before the slow model load
     if args.incremental and repair.enabled:
         raise AdaPrunerError("--repair is not applied by --incremental; leave it off")
-    allocation = Allocation.named(args.allocation, *args.layers, strength=args.strength, attn_share=args.attn_share)
+    allocation = replace(Allocation.named(args.allocation, *args.layers, strength=args.strength,
+                                          attn_share=args.attn_share), drop_layers=args.drop_layers)
+    if args.incremental and allocation.drop_layers:
+        raise AdaPrunerError("--drop-layers is not applied by --incremental; leave it off")
     calib = args.calib or ["builtin:books:10"]
     session = PruningSession.open(args.model, calib, args.eval, pool_size=args.pool_size, seq_len=args.seq_len,
                                   seed=args.seed, device=args.device, dtype=args.dtype,
                                   trust_remote_code=args.trust_remote_code, max_eval_windows=args.max_windows or None,
-                                  batch_size=args.batch_size)
+                                  batch_size=args.batch_size, channel_multiple=args.channel_multiple)
     config = PruneConfig(mixture, tuple(range(len(session.pool))), allocation, repair)
     before = session.structure.total_params
     if args.incremental:
@@ -286,7 +309,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.out:
         save_pruned(pruned, session.tokenizer, args.out,
                     info={"base_model": args.model, "config": config.to_dict(), "ratio": ratio,
-                          "incremental_step": args.step if args.incremental else None})
+                          "incremental_step": args.step if args.incremental else None},
+                    dtype=export_dtype(args.export_dtype, args.model, pruned))
         print(f"saved   {args.out}")
         uniform = all(size == sizes[0] for size in sizes)
         print(f"load    {load_instructions(args.out, uniform)}")
@@ -355,7 +379,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     space = SearchSpace(
         metrics=tuple(args.metrics.split(",")) if args.metrics else SearchSpace.metrics,
         calibration=args.calibration, subset_size=args.subset_size, n_clusters=args.clusters,
-        repairs=tuple(args.repairs.split(",")), fixed=dict(args.fix or []),
+        repairs=tuple(args.repairs.split(",")), depth=args.depth, fixed=dict(args.fix or []),
     )
     job = SearchJob(
         model=args.model, calibration=tuple(args.calib or SearchJob.calibration), evaluation=tuple(args.eval or ()),
@@ -363,8 +387,10 @@ def cmd_search(args: argparse.Namespace) -> int:
         ratio=args.ratio, trials=args.trials, sampler=args.sampler, pruner=args.pruner, seed=args.seed,
         pool_size=args.pool_size, seq_len=args.seq_len, val_windows=args.val_windows, test_windows=args.test_windows,
         baselines=tuple(b for b in args.baselines.split(",") if b), space=space,
+        channel_multiple=args.channel_multiple,
         recover=LoRA(steps=args.lora_steps, r=args.lora_r, lr=args.lr, seed=args.seed) if args.lora_steps else None,
-        tasks=tuple(args.tasks or ()), task_limit=args.task_limit,
+        tasks=tuple(args.tasks or ()), task_limit=args.task_limit, export_dtype=args.export_dtype,
+        measure_cost=args.measure_cost,
     )
     check_tasks(job.tasks)  # before the model loads
     name = args.study or job.default_study_name
@@ -413,6 +439,50 @@ def subset_range(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"--subset-size takes MIN:MAX, got {text!r}") from None
 
 
+def cmd_bench_model(args: argparse.Namespace) -> int:
+    from .device import resolve_device, resolve_dtype
+    from .inference_cost import measure_folder, speedups
+    from .models import read_model_config
+
+    # every refusal before the first load: a bad last model should not cost the first one's measurement
+    if args.new_tokens < 2:
+        raise AdaPrunerError(f"--new-tokens must be at least 2 (the first comes from the prompt's forward pass), "
+                             f"got {args.new_tokens}")
+    repeated = sorted({name for name in args.models if args.models.count(name) > 1})
+    if repeated:
+        raise AdaPrunerError(f"--model {repeated[0]} is given more than once")
+    resolve_dtype(args.dtype, resolve_device(args.device))
+    for name in args.models:
+        read_model_config(name)
+    costs = {}
+    for i, name in enumerate(args.models, 1):
+        print(f"bench   {i}/{len(args.models)} {name}", file=sys.stderr, flush=True)
+        costs[name] = measure_folder(name, device=args.device, dtype=args.dtype, new_tokens=args.new_tokens,
+                                     repeats=args.repeats)
+    reference = args.models[0]
+    ratios = speedups(costs, reference)
+    if args.json:
+        print(json.dumps({"reference": reference, "models": {name: cost.to_dict() for name, cost in costs.items()},
+                          "speedups": ratios}, indent=1))
+        return 0
+    shapes = list(dict.fromkeys(shape for cost in costs.values() for shape in cost.prefill_tokens_per_s))
+    width = max(len("model"), *(len(name) for name in costs))
+    print(f"{'model':<{width}}  {'params':>8}  {'disk MB':>8}  "
+          + "".join(f"{'prefill ' + shape:>14}  " for shape in shapes)
+          + f"{'decode tok/s':>12}  {'peak MB':>8}  decode x")
+    for name, cost in costs.items():
+        disk = f"{cost.disk_bytes / 2**20:.1f}" if cost.disk_bytes is not None else "-"
+        prefill = "".join(f"{cost.prefill_tokens_per_s[shape]:>14.1f}  " if shape in cost.prefill_tokens_per_s
+                          else f"{'-':>14}  " for shape in shapes)
+        print(f"{name:<{width}}  {cost.parameters / 1e6:>7.2f}M  {disk:>8}  {prefill}"
+              f"{cost.decode_tokens_per_s:>12.1f}  {cost.peak_memory_bytes / 2**20:>8.1f}  "
+              f"{ratios[name]['decode']:.2f}")
+    first = costs[reference]
+    print(f"({first.device}, {first.dtype}, {first.threads} threads; prefill and decode in tokens/s, "
+          f"decode x relative to {reference})")
+    return 0
+
+
 def build_parser(add_commands: Callable[[argparse._SubParsersAction], None] | None = None) -> argparse.ArgumentParser:
     """The parser of the library's commands; ``add_commands(subparsers)`` may add more (the service's)."""
     parser = OneLineParser(prog="adapruner", description="Sample-aware structured pruning of LLaMA-family LMs.")
@@ -442,6 +512,7 @@ def build_parser(add_commands: Callable[[argparse._SubParsersAction], None] | No
                    help="calibration samples: source and count, repeatable (default: builtin:books:10)")
     p.add_argument("--pool-size", type=int, default=10, help="samples for --calib sources given without a count")
     p.add_argument("--out", default=None, help="folder to save the pruned model to")
+    add_export_dtype_arg(p)
     p.add_argument("--incremental", action="store_true",
                    help="Adapt-Pruner's schedule: prune --step at a time, re-estimating importance each step")
     p.add_argument("--step", type=positive(float, "--step"), default=0.05, help="incremental step (default: 0.05)")
@@ -495,9 +566,16 @@ def build_parser(add_commands: Callable[[argparse._SubParsersAction], None] | No
     p.add_argument("--repairs", default=",".join(SearchSpace.repairs),
                    help=f"repair modes the search may choose, comma-separated, from {', '.join(REPAIR_MODES)} "
                    "(default: %(default)s)")
+    p.add_argument("--no-measure", action="store_false", dest="measure_cost",
+                   help="skip measuring the speed and memory of the unpruned model, the baselines and the best")
+    p.add_argument("--depth", action="store_true",
+                   help="also search how many whole decoder layers to drop (0 .. a quarter of them); "
+                   "--fix drop_layers=N drops N in every trial")
+    add_channel_multiple_arg(p)
     p.add_argument("--fix", type=parse_fixed, action="append", metavar="NAME=VALUE",
                    help="fix a search parameter, e.g. aggregation=sum or strength=0; repeatable")
     p.add_argument("--out", default=None, help="report and model folder (default: runs/STUDY)")
+    add_export_dtype_arg(p)
     p.add_argument("--artifacts", default=None,
                    help="Optuna artifact store: a folder or s3://BUCKET (default: beside the database)")
     p.add_argument("--lora-steps", "--recover-steps", type=not_negative(int, "--lora-steps"), default=0,
@@ -511,6 +589,20 @@ def build_parser(add_commands: Callable[[argparse._SubParsersAction], None] | No
     p.add_argument("--task-limit", type=positive(int, "--task-limit"), default=SearchJob.task_limit,
                    help="at most this many items per task (default: all)")
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("bench-model", help="measured inference cost of models side by side: prefill and decode "
+                       "tokens/s, peak memory")
+    p.add_argument("--model", action="append", dest="models", required=True, metavar="MODEL",
+                   help="built-in name, hub id, local folder, GGUF file or pruned folder; repeatable, measured in "
+                   "the order given, speed-ups relative to the first")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N (default: CUDA when present)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--new-tokens", type=positive(int, "--new-tokens"), default=128,
+                   help="greedy tokens generated per decode run (default: %(default)s)")
+    p.add_argument("--repeats", type=positive(int, "--repeats"), default=3,
+                   help="timed runs per measurement; the median is reported (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the measurements as JSON")
+    p.set_defaults(func=cmd_bench_model)
     if add_commands is not None:
         add_commands(sub)
     return parser

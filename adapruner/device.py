@@ -23,6 +23,15 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     return dev
 
 
+#: Kept MLP channels per layer come in multiples of this on CUDA, where matrix units work in tiles.
+CUDA_CHANNEL_MULTIPLE = 64
+
+
+def default_channel_multiple(device: torch.device) -> int:
+    """The step of kept MLP channels where the user names none: :data:`CUDA_CHANNEL_MULTIPLE` on CUDA, 1 elsewhere."""
+    return CUDA_CHANNEL_MULTIPLE if device.type == "cuda" else 1
+
+
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
 

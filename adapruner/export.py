@@ -5,6 +5,10 @@ When every layer kept the same sizes the config is an ordinary one, and the fold
 ``AutoModelForCausalLM.from_pretrained``. Otherwise the folder carries :mod:`.modeling_pruned`, named
 in ``config.json``'s ``auto_map``: ``from_pretrained(folder, trust_remote_code=True)`` loads it on any
 machine with transformers, AdaPruner or not; :func:`load_pruned` builds the same class without the flag.
+
+The weights are written in the dtype asked for (commands ask for the dense checkpoint's, bf16 for
+SmolLM2, where the search ran in fp32 on a CPU): the shards are cast one at a time after saving, so
+casting never holds a second copy of the model.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from . import modeling_pruned
@@ -37,8 +42,10 @@ def save_pruned(
     tokenizer: PreTrainedTokenizerBase | None,
     folder: str | Path,
     info: dict | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write ``model`` (pruned or not) to ``folder``; ``info`` is stored in the config's ``adapruner`` entry."""
+    """Write ``model`` (pruned or not) to ``folder``, its floating-point weights in ``dtype`` (default: as
+    they are); ``info`` is stored in the config's ``adapruner`` entry."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = model.config
@@ -54,10 +61,26 @@ def save_pruned(
         config.auto_map = {"AutoModelForCausalLM": f"{Path(MODELING_FILE).stem}.{pruned_class.__name__}"}
         shutil.copyfile(modeling_pruned.__file__, folder / MODELING_FILE)
     model.save_pretrained(folder, safe_serialization=True)
+    if dtype is not None and dtype != next(model.parameters()).dtype:
+        cast_checkpoint(folder, dtype)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     (folder / "README.md").write_text(model_card(config, uniform, folder))
     return folder
+
+
+def cast_checkpoint(folder: Path, dtype: torch.dtype) -> None:
+    """Cast the floating-point tensors of ``folder``'s safetensors shards to ``dtype``, shard by shard, and
+    record it in ``config.json``."""
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            metadata = f.metadata()
+        tensors = {name: t.to(dtype) if t.is_floating_point() else t for name, t in load_file(str(shard)).items()}
+        save_file(tensors, str(shard), metadata=metadata)
+    config = json.loads((folder / "config.json").read_text())
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config.pop("torch_dtype", None)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def model_card(config, uniform: bool, folder: Path) -> str:

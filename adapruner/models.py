@@ -32,6 +32,7 @@ class BuiltinModel:
     package: str
     version: str
     gguf_member: str  # path of the .gguf inside the wheel
+    dtype: str = "bfloat16"  # the dtype its makers released it in; exports are written in it
 
 
 BUILTIN_MODELS = {
@@ -145,6 +146,24 @@ def read_model_config(name: str) -> dict | None:
         raise AdaPrunerError(f"{path / 'config.json'} is not a JSON object")
     check_supported(SimpleNamespace(**config))
     return config
+
+
+def export_dtype(requested: str | torch.dtype | None, name: str, model: torch.nn.Module) -> torch.dtype:
+    """The dtype an export of ``model`` (loaded from ``name``) is written in: ``requested``, or for
+    ``None``/``"auto"`` the dtype ``name`` was released in (a built-in model's; its ``config.json``'s),
+    else the model's own."""
+    if requested is not None and requested != "auto":
+        return resolve_dtype(requested, torch.device("cpu"))
+    released = BUILTIN_MODELS[name].dtype if name in BUILTIN_MODELS else None
+    if released is None and not name.endswith(".gguf"):
+        try:
+            config = read_model_config(name) or {}
+        except AdaPrunerError:
+            config = {}
+        released = config.get("dtype") or config.get("torch_dtype")
+    if isinstance(released, str) and released.removeprefix("torch.") in ("float32", "bfloat16", "float16"):
+        return resolve_dtype(released.removeprefix("torch."), torch.device("cpu"))
+    return next(model.parameters()).dtype
 
 
 def load_model(

@@ -13,6 +13,15 @@ count. It is spread over layers by an :class:`Allocation`:
 
 All three are points of one :class:`Allocation` (a pruned layer range times adaptive factors).
 
+**Depth.** An allocation may also remove ``drop_layers`` whole decoder layers (ShortGPT): those whose
+output is most like their input on the calibration samples (highest cosine similarity, i.e. lowest
+block influence ``1 - cos``). Their parameters count towards the target, and the width budget covers
+the rest; layer indices (the pruned range, the dropped layers) always refer to the dense model.
+
+**Hardware-friendly sizes.** ``channel_multiple`` rounds each layer's kept MLP channels to a multiple
+of it (64 suits GPU matrix units; a layer whose dense size is not a multiple keeps channel steps);
+the rounding error is carried on like any other, so the target is still met within one rounding step.
+
 Inside a layer, attention groups and MLP channels are paid for in one currency, parameters:
 ``attn_share`` of the layer's budget is taken as whole attention groups (default: the attention's
 share of the layer's parameters), the rest as MLP channels. Rounding errors are carried from layer
@@ -30,7 +39,7 @@ import torch
 
 from .errors import AdaPrunerError
 from .importance import GroupScores
-from .structure import ModelStructure
+from .structure import LayerShape, ModelStructure
 
 STRATEGIES = ("uniform", "layer_range", "adaptive")
 
@@ -52,8 +61,11 @@ class Allocation:
     last: int = 0
     strength: float = 0.0
     attn_share: float | None = None  # share of each layer's budget taken from attention
+    drop_layers: int = 0  # whole decoder layers removed, those of lowest block influence
 
     def __post_init__(self) -> None:
+        if isinstance(self.drop_layers, bool) or not isinstance(self.drop_layers, int) or self.drop_layers < 0:
+            raise AdaPrunerError(f"drop_layers must be an integer >= 0, got {self.drop_layers!r}")
         if not 0.0 <= self.strength <= 1.0:
             raise AdaPrunerError(f"allocation strength must be in [0, 1], got {self.strength}")
         if self.attn_share is not None and not 0.0 <= self.attn_share <= 1.0:
@@ -81,7 +93,18 @@ class Allocation:
 
     @property
     def needs_layer_cos(self) -> bool:
-        return self.strength > 0
+        return self.strength > 0 or self.drop_layers > 0
+
+    def dropped(self, n_layers: int, layer_cos: torch.Tensor | None) -> tuple[int, ...]:
+        """The ``drop_layers`` layers whose output is most like their input (ties: the earlier layer)."""
+        if self.drop_layers == 0:
+            return ()
+        if self.drop_layers >= n_layers:
+            raise AdaPrunerError(f"cannot drop {self.drop_layers} of {n_layers} layers (at least one must stay)")
+        if layer_cos is None:
+            raise AdaPrunerError("dropping layers needs the layers' input/output cosine similarities")
+        influence = 1.0 - layer_cos.double()
+        return tuple(sorted(torch.sort(influence, stable=True).indices[: self.drop_layers].tolist()))
 
     def layer_range(self, n_layers: int) -> range:
         first = self.first if self.first >= 0 else n_layers + self.first
@@ -90,10 +113,12 @@ class Allocation:
             raise AdaPrunerError(f"layer range {self.first}..{self.last} is empty for {n_layers} layers")
         return range(first, last)
 
-    def layer_weights(self, n_layers: int, layer_cos: torch.Tensor | None) -> list[float]:
-        """Relative pruning share of each layer (before the budget is scaled to the target)."""
+    def layer_weights(self, n_layers: int, layer_cos: torch.Tensor | None,
+                      dropped: Sequence[int] = ()) -> list[float]:
+        """Relative width-pruning share of each layer (before the budget is scaled to the target);
+        ``dropped`` layers, removed whole, take none."""
         pruned = self.layer_range(n_layers)
-        weights = [1.0 if i in pruned else 0.0 for i in range(n_layers)]
+        weights = [1.0 if i in pruned and i not in dropped else 0.0 for i in range(n_layers)]
         if self.strength == 0:
             return weights
         if layer_cos is None:
@@ -102,7 +127,8 @@ class Allocation:
         span = change.max() - change.min()
         importance = (change - change.min()) / span if span > 0 else torch.full_like(change, 0.5)
         for i, u in zip(pruned, importance.tolist(), strict=True):
-            weights[i] = 1.0 + self.strength * (1.0 - 2.0 * u)
+            if weights[i] > 0:
+                weights[i] = 1.0 + self.strength * (1.0 - 2.0 * u)
         return weights
 
 
@@ -114,18 +140,28 @@ class LayerPlan:
 
 @dataclass(frozen=True)
 class PruningPlan:
+    """One :class:`LayerPlan` per layer of the dense model; the ``dropped`` layers go whole (their
+    layer plans are not applied)."""
+
     layers: tuple[LayerPlan, ...]
     removed_params: int
     total_params: int
+    dropped: tuple[int, ...] = ()
 
     @property
     def ratio(self) -> float:
         """Share of all parameters removed."""
         return self.removed_params / self.total_params
 
+    @property
+    def kept_layers(self) -> tuple[int, ...]:
+        """Dense-model indices of the layers that stay, in order."""
+        return tuple(i for i in range(len(self.layers)) if i not in self.dropped)
+
     def sizes(self) -> list[dict[str, int]]:
-        return [{"num_key_value_heads": len(lp.keep_groups), "intermediate_size": len(lp.keep_channels)}
-                for lp in self.layers]
+        """Sizes of the layers that stay, in order."""
+        return [{"num_key_value_heads": len(self.layers[i].keep_groups),
+                 "intermediate_size": len(self.layers[i].keep_channels)} for i in self.kept_layers]
 
     @classmethod
     def keep_all(cls, structure: ModelStructure) -> PruningPlan:
@@ -173,11 +209,18 @@ def _layer_budgets(structure: ModelStructure, n_remove: int, weights: Sequence[f
     return budgets
 
 
+def _grid(shape: LayerShape, multiple: int) -> int:
+    """The step of a layer's kept MLP channels: ``multiple`` where its dense size is a multiple of it."""
+    return multiple if multiple > 1 and shape.n_channels > multiple and shape.n_channels % multiple == 0 else 1
+
+
 def layer_counts(structure: ModelStructure, n_remove: int, allocation: Allocation,
-                 layer_cos: torch.Tensor | None = None) -> list[tuple[int, int]]:
-    """``(attention groups, MLP channels)`` to remove from each layer."""
+                 layer_cos: torch.Tensor | None = None, dropped: Sequence[int] = (),
+                 channel_multiple: int = 1) -> list[tuple[int, int]]:
+    """``(attention groups, MLP channels)`` to remove from each layer (besides the ``dropped`` ones); each
+    layer keeps a multiple of ``channel_multiple`` channels where its dense size is one."""
     layers = structure.layers
-    budgets = _layer_budgets(structure, n_remove, allocation.layer_weights(len(layers), layer_cos))
+    budgets = _layer_budgets(structure, n_remove, allocation.layer_weights(len(layers), layer_cos, dropped))
     counts, carry_groups, carry = [], 0.0, 0.0
     for shape, budget in zip(layers, budgets, strict=True):
         if budget <= 0:
@@ -190,18 +233,23 @@ def layer_counts(structure: ModelStructure, n_remove: int, allocation: Allocatio
         groups = min(max(round(want_groups), 0), shape.n_groups - 1)
         carry_groups = want_groups - groups
         rest = budget - groups * shape.group_params + carry
-        channels = min(max(round(rest / shape.channel_params), 0), shape.n_channels - 1)
+        step = _grid(shape, channel_multiple)
+        steps = min(max(round(rest / (step * shape.channel_params)), 0), shape.n_channels // step - 1)
+        channels = steps * step
         carry = rest - channels * shape.channel_params
         counts.append((groups, channels))
-    # Whatever the caps left over goes to layers that still have channels to give (or take back).
+    # Whatever the caps left over goes to layers that still have channels to give (or take back),
+    # in whole steps of their grid.
     for i, shape in sorted(enumerate(layers), key=lambda item: -budgets[item[0]]):
-        if abs(carry) < shape.channel_params / 2 or budgets[i] <= 0:
+        step = _grid(shape, channel_multiple)
+        unit = step * shape.channel_params
+        if abs(carry) < unit / 2 or budgets[i] <= 0:
             continue
         groups, channels = counts[i]
-        step = max(-channels, min(round(carry / shape.channel_params), shape.n_channels - 1 - channels))
-        counts[i] = (groups, channels + step)
-        carry -= step * shape.channel_params
-    if abs(carry) > max(s.channel_params for s in layers):
+        move = max(-(channels // step), min(round(carry / unit), (shape.n_channels - channels) // step - 1))
+        counts[i] = (groups, channels + move * step)
+        carry -= move * unit
+    if abs(carry) > max(_grid(s, channel_multiple) * s.channel_params for s in layers):
         raise AdaPrunerError(f"cannot remove {n_remove} parameters without emptying a layer (lower the ratio)")
     return counts
 
@@ -217,11 +265,18 @@ def make_plan(
     target: float | int,
     allocation: Allocation = Allocation(),
     layer_cos: torch.Tensor | None = None,
+    channel_multiple: int = 1,
 ) -> PruningPlan:
-    """Remove ``target`` parameters: per-layer counts from ``allocation``, the least important groups."""
+    """Remove ``target`` parameters: the layers ``allocation`` drops, then per-layer counts from it, the
+    least important groups; kept MLP channels in multiples of ``channel_multiple``."""
     n_remove = params_to_remove(structure, target)
-    counts = layer_counts(structure, n_remove, allocation, layer_cos)
-    layers, removed = [], 0
+    dropped = allocation.dropped(len(structure.layers), layer_cos)
+    depth = sum(structure.layers[i].params for i in dropped)
+    if depth > n_remove:
+        raise AdaPrunerError(f"dropping {len(dropped)} layers removes {depth:,} parameters, more than the target "
+                             f"{n_remove:,} (drop fewer layers)")
+    counts = layer_counts(structure, n_remove - depth, allocation, layer_cos, dropped, channel_multiple)
+    layers, removed = [], depth
     for shape, attn, mlp, (n_groups, n_channels) in zip(structure.layers, scores.attn, scores.mlp, counts,
                                                         strict=True):
         if attn.numel() != shape.n_groups or mlp.numel() != shape.n_channels:
@@ -232,13 +287,17 @@ def make_plan(
             tuple(c for c in range(shape.n_channels) if c not in drop_channels),
         ))
         removed += n_groups * shape.group_params + n_channels * shape.channel_params
-    return PruningPlan(tuple(layers), removed, structure.total_params)
+    return PruningPlan(tuple(layers), removed, structure.total_params, dropped)
 
 
 def check_plan(structure: ModelStructure, plan: PruningPlan) -> None:
     """Reject a plan that does not fit the model or would empty a layer's attention or MLP."""
     if len(plan.layers) != len(structure.layers):
         raise AdaPrunerError(f"plan has {len(plan.layers)} layers, the model {len(structure.layers)}")
+    if any(not 0 <= i < len(structure.layers) for i in plan.dropped) or len(set(plan.dropped)) != len(plan.dropped):
+        raise AdaPrunerError("plan drops an invalid layer index")
+    if not plan.kept_layers:
+        raise AdaPrunerError("plan would drop every layer")
     for i, (shape, lp) in enumerate(zip(structure.layers, plan.layers, strict=True)):
         for name, keep, size in (("attention group", lp.keep_groups, shape.n_groups),
                                  ("MLP channel", lp.keep_channels, shape.n_channels)):

@@ -2,7 +2,9 @@
 
 The result is an ordinary, physically smaller ``nn.Module`` of the same class: every affected
 ``nn.Linear`` is replaced by one holding only the kept rows (q/k/v/gate/up_proj, with their biases)
-or columns (o_proj/down_proj). The hidden size, embeddings and norms are untouched.
+or columns (o_proj/down_proj), and the dropped decoder layers are gone from the stack (the config's
+layer count follows; the layers that stay are renumbered, as the KV cache indexes them by position).
+The hidden size, embeddings and norms are untouched.
 """
 
 from __future__ import annotations
@@ -47,7 +49,10 @@ def _copy_except_sliced(model: nn.Module, structure, plan: PruningPlan) -> nn.Mo
     slicing then replaces with new ones.
     """
     memo: dict[int, object] = {}
-    for layer, shape, lp in zip(decoder_layers(model), structure.layers, plan.layers, strict=True):
+    for i, (layer, shape, lp) in enumerate(zip(decoder_layers(model), structure.layers, plan.layers, strict=True)):
+        if i in plan.dropped:  # shared, then taken out of the copy's stack
+            memo[id(layer)] = layer
+            continue
         linears = layer_linears(layer)
         sliced = (ATTN_MODULES if len(lp.keep_groups) < shape.n_groups else ()) + \
                  (MLP_MODULES if len(lp.keep_channels) < shape.n_channels else ())
@@ -62,7 +67,9 @@ def prune_model(model: nn.Module, plan: PruningPlan, inplace: bool = False) -> n
     structure = model_structure(model)
     check_plan(structure, plan)
     pruned = model if inplace else _copy_except_sliced(model, structure, plan)
-    for layer, shape, lp in zip(decoder_layers(pruned), structure.layers, plan.layers, strict=True):
+    for i, (layer, shape, lp) in enumerate(zip(decoder_layers(pruned), structure.layers, plan.layers, strict=True)):
+        if i in plan.dropped:
+            continue
         linears = layer_linears(layer)
         if len(lp.keep_groups) < shape.n_groups:
             groups = torch.tensor(lp.keep_groups, dtype=torch.long)
@@ -73,9 +80,33 @@ def prune_model(model: nn.Module, plan: PruningPlan, inplace: bool = False) -> n
             channels = torch.tensor(lp.keep_channels, dtype=torch.long)
             for name in MLP_MODULES:
                 setattr(layer.mlp, name, slice_linear(linears[name], channels, name in COLUMN_MODULES))
+    if plan.dropped:
+        drop_layers(pruned, plan.dropped)
     if plan.removed_params:
         set_layer_sizes(pruned.config, plan.sizes(), structure.layers[0].head_dim)
     return pruned
+
+
+def drop_layers(model: nn.Module, dropped: tuple[int, ...]) -> None:
+    """Take the ``dropped`` decoder layers out of ``model`` (in place) and renumber the rest.
+
+    ``config.adapruner["dropped_layers"]`` keeps the indices of the first dense model's layers that are
+    gone, through repeated prunings.
+    """
+    layers, config = decoder_layers(model), model.config
+    before = getattr(config, "adapruner", {}).get("dropped_layers", [])
+    original = [i for i in range(len(layers) + len(before)) if i not in before]  # dense index of each layer
+    for i in sorted(dropped, reverse=True):
+        del layers[i]
+    for position, layer in enumerate(layers):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):  # attention reads and writes the KV cache at this index
+                module.layer_idx = position
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = [t for i, t in enumerate(config.layer_types) if i not in dropped]
+    config.num_hidden_layers = len(layers)
+    config.adapruner = {**getattr(config, "adapruner", {}),
+                        "dropped_layers": sorted([*before, *(original[i] for i in dropped)])}
 
 
 def mask_model(model: nn.Module, plan: PruningPlan) -> nn.Module:
@@ -84,8 +115,15 @@ def mask_model(model: nn.Module, plan: PruningPlan) -> nn.Module:
     check_plan(structure, plan)
     masked = copy.deepcopy(model)
     with torch.no_grad():
-        for layer, shape, lp in zip(decoder_layers(masked), structure.layers, plan.layers, strict=True):
+        for i, (layer, shape, lp) in enumerate(zip(decoder_layers(masked), structure.layers, plan.layers,
+                                                   strict=True)):
             linears = layer_linears(layer)
+            if i in plan.dropped:  # no output into the residual stream: the layer passes its input on
+                for name in COLUMN_MODULES:
+                    linears[name].weight.zero_()
+                    if linears[name].bias is not None:
+                        linears[name].bias.zero_()
+                continue
             dropped_groups = torch.tensor(sorted(set(range(shape.n_groups)) - set(lp.keep_groups)), dtype=torch.long)
             dropped_channels = torch.tensor(sorted(set(range(shape.n_channels)) - set(lp.keep_channels)),
                                             dtype=torch.long)

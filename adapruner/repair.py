@@ -97,6 +97,8 @@ def kept_columns(structure, plan: PruningPlan) -> dict[tuple[int, str], torch.Te
     """Kept input columns of each o_proj/down_proj that ``plan`` cuts (on the dense layout ``structure``)."""
     table: dict[tuple[int, str], torch.Tensor] = {}
     for i, (shape, lp) in enumerate(zip(structure.layers, plan.layers, strict=True)):
+        if i in plan.dropped:
+            continue
         if len(lp.keep_groups) < shape.n_groups:
             table[(i, "o_proj")] = group_index(shape, "o_proj", torch.tensor(lp.keep_groups, dtype=torch.long))
         if len(lp.keep_channels) < shape.n_channels:
@@ -112,9 +114,10 @@ def repair_pruned(pruned: nn.Module, dense: nn.Module, plan: PruningPlan, grams:
     ``pruned``."""
     keep = kept_columns(model_structure(dense), plan)
     dense_layers, pruned_layers = decoder_layers(dense), decoder_layers(pruned)
+    position = {i: p for p, i in enumerate(plan.kept_layers)}  # dense index -> index in the pruned stack
     for (i, module), columns in keep.items():
         full = layer_linears(dense_layers[i])[module].weight
-        target = layer_linears(pruned_layers[i])[module].weight
+        target = layer_linears(pruned_layers[position[i]])[module].weight
         product = products.get((i, module)) if products is not None else None
         target.copy_(refit_columns(full, grams[(i, module)], columns, ridge, product))
     return pruned
@@ -185,7 +188,7 @@ def repair_sequential(pruned: nn.Module, dense: nn.Module, plan: PruningPlan, wi
     was_training = pruned.training
     pruned.eval()
     try:
-        for i, layer in enumerate(layers):
+        for i, layer in zip(plan.kept_layers, layers, strict=True):  # i: the layer's index in the dense model
             for module, block in (("o_proj", "self_attn"), ("down_proj", "mlp")):
                 if (i, module) not in keep:
                     continue

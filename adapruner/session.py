@@ -20,6 +20,7 @@ from torch import nn
 from .cache import cache_dir, load_layer_tensors, save_layer_tensors
 from .data import TextSource, check_heldout, load_source
 from .data.windows import CalibrationPool, build_pool, eval_windows, pool_draws
+from .device import default_channel_multiple
 from .errors import OnStep
 from .evaluate import Perplexity, perplexity
 from .importance import EXACT_TAYLOR_DTYPES, GroupScores, Mixture, WeightSummary, subset_importance
@@ -79,6 +80,7 @@ class PruningSession:
     batch_size: int | None = None
     cache_statistics: bool = True
     progress: bool = True
+    channel_multiple: int | None = None  # kept MLP channels per layer step; None: the device's default
     on_step: OnStep | None = None  # told of each step of long work; may raise Stopped (see adapruner.errors)
     _windows: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict, repr=False)
     _exact: dict[tuple[str, tuple[int, ...]], dict] = field(default_factory=dict, repr=False)
@@ -124,6 +126,13 @@ class PruningSession:
     @cached_property
     def structure(self) -> ModelStructure:
         return model_structure(self.model)
+
+    @cached_property
+    def channel_step(self) -> int:
+        """Kept MLP channels per layer in multiples of this (see :mod:`adapruner.plan`)."""
+        if self.channel_multiple is not None:
+            return self.channel_multiple
+        return default_channel_multiple(next(self.model.parameters()).device)
 
     @cached_property
     def weight_summary(self) -> WeightSummary:
@@ -224,7 +233,7 @@ class PruningSession:
         layer_cos = None
         if config.allocation.needs_layer_cos:
             layer_cos = self.statistics.subset(config.subset).layer_cos
-        return make_plan(self.structure, scores, target, config.allocation, layer_cos)
+        return make_plan(self.structure, scores, target, config.allocation, layer_cos, self.channel_step)
 
     def prune(self, config: PruneConfig, target: float | int) -> tuple[nn.Module, PruningPlan]:
         plan = self.plan(config, target)

@@ -41,6 +41,12 @@ class LayerShape:
     hidden: int
     qkv_bias: bool
     mlp_bias: bool
+    other_params: int = 0  # norms and anything else the layer holds besides its projections
+
+    @property
+    def params(self) -> int:
+        """Parameters removed with the whole layer."""
+        return self.prunable_params + self.other_params
 
     def rows_per_group(self, module: str) -> int:
         """How many rows (or columns, for o_proj) of ``module`` one attention group owns."""
@@ -125,6 +131,7 @@ def model_structure(model: nn.Module) -> ModelStructure:
     shapes = []
     for layer in decoder_layers(model):
         lin = layer_linears(layer)
+        projections = sum(p.numel() for linear in lin.values() for p in linear.parameters())
         n_groups, rem = divmod(lin["k_proj"].out_features, head_dim)
         if rem or lin["q_proj"].out_features != n_groups * n_rep * head_dim:
             raise UnsupportedModelError("q/k projection sizes do not match the config's heads and head_dim")
@@ -132,6 +139,7 @@ def model_structure(model: nn.Module) -> ModelStructure:
             n_groups=n_groups, n_rep=n_rep, head_dim=head_dim, n_channels=lin["gate_proj"].out_features,
             hidden=lin["q_proj"].in_features, qkv_bias=lin["q_proj"].bias is not None,
             mlp_bias=lin["gate_proj"].bias is not None,
+            other_params=sum(p.numel() for p in layer.parameters()) - projections,
         ))
     total = sum(p.numel() for p in model.parameters())
     return ModelStructure(config.model_type, tuple(shapes), total)

@@ -234,6 +234,7 @@ def job_view(job: Job, storage: optuna.storages.BaseStorage, settings: Settings)
     out.dense = study.user_attrs.get("dense")
     out.recovery = study.user_attrs.get("recovery")
     out.tasks = study.user_attrs.get("tasks")
+    out.inference_cost = study.user_attrs.get("inference_cost")
     return out
 
 

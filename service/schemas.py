@@ -10,7 +10,16 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 from adapruner.finetune import LoRA
 from adapruner.importance import AGGREGATIONS, METRICS
 from adapruner.repair import REPAIR_MODES
-from adapruner.search import BASELINES, CALIBRATION_MODES, DEFAULT_BASELINES, PRUNERS, SAMPLERS, SearchJob, SearchSpace
+from adapruner.search import (
+    BASELINES,
+    CALIBRATION_MODES,
+    DEFAULT_BASELINES,
+    EXPORT_DTYPES,
+    PRUNERS,
+    SAMPLERS,
+    SearchJob,
+    SearchSpace,
+)
 
 SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # no slashes, no leading dot: safe as a file name
 # The pruning target: a share of all parameters, or a whole parameter count (checked against the model
@@ -34,6 +43,8 @@ class SpaceSpec(BaseModel):
     subset_size: tuple[int, int] = SearchSpace.subset_size
     n_clusters: int = Field(default=SearchSpace.n_clusters, ge=1, le=64)
     attn_share: bool = SearchSpace.attn_share
+    depth: bool = Field(default=SearchSpace.depth, description=(
+        "also search how many whole decoder layers to drop (0 .. a quarter), those of lowest block influence"))
     repairs: list[Literal[REPAIR_MODES]] = Field(default=list(SearchSpace.repairs), min_length=1)  # type: ignore[valid-type]
     ridge: tuple[PositiveFloat, PositiveFloat] = Field(default=SearchSpace.ridge, description="searched on a log scale")
     fixed: dict[Annotated[str, Field(max_length=64)], FixedValue] = Field(
@@ -86,12 +97,19 @@ class JobCreate(BaseModel):
     test_windows: StrictInt = Field(default=SearchJob.test_windows, ge=1)
     baselines: list[Literal[BASELINES]] = Field(default=list(DEFAULT_BASELINES), max_length=len(BASELINES))  # type: ignore[valid-type]
     space: SpaceSpec = Field(default_factory=SpaceSpec)
+    channel_multiple: StrictInt | None = Field(default=SearchJob.channel_multiple, ge=1, le=4096, description=(
+        "kept MLP channels per layer in multiples of this (hardware-friendly sizes); null: 64 on CUDA, 1 on CPU"))
     recover: RecoverSpec | None = None
     tasks: list[TaskName] = Field(default_factory=list, max_length=16, description=(
         "lm-eval tasks to score the unpruned model, the baselines and the best configuration on after the "
         "search: books-cloze and books-lastword are built in; hub tasks need allow_hub_datasets"))
     task_limit: StrictInt | None = Field(default=SearchJob.task_limit, ge=1, le=100_000,
                                          description="at most this many items per task")
+    measure_cost: bool = Field(default=SearchJob.measure_cost, description=(
+        "after the search, measure decode and prefill speed and peak memory of the unpruned model, the baselines "
+        "and the best on the worker's device"))
+    export_dtype: Literal[EXPORT_DTYPES] = Field(default=SearchJob.export_dtype, description=(  # type: ignore[valid-type]
+        "dtype of the best model's weights on disk; auto: the dtype the model was released in (bf16 for SmolLM2)"))
     trust_remote_code: bool = False
 
     def to_search_job(self) -> SearchJob:
@@ -162,6 +180,9 @@ class JobOut(BaseModel):
     tasks: dict[str, Any] | None = Field(default=None, description=(
         "once the search is done: accuracy per task of the unpruned model, each baseline and the best "
         "(models.*.results), their means (mean_acc), and best_retained = the best's mean / the unpruned's"))
+    inference_cost: dict[str, Any] | None = Field(default=None, description=(
+        "once the search is done: measured decode/prefill tokens/s, parameters and peak memory of the unpruned "
+        "model, each baseline and the best (models.*), and each as a multiple of the unpruned (speedups.*)"))
     load: str | None = Field(default=None, description="once the job succeeded: the line of code that loads "
                                                         "the model folder from the downloaded archive")
     links: Links

@@ -101,3 +101,22 @@ def test_adaptive_within_a_layer_range(structure):
     assert sizes[0]["intermediate_size"] == 160
     assert sizes[-1]["intermediate_size"] == 160
     assert sizes[1]["intermediate_size"] > sizes[-2]["intermediate_size"]
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.3])
+def test_kept_channels_are_multiples_of_the_grid(structure, ratio):
+    plan = make_plan(structure, scores(structure), ratio, Allocation(), channel_multiple=32)
+    assert {len(lp.keep_channels) % 32 for lp in plan.layers} == {0}
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.3])
+def test_rounded_plan_meets_the_target_within_one_step(structure, ratio):
+    plan = make_plan(structure, scores(structure), ratio, Allocation(), channel_multiple=32)
+    step = 32 * structure.layers[0].channel_params
+    assert abs(plan.removed_params - round(ratio * structure.total_params)) <= step
+
+
+def test_a_layer_off_the_grid_keeps_channel_steps(structure):
+    """160 channels are no multiple of 64: the layers keep any count, and the target holds within a channel."""
+    plan = make_plan(structure, scores(structure), 0.2, Allocation(), channel_multiple=64)
+    assert abs(plan.removed_params - round(0.2 * structure.total_params)) <= structure.layers[0].channel_params

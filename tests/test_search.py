@@ -256,6 +256,33 @@ def test_the_best_so_far_has_a_point_per_finished_trial(searched):
     assert len(best_so_far(result.study)) == 8
 
 
+def test_the_unpruned_model_the_baselines_and_the_best_are_measured(searched):
+    result, _ = searched
+    assert list(result.study.user_attrs["inference_cost"]["models"]) == ["unpruned", *DEFAULT_BASELINES, "best"]
+
+
+def test_a_measured_model_has_the_parameters_its_trial_kept(searched):
+    result, _ = searched
+    measured = result.study.user_attrs["inference_cost"]["models"]["best"]["parameters"]
+    assert measured == result.best_trial.user_attrs["params_kept"]
+
+
+def test_the_unpruned_model_is_the_speed_reference(searched):
+    result, _ = searched
+    assert result.study.user_attrs["inference_cost"]["speedups"]["unpruned"]["decode"] == 1.0
+
+
+def test_the_report_shows_what_the_pruned_models_buy(searched, tmp_path):
+    result, _ = searched
+    assert "| best |" in write_report(result.study, tmp_path).read_text().split("What the pruned models buy")[1]
+
+
+def test_a_job_may_skip_the_measurement(session, tmp_path):
+    job = tiny_job(trials=1, baselines=("magnitude",), measure_cost=False)
+    study = run_search(job, None, "quiet", session=session, progress=False, artifact_dir=tmp_path).study
+    assert "inference_cost" not in study.user_attrs
+
+
 @pytest.fixture(scope="module")
 def with_tasks(tiny_tokenizer, tmp_path_factory):
     """A short search that scores the built-in tasks (2 items each) after it."""

@@ -101,6 +101,10 @@ def test_the_job_shows_the_share_of_the_unpruned_accuracy_the_best_keeps(finishe
     assert tasks["best_retained"] == (pytest.approx(best / dense) if dense else None)
 
 
+def test_the_job_shows_what_the_pruned_models_buy(finished):
+    assert list(finished.job["inference_cost"]["models"]) == ["unpruned", "wanda-sp", "magnitude", "best"]
+
+
 @pytest.mark.parametrize("line", ["baseline: wanda-sp", "Load the exported model", "## Downstream accuracy"])
 def test_the_report_shows(finished, line):
     report = finished.client.get(finished.job["links"]["report"])

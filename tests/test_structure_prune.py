@@ -225,3 +225,44 @@ def test_the_standalone_modeling_file_speaks_the_layout_of_structure():
     assert modeling_pruned.ATTENTION == structure.ATTN_MODULES
     assert modeling_pruned.INPUT_SIDE == structure.COLUMN_MODULES
     assert set(modeling_pruned.PRUNED_CLASSES) == set(structure.SUPPORTED_MODEL_TYPES)
+
+
+def test_an_export_in_bf16_holds_bf16_weights_and_says_so(tiny_tokenizer, tmp_path):
+    model = arch("llama")
+    folder = save_pruned(prune_model(model, random_plan(model)), tiny_tokenizer, tmp_path / "bf16",
+                         dtype=torch.bfloat16)
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype="auto")
+    assert {p.dtype for p in reloaded.parameters()} == {torch.bfloat16}
+
+
+def test_an_export_in_bf16_is_the_model_rounded_to_bf16(tiny_tokenizer, tmp_path):
+    model = arch("llama")
+    pruned = prune_model(model, random_plan(model))
+    folder = save_pruned(pruned, tiny_tokenizer, tmp_path / "bf16", dtype=torch.bfloat16)
+    reloaded, _ = load_pruned(folder, dtype=torch.float32)
+    rounded = {name: p.to(torch.bfloat16).float() for name, p in pruned.named_parameters()}
+    assert all(torch.equal(p, rounded[name]) for name, p in reloaded.named_parameters())
+
+
+def test_an_export_keeps_the_models_dtype_unless_told(tiny_tokenizer, tmp_path):
+    model = arch("llama")
+    folder = save_pruned(prune_model(model, random_plan(model)), tiny_tokenizer, tmp_path / "same")
+    assert json.loads((folder / "config.json").read_text())["dtype"] == "float32"
+
+
+def test_the_export_dtype_defaults_to_the_released_one():
+    from adapruner.models import export_dtype
+
+    assert export_dtype("auto", "smollm2-135m", arch("llama")) == torch.bfloat16
+
+
+def test_the_export_dtype_of_an_unknown_origin_is_the_models_own():
+    from adapruner.models import export_dtype
+
+    assert export_dtype(None, "some/hub-id", arch("llama")) == torch.float32
+
+
+def test_a_named_export_dtype_wins():
+    from adapruner.models import export_dtype
+
+    assert export_dtype("float16", "smollm2-135m", arch("llama")) == torch.float16

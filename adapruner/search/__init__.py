@@ -6,7 +6,7 @@ The one door into the search: the CLI, the service and the benches import from h
 from .artifacts import artifact_store
 from .baselines import BASELINES, DEFAULT_BASELINES, baseline_config
 from .best import best_trial, export_best
-from .job import SearchJob
+from .job import EXPORT_DTYPES, SearchJob
 from .lock import StudyLock
 from .objective import Objective
 from .report import (
@@ -40,7 +40,8 @@ from .storage import (
 from .study import SearchResult, create_study, open_session, run_search
 
 __all__ = [
-    "BASELINES", "CALIBRATION_MODES", "DEFAULT_BASELINES", "DEFAULT_METRICS", "ESTIMATING_SAMPLERS", "PRUNERS",
+    "BASELINES", "CALIBRATION_MODES", "DEFAULT_BASELINES", "DEFAULT_METRICS", "ESTIMATING_SAMPLERS", "EXPORT_DTYPES",
+    "PRUNERS",
     "SAMPLERS", "SQLITE_BUSY_SECONDS", "Objective", "PoolClusters", "SearchJob", "SearchResult", "SearchSpace",
     "StudyLock", "artifact_store", "baseline_config", "baseline_trials", "best_so_far", "best_trial", "check_fixed",
     "close_storage", "cluster_pool", "count_trials", "create_study", "describe_config", "export_best",

@@ -14,6 +14,7 @@ from ..errors import AdaPrunerError
 from ..evaluate import perplexity
 from ..export import save_pruned
 from ..finetune import LoRA, finetune
+from ..models import export_dtype
 from ..session import PruneConfig, PruningSession
 from .artifacts import artifact_store
 from .job import SearchJob
@@ -54,21 +55,22 @@ def export_best(
         return None, recorded["artifact_id"]  # another process exported it already
     config = PruneConfig.from_dict(best.user_attrs["config"])
     pruned, plan = session.prune(config, job.ratio)
-    if [[s["num_key_value_heads"], s["intermediate_size"]] for s in plan.sizes()] != best.user_attrs["sizes"]:
+    sizes = [[s["num_key_value_heads"], s["intermediate_size"]] for s in plan.sizes()]
+    if sizes != best.user_attrs["sizes"] or list(plan.dropped) != best.user_attrs.get("dropped_layers", []):
         raise AdaPrunerError(f"rebuilding trial {best.number} gave other layer sizes than the trial recorded")
     info = {"base_model": job.model, "study": study.study_name, "trial": best.number, "config": config.to_dict(),
             "ratio": plan.ratio, "val_ppl": best.value, "test_ppl": best.user_attrs.get("test_ppl")}
     if job.recover is not None and job.recover.steps:
         pruned, info["recovery"] = recover(pruned, session, job.recover, best.user_attrs.get("test_ppl"))
         study.set_user_attr("recovery", info["recovery"])
-    model_dir = None
+    model_dir, dtype = None, export_dtype(job.export_dtype, job.model, pruned)
     if out_dir is not None:
-        model_dir = save_pruned(pruned, session.tokenizer, Path(out_dir) / "model", info=info)
+        model_dir = save_pruned(pruned, session.tokenizer, Path(out_dir) / "model", info=info, dtype=dtype)
     if recorded and recorded.get("trial") == best.number:
         return model_dir, recorded["artifact_id"]
     store = artifact_store(artifact_dir)
     with tempfile.TemporaryDirectory(prefix="adapruner-export-") as tmp:
-        folder = model_dir or save_pruned(pruned, session.tokenizer, Path(tmp) / "model", info=info)
+        folder = model_dir or save_pruned(pruned, session.tokenizer, Path(tmp) / "model", info=info, dtype=dtype)
         archive = Path(tmp) / f"{study.study_name}-trial{best.number}.tar"
         with tarfile.open(archive, "w") as tar:
             tar.add(folder, arcname="model")

@@ -13,7 +13,8 @@ from .baselines import BASELINES, DEFAULT_BASELINES
 from .samplers import PRUNERS, SAMPLERS
 from .space import SearchSpace
 
-AFTER_THE_SEARCH = ("trials", "tasks", "task_limit")
+AFTER_THE_SEARCH = ("trials", "tasks", "task_limit", "export_dtype", "measure_cost")
+EXPORT_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -36,10 +37,13 @@ class SearchJob:
     test_windows: int = 64
     baselines: tuple[str, ...] = DEFAULT_BASELINES
     space: SearchSpace = field(default_factory=SearchSpace)
+    channel_multiple: int | None = None  # kept MLP channels per layer in multiples of this; None: 64 on CUDA, else 1
     recover: LoRA | None = None  # fine-tune the best configuration after the search
     # lm-eval tasks scored after the search (unpruned, baselines, best); measured, never searched on.
     tasks: tuple[str, ...] = ()
     task_limit: int | None = None  # items per task; None: all
+    measure_cost: bool = True  # measure decode/prefill speed and memory of the unpruned, baselines and best
+    export_dtype: str = "auto"  # the best model's weights on disk; auto: the dtype the model was released in
 
     def __post_init__(self) -> None:
         fraction = isinstance(self.ratio, float) and 0 < self.ratio < 1
@@ -63,6 +67,12 @@ class SearchJob:
             raise AdaPrunerError("a search needs at least one calibration source")
         if self.heldout is not None:
             check_heldout([*self.calibration, *self.evaluation], self.heldout)
+        if self.channel_multiple is not None and (isinstance(self.channel_multiple, bool)
+                                                  or not isinstance(self.channel_multiple, int)
+                                                  or self.channel_multiple < 1):
+            raise AdaPrunerError(f"channel_multiple must be a whole number >= 1, got {self.channel_multiple!r}")
+        if self.export_dtype not in EXPORT_DTYPES:
+            raise AdaPrunerError(f"unknown export_dtype {self.export_dtype!r} (choose from {', '.join(EXPORT_DTYPES)})")
         if self.task_limit is not None and self.task_limit < 1:
             raise AdaPrunerError(f"task_limit must be positive, got {self.task_limit}")
 

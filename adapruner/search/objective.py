@@ -22,8 +22,10 @@ import optuna
 import torch
 
 from ..evaluate import window_losses
+from ..plan import params_to_remove
 from ..prune import prune_model
 from ..session import PruneConfig, PruningSession
+from ..structure import ModelStructure
 from .space import PoolClusters, SearchSpace, suggest_config
 
 logger = logging.getLogger(__name__)
@@ -72,6 +74,16 @@ def paired_estimate(evaluated: Mapping[int, float], best_losses: Mapping[int, fl
     return max(math.exp(full + difference), math.nextafter(best_ppl, math.inf))
 
 
+def max_drop_layers(structure: ModelStructure, target: float | int) -> int:
+    """How many whole layers (the smallest first) fit in the parameters ``target`` removes."""
+    budget, fit = params_to_remove(structure, target), 0
+    for params in sorted(layer.params for layer in structure.layers)[:-1]:  # one layer always stays
+        if params > budget:
+            break
+        budget, fit = budget - params, fit + 1
+    return fit
+
+
 class Objective:
     """Callable for ``study.optimize``; returns the pruned model's validation perplexity."""
 
@@ -101,6 +113,7 @@ class Objective:
         self.estimate_stopped = estimate_stopped and not running_mean
         self.weights = source_weights(session.window_sources("validation"))
         n_val = len(self.weights)
+        self.max_drop = max_drop_layers(session.structure, target)
         # One fixed order for every trial, so early windows are a fair sample and losses pair up.
         self.order = torch.randperm(n_val, generator=torch.Generator().manual_seed(seed)).tolist()
 
@@ -108,7 +121,8 @@ class Objective:
         baseline = trial.user_attrs.get("baseline")
         if baseline:
             return self.baselines[baseline]
-        return suggest_config(trial, self.space, self.clusters, len(self.session.structure.layers), self.seed)
+        return suggest_config(trial, self.space, self.clusters, len(self.session.structure.layers), self.seed,
+                              self.max_drop)
 
     def __call__(self, trial: optuna.Trial) -> float:
         seconds: dict[str, float] = {}
@@ -137,6 +151,7 @@ class Objective:
             trial.set_user_attr("params_kept", plan.total_params - plan.removed_params)
             trial.set_user_attr("ratio", round(plan.ratio, 6))
             trial.set_user_attr("sizes", [[s["num_key_value_heads"], s["intermediate_size"]] for s in plan.sizes()])
+            trial.set_user_attr("dropped_layers", list(plan.dropped))
             with phase("validation"):
                 baseline = bool(trial.user_attrs.get("baseline"))  # baselines are never stopped early
                 val_nll, stopped = self._validate(trial, pruned, may_stop_early=not baseline)

@@ -13,6 +13,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ..export import load_instructions
 from .accuracy import accuracy_table
+from .cost import cost_table
 from .job import SearchJob
 
 
@@ -211,6 +212,9 @@ def report_markdown(study: optuna.Study, curve_png: str | None = None) -> str:
         limit = f", at most {tasks['limit']} items per task" if tasks.get("limit") else ""
         lines += ["", f"## Downstream accuracy (lm-evaluation-harness{limit}; higher is better)", "",
                   *accuracy_table(tasks)]
+    cost = study.user_attrs.get("inference_cost")
+    if cost:
+        lines += ["", "## What the pruned models buy (measured)", "", *cost_table(cost)]
     if curve_png:
         lines += ["", f"![best so far]({curve_png})"]
     if searched:

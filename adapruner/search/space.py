@@ -17,7 +17,9 @@ added but costs a backward pass per trial.
 
 **Allocation.** One flat parameterisation of :class:`Allocation`: layers spared at the start and at
 the end, the adaptive strength, and the share of each layer's budget taken from attention. Flat (no
-conditional parameters), so every sampler — TPE, GP, BoTorch, QMC — handles it.
+conditional parameters), so every sampler — TPE, GP, BoTorch, QMC — handles it. With ``depth`` the
+number of whole layers dropped (0 .. a quarter of them, and never more than the target pays for) is
+searched too; fixing ``drop_layers`` sets it.
 
 **Repair.** Whether (and how) the kept o_proj/down_proj columns are re-fitted by least squares after
 the cut (:mod:`adapruner.repair`), and the ridge ``λ`` on a log scale.
@@ -52,7 +54,8 @@ _UNIT = ("number", 0.0, 1.0)
 FIXABLE: dict[str, tuple] = {
     "calib_size": ("integer", 1, None), "calib_seed": ("integer", 0, 2**20), "aggregation": AGGREGATIONS,
     "layer_first": ("integer", 0, None), "layer_last": ("integer", 0, None), "strength": _UNIT, "attn_share": _UNIT,
-    "repair": REPAIR_MODES, "ridge": ("positive number", 0.0, None), **{f"w_{m}": _UNIT for m in METRICS},
+    "repair": REPAIR_MODES, "ridge": ("positive number", 0.0, None), "drop_layers": ("integer", 0, None),
+    **{f"w_{m}": _UNIT for m in METRICS},
 }
 
 
@@ -94,6 +97,7 @@ class SearchSpace:
     attn_share: bool = True  # search it; else the attention's proportional share
     repairs: tuple[str, ...] = ("off", "pool")  # repair modes searched (one: fixed)
     ridge: tuple[float, float] = (1e-4, 1.0)  # range of the repair's ridge, searched on a log scale
+    depth: bool = False  # search how many whole layers to drop (0 .. n_layers // 4)
     fixed: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -132,6 +136,9 @@ class SearchSpace:
         if first + last >= n_layers:
             raise AdaPrunerError(f"fixed layer_first={first} and layer_last={last} leave no layer to prune in "
                                  f"a model of {n_layers} layers")
+        if self.fixed.get("drop_layers", 0) >= n_layers:
+            raise AdaPrunerError(f"fixed drop_layers={self.fixed['drop_layers']} would drop every layer of a "
+                                 f"model of {n_layers} layers")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SearchSpace:
@@ -228,8 +235,8 @@ class _Params:
 
 
 def suggest_config(trial: optuna.Trial, space: SearchSpace, clusters: PoolClusters, n_layers: int,
-                   seed: int = 0) -> PruneConfig:
-    """The :class:`PruneConfig` of one trial."""
+                   seed: int = 0, max_drop: int | None = None) -> PruneConfig:
+    """The :class:`PruneConfig` of one trial; ``max_drop``: the most whole layers the target pays for."""
     p = _Params(trial, space.fixed)
     pool_size = clusters.pool_size
     if space.calibration == "all":
@@ -254,6 +261,8 @@ def suggest_config(trial: optuna.Trial, space: SearchSpace, clusters: PoolCluste
         last=-p.int("layer_last", 0, n_layers // 8),
         strength=p.float("strength", 0.0, 1.0),
         attn_share=p.float("attn_share", 0.0, 1.0) if space.attn_share else None,
+        drop_layers=p.int("drop_layers", 0, min(n_layers // 4, n_layers if max_drop is None else max_drop))
+        if space.depth or "drop_layers" in space.fixed else 0,
     )
     mode = p.categorical("repair", space.repairs)
     # Searched whenever a repair may be on, whatever this trial's mode: a flat space (no conditional

@@ -30,6 +30,7 @@ from ..session import PruningSession
 from .accuracy import score_tasks
 from .baselines import baseline_config
 from .best import best_trial, default_artifact_dir, export_best
+from .cost import measure_models
 from .job import SearchJob
 from .lock import StudyLock
 from .objective import LOG_PERPLEXITY, PERPLEXITY, Objective, geometric_mean
@@ -55,7 +56,7 @@ def open_session(job: SearchJob, device: str | None = None, dtype: str | None = 
         job.model, job.calibration, job.evaluation or None, pool_size=job.pool_size, seq_len=job.seq_len,
         seed=job.seed, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
         max_eval_windows={"validation": job.val_windows, "test": job.test_windows}, progress=progress,
-        heldout=job.heldout, on_step=on_step,
+        heldout=job.heldout, on_step=on_step, channel_multiple=job.channel_multiple,
     )
 
 
@@ -213,6 +214,7 @@ def run_search(
         model_dir, artifact_id = export_best(study, storage, session, job, out_dir,
                                              artifact_dir or default_artifact_dir(storage_url))
         score_tasks(study, session, job)
+        measure_models(study, session, job)
     return SearchResult(study, best_trial(study), model_dir, artifact_id)
 
 

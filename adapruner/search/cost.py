@@ -1,0 +1,64 @@
+"""What the pruned models buy, measured after a search: the unpruned model, every baseline and the best
+configuration, side by side in one process on the worker's device and dtype
+(:func:`~adapruner.inference_cost.measure_cost`), recorded once with the study (user attribute
+``inference_cost``). Measured, never searched on."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import optuna
+import torch
+
+from ..inference_cost import InferenceCost, measure_cost, speedups
+from ..session import PruneConfig, PruningSession
+from .baselines import baseline_config
+from .best import best_trial
+from .job import SearchJob
+
+UNPRUNED = "unpruned"
+
+
+def measure_models(study: optuna.Study, session: PruningSession, job: SearchJob, **options) -> dict | None:
+    """Measure and record the models' inference cost (``options`` go to :func:`measure_cost`); what is
+    recorded already when another process (or a resume) did it."""
+    if not job.measure_cost:
+        return None
+    if "inference_cost" in study.user_attrs:
+        return study.user_attrs["inference_cost"]
+    best = best_trial(study)
+    models: list[tuple[str, Callable[[], torch.nn.Module]]] = [(UNPRUNED, lambda: session.model)]
+    for name in job.baselines[: job.trials]:
+        models.append((name, lambda name=name: session.prune(baseline_config(name, session, job.seed), job.ratio)[0]))
+    if best is not None:
+        config = PruneConfig.from_dict(best.user_attrs["config"])
+        models.append(("best", lambda: session.prune(config, job.ratio)[0]))
+    costs: dict[str, InferenceCost] = {}
+    for done, (label, build) in enumerate(models):
+        if session.on_step is not None:
+            session.on_step("inference cost", done, len(models))
+        model = build()
+        costs[label] = measure_cost(model, **options)
+        del model  # one pruned copy at a time
+    summary = {"models": {label: cost.to_dict() for label, cost in costs.items()},
+               "speedups": speedups(costs, UNPRUNED)}
+    study.set_user_attr("inference_cost", summary)
+    return summary
+
+
+def cost_table(summary: dict) -> list[str]:
+    """Markdown: each model's parameters, decode and prefill throughput (and decode as a multiple of the
+    unpruned model's) and peak memory."""
+    models, ratios = summary["models"], summary["speedups"]
+    first = next(iter(models.values()))
+    shapes = list(first["prefill_tokens_per_s"])
+    lines = [f"Measured on {first['device']} in {first['dtype']} with {first['threads']} threads, one model after "
+             "another in one process: decode is greedy at batch 1 with the KV cache; prefill is one forward pass.", "",
+             "| model | parameters | decode tokens/s | decode × unpruned | "
+             + " | ".join(f"prefill {s} tokens/s" for s in shapes) + " | peak memory MB |",
+             "|---|" + "---:|" * (4 + len(shapes))]
+    for label, cost in models.items():
+        prefill = " | ".join(f"{cost['prefill_tokens_per_s'][s]:,.0f}" for s in shapes)
+        lines.append(f"| {label} | {cost['parameters'] / 1e6:,.2f}M | {cost['decode_tokens_per_s']:,.1f} | "
+                     f"{ratios[label]['decode']:.2f} | {prefill} | {cost['peak_memory_bytes'] / 2**20:,.0f} |")
+    return lines
