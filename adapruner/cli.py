@@ -178,6 +178,14 @@ def ratio_or_count(text: str) -> float | int:
     return value
 
 
+def ratio_list(text: str) -> tuple[float | int, ...]:
+    """``--ratio 0.1,0.2,0.3``: one target or several, each a fraction or a parameter count, no repeats."""
+    ratios = tuple(ratio_or_count(part.strip()) for part in text.split(","))
+    if len(set(ratios)) != len(ratios):
+        raise argparse.ArgumentTypeError(f"--ratio lists a target twice: {text}")
+    return ratios
+
+
 def add_config_args(p: argparse.ArgumentParser) -> None:
     from .plan import LLM_PRUNER_LAYERS
     from .repair import REPAIR_MODES, Repair
@@ -364,16 +372,7 @@ def parse_fixed(text: str) -> tuple[str, object]:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from .finetune import LoRA
-    from .search import (
-        SearchJob,
-        SearchSpace,
-        baseline_trials,
-        describe_config,
-        load_line,
-        margin_sentence,
-        run_search,
-        write_report,
-    )
+    from .search import SearchJob, SearchSpace, run_targets, write_tradeoff_report
     from .tasks import check_tasks
 
     space = SearchSpace(
@@ -384,7 +383,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     job = SearchJob(
         model=args.model, calibration=tuple(args.calib or SearchJob.calibration), evaluation=tuple(args.eval or ()),
         heldout=parse_heldout(args.heldout),
-        ratio=args.ratio, trials=args.trials, sampler=args.sampler, pruner=args.pruner, seed=args.seed,
+        ratio=args.ratio[0], trials=args.trials, sampler=args.sampler, pruner=args.pruner, seed=args.seed,
         pool_size=args.pool_size, seq_len=args.seq_len, val_windows=args.val_windows, test_windows=args.test_windows,
         baselines=tuple(b for b in args.baselines.split(",") if b), space=space,
         channel_multiple=args.channel_multiple,
@@ -395,8 +394,22 @@ def cmd_search(args: argparse.Namespace) -> int:
     check_tasks(job.tasks)  # before the model loads
     name = args.study or job.default_study_name
     out = Path(args.out or Path("runs") / name)
-    result = run_search(job, args.storage, name, device=args.device, dtype=args.dtype, out_dir=out,
-                        artifact_dir=args.artifacts)
+    results = run_targets(job, args.ratio, args.storage, name, device=args.device, dtype=args.dtype, out_dir=out,
+                          artifact_dir=args.artifacts)
+    several = len(args.ratio) > 1
+    for ratio, result in zip(args.ratio, results, strict=False):
+        if several:
+            print(f"target  {ratio:g} ({result.study.study_name})")
+        print_result(result, out / f"r{ratio:g}" if several else out, args.storage)
+    if several:
+        print(f"trade-off {write_tradeoff_report([r.study for r in results], out)}")
+    return 0
+
+
+def print_result(result, out: Path, storage: str) -> None:
+    """What one target's search found: the best, its margin over LLM-Pruner, tasks, recovery, where things are."""
+    from .search import baseline_trials, describe_config, load_line, margin_sentence, write_report
+
     report = write_report(result.study, out)
     best = result.best_trial
     if best is not None:
@@ -412,6 +425,11 @@ def cmd_search(args: argparse.Namespace) -> int:
         if tasks and tasks["best_retained"] is not None:
             print(f"tasks   mean accuracy {tasks['models']['best']['mean_acc']:.3f} on {', '.join(tasks['tasks'])}: "
                   f"{tasks['best_retained']:.1%} of the unpruned model's")
+        cost = result.study.user_attrs.get("inference_cost")
+        if cost and "best" in cost["speedups"]:
+            speed = cost["speedups"]["best"]
+            print(f"speed   decode {cost['models']['best']['decode_tokens_per_s']:.1f} tokens/s, "
+                  f"{speed['decode']:.2f}x the unpruned model's; peak memory {speed['peak_memory']:.2f}x")
     recovery = result.study.user_attrs.get("recovery")
     if recovery:
         print(f"LoRA    {recovery['steps']} steps: test ppl {recovery['test_ppl_before']:.3f} -> "
@@ -420,8 +438,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     if result.model_dir:
         print(f"model   {result.model_dir}  (artifact {result.artifact_id})")
         print(f"load    {load_line(best, str(result.model_dir))}")
-    print(f"study   {name} in {args.storage}  (optuna-dashboard {args.storage})")
-    return 0
+    print(f"study   {result.study.study_name} in {storage}  (optuna-dashboard {storage})")
 
 
 def parse_heldout(values: list[str] | None) -> tuple[str, ...] | None:
@@ -533,8 +550,9 @@ def build_parser(add_commands: Callable[[argparse._SubParsersAction], None] | No
 
     p = sub.add_parser("search", help="Bayesian-optimization search for the best pruning configuration")
     add_model_args(p)
-    p.add_argument("--ratio", type=ratio_or_count, default=SearchJob.ratio,
-                   help="share of ALL parameters to remove, in (0, 1), or a parameter count (default: %(default)s)")
+    p.add_argument("--ratio", type=ratio_list, default=(SearchJob.ratio,), metavar="RATIO[,RATIO...]",
+                   help="share of ALL parameters to remove, in (0, 1), or a parameter count; several, comma-separated, "
+                   f"run one study per target and report the trade-off (default: {SearchJob.ratio})")
     p.add_argument("--trials", type=positive(int, "--trials"), default=SearchJob.trials,
                    help="finished trials in the study, baselines included (default: %(default)s)")
     p.add_argument("--sampler", choices=SAMPLERS, default=SearchJob.sampler)

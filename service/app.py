@@ -101,8 +101,8 @@ def list_jobs(reader: Reader, db: DB, settings: Config,
               status: JobStatus | None = None, offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
               limit: Annotated[int, Query(ge=1, le=100)] = 20) -> JobList:
     items, total = jobs.list_jobs(db, status, offset, limit, reader)
-    digests = jobs.study_digests(db, [j.study_name for j in items])
-    views = [jobs.job_summary(j, settings, digests.get(j.study_name)) for j in items]
+    digests = jobs.study_digests(db, [name for j in items for _, name in jobs.job_targets(j)])
+    views = [jobs.job_summary(j, settings, jobs.job_digest(j, digests)) for j in items]
     return JobList(items=views, total=total, offset=offset, limit=limit)
 
 
@@ -114,9 +114,9 @@ def get_job(job_id: str, reader: Reader, db: DB, storage: Storage, settings: Con
 
 @router.get("/jobs/{job_id}/trials", response_model=TrialList)
 def get_trials(job_id: str, reader: Reader, db: DB, storage: Storage) -> TrialList:
-    study = jobs.load_study(storage, jobs.get_job(db, job_id, reader))
-    trials = study.get_trials(deepcopy=False) if study else []
-    return TrialList(items=[jobs.trial_summary(t) for t in trials])
+    studies = jobs.load_studies(storage, jobs.get_job(db, job_id, reader))
+    return TrialList(items=[jobs.trial_summary(t, ratio) for ratio, study in studies
+                            for t in study.get_trials(deepcopy=False)])
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobOut)
@@ -127,14 +127,17 @@ def cancel_job(job_id: str, caller: Writer, reader: Reader, db: DB, storage: Sto
 
 
 @router.get("/jobs/{job_id}/model")
-def download_model(job_id: str, reader: Reader, db: DB, settings: Config,
-                   filename: Annotated[str | None, Query(pattern=SAFE_NAME)] = None) -> StreamingResponse:
-    """The best pruned model as a tar archive (``model/`` with safetensors, config and tokenizer)."""
+def download_model(job_id: str, reader: Reader, db: DB, storage: Storage, settings: Config,
+                   filename: Annotated[str | None, Query(pattern=SAFE_NAME)] = None,
+                   target: Annotated[float | None, Query(gt=0, description="which target's model, for a job of "
+                                                         "several (its ratio, as submitted)")] = None
+                   ) -> StreamingResponse:
+    """The best pruned model (of ``target``) as a tar archive (``model/`` with safetensors, config and
+    tokenizer)."""
     job = jobs.get_job(db, job_id, reader)
-    if not job.artifact_id:
-        raise jobs.Conflict(f"job {job_id} has no model yet (status {job.status})")
-    reader = artifact_store(settings.artifacts).open_reader(job.artifact_id)
-    name = filename or f"{job.name or job.id}-model"
+    artifact_id = jobs.target_artifact(job, storage, target)
+    reader = artifact_store(settings.artifacts).open_reader(artifact_id)
+    name = filename or f"{job.name or job.id}-model" + (f"-r{target:g}" if target is not None else "")
     return StreamingResponse(iter(lambda: reader.read(1 << 20), b""), media_type="application/x-tar",
                              headers={"Content-Disposition": f'attachment; filename="{name}.tar"'})
 
@@ -143,12 +146,15 @@ def download_model(job_id: str, reader: Reader, db: DB, settings: Config,
             responses={200: {"content": {"text/markdown": {}}}})
 def get_report(job_id: str, reader: Reader, db: DB, storage: Storage) -> PlainTextResponse:
     """The study's markdown report: baselines beside the best configuration, cost, importances."""
-    from adapruner.search import report_markdown
+    from adapruner.search import report_markdown, tradeoff_markdown
 
-    study = jobs.load_study(storage, jobs.get_job(db, job_id, reader))
-    if study is None or "job" not in study.user_attrs:
+    studies = [s for _, s in jobs.load_studies(storage, jobs.get_job(db, job_id, reader)) if "job" in s.user_attrs]
+    if not studies:
         raise jobs.NotFound(f"job {job_id} has no study")
-    return PlainTextResponse(report_markdown(study), media_type="text/markdown")
+    if len(studies) == 1:
+        return PlainTextResponse(report_markdown(studies[0]), media_type="text/markdown")
+    parts = [tradeoff_markdown(studies), *(report_markdown(s) for s in studies)]
+    return PlainTextResponse("\n\n".join(parts), media_type="text/markdown")
 
 
 def health(request: Request) -> dict:
@@ -223,6 +229,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # As FastAPI's own handler, except that the echoed input may hold NaN or Infinity (JSON has
         # neither): those are sent as strings rather than failing the answer with a 500.
         return JSONResponse({"detail": finite(jsonable_encoder(exc.errors()))}, status_code=422)
+
+    @app.exception_handler(jobs.InvalidTarget)
+    def _no_such_target(_request, exc: jobs.InvalidTarget):
+        return JSONResponse({"detail": [{"loc": ["query", "target"], "msg": str(exc), "type": "value_error"}]},
+                            status_code=422)
 
     @app.exception_handler(jobs.Conflict)
     def _conflict(_request, exc: jobs.Conflict):

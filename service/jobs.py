@@ -1,12 +1,14 @@
 """Job operations shared by the API routes and the workers: create, look up, summarise, claim, finish.
 
-A job's trials live in its Optuna study (same database); the ``jobs`` row holds what Optuna does not:
-the submitted spec, the lifecycle status, the owner and the result's artifact.
+A job's trials live in its Optuna study (same database), one study per target when the job asks for
+several (:func:`adapruner.search.target_study_name`); the ``jobs`` row holds what Optuna does not: the
+submitted spec, the lifecycle status, the owner and the result's artifact.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from collections import Counter
 from dataclasses import dataclass
@@ -17,10 +19,10 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, Text, func, select, text, update
 from sqlalchemy.orm import Session
 
-from adapruner.search import StudyLock, count_trials, create_study, fail_dead_trials, load_line
+from adapruner.search import StudyLock, count_trials, create_study, fail_dead_trials, load_line, target_study_name
 
 from .db import Job, JobStatus, utcnow
-from .schemas import JobCreate, JobOut, Links, Progress, TrialSummary
+from .schemas import JobCreate, JobOut, Links, Progress, TargetOut, TrialSummary
 from .settings import Settings
 
 
@@ -36,6 +38,10 @@ class Forbidden(Exception):
     pass
 
 
+class InvalidTarget(Exception):
+    """A model asked for by a target the job does not have (or without one, of a job of several)."""
+
+
 @dataclass(frozen=True)
 class Caller:
     """Who is asking: the id of a valid token (a job's owner), and whether it is an admin token."""
@@ -47,20 +53,31 @@ class Caller:
         return self.admin or job.owner == self.owner
 
 
+def job_targets(job: Job) -> list[tuple[float | int, str]]:
+    """Each target of the job (its ratios, in the order asked) with the name of its study."""
+    ratio = job.spec["ratio"]
+    ratios = ratio if isinstance(ratio, list) else [ratio]
+    return [(r, target_study_name(job.study_name, r, len(ratios) > 1)) for r in ratios]
+
+
 def create_job(db: Session, storage: optuna.storages.BaseStorage, spec: JobCreate, owner: str | None) -> Job:
-    """Store the job and create its study, baselines queued, so workers find everything ready."""
+    """Store the job and create its studies, baselines queued, so workers find everything ready."""
     job_id = uuid.uuid4().hex
     # The study carries the job's name, so the dashboard's list says which job each study is.
     study_name = f"{spec.name}-{job_id[:8]}" if spec.name else f"job-{job_id}"
     job = Job(id=job_id, name=spec.name, spec=spec.model_dump(mode="json"), owner=owner, study_name=study_name)
-    create_study(storage, job.study_name, spec.to_search_job())
+    created = []
     try:
+        for ratio, name in job_targets(job):
+            create_study(storage, name, spec.to_search_job(ratio))
+            created.append(name)
         db.add(job)
         db.commit()
     except Exception:
         # No study without its job: a study nobody can see or cancel would hold queued trials forever.
         db.rollback()
-        optuna.delete_study(study_name=job.study_name, storage=storage)
+        for name in created:
+            optuna.delete_study(study_name=name, storage=storage)
         raise
     return job
 
@@ -101,10 +118,10 @@ def cancel_job(db: Session, job_id: str, caller: Caller, reader: Caller | None) 
 # -- views ----------------------------------------------------------------------------------------
 
 
-def trial_summary(trial: FrozenTrial) -> TrialSummary:
+def trial_summary(trial: FrozenTrial, target: float | int | None = None) -> TrialSummary:
     attrs = trial.user_attrs
     return TrialSummary(
-        number=trial.number, state=trial.state.name.lower(),
+        number=trial.number, target=target, state=trial.state.name.lower(),
         value=trial.value if trial.state == TrialState.COMPLETE else None,
         test_ppl=attrs.get("test_ppl"), heldout_ppl=attrs.get("heldout_ppl"), baseline=attrs.get("baseline"),
         params=trial.params,
@@ -132,11 +149,21 @@ def public_spec(spec: dict, settings: Settings) -> dict:
     return shown
 
 
-def load_study(storage: optuna.storages.BaseStorage, job: Job) -> optuna.Study | None:
+def load_study(storage: optuna.storages.BaseStorage, job: Job, name: str | None = None) -> optuna.Study | None:
+    """The study ``name`` of the job (default: its first target's), if it exists."""
     try:
-        return optuna.load_study(study_name=job.study_name, storage=storage)
+        return optuna.load_study(study_name=name or job_targets(job)[0][1], storage=storage)
     except KeyError:
         return None
+
+
+def load_studies(storage: optuna.storages.BaseStorage, job: Job) -> list[tuple[float | int, optuna.Study]]:
+    """Each target's ratio and study, for the studies that exist."""
+    found = [(ratio, load_study(storage, job, name)) for ratio, name in job_targets(job)]
+    return [(ratio, study) for ratio, study in found if study is not None]
+
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 @dataclass(frozen=True)
@@ -154,6 +181,21 @@ class StudyDigest:
         starts = [t.datetime_start for t in trials if t.datetime_start is not None]
         return cls(storage.get_study_id_from_name(study.study_name), Counter(t.state for t in trials),
                    min(starts, default=None), study.user_attrs.get("phase"))
+
+    @classmethod
+    def combine(cls, digests: list[StudyDigest]) -> StudyDigest | None:
+        """A job of several targets as one digest: the first study's id (the dashboard link), every
+        study's trials, the earliest start, the first phase recorded."""
+        if not digests:
+            return None
+        starts = [d.first_start for d in digests if d.first_start is not None]
+        return cls(digests[0].study_id, sum((d.states for d in digests), Counter()), min(starts, default=None),
+                   next((d.phase for d in digests if d.phase), None))
+
+
+def job_digest(job: Job, digests: dict[str, StudyDigest]) -> StudyDigest | None:
+    """The job's digest from :func:`study_digests` of its studies' names."""
+    return StudyDigest.combine([digests[name] for _, name in job_targets(job) if name in digests])
 
 
 # Optuna's own tables, read directly for the job list: one query per page instead of loading every
@@ -197,7 +239,7 @@ def progress(job: Job, digest: StudyDigest) -> Progress:
     """
     count = digest.states
     finished = count[TrialState.COMPLETE] + count[TrialState.PRUNED]
-    budget = int(job.spec["trials"])
+    budget = int(job.spec["trials"]) * len(job_targets(job))
     eta = None
     if finished and finished < budget and job.status == JobStatus.running.value:
         elapsed = (utcnow() - digest.first_start.astimezone(UTC)).total_seconds()
@@ -214,28 +256,42 @@ def progress(job: Job, digest: StudyDigest) -> Progress:
 
 
 def job_view(job: Job, storage: optuna.storages.BaseStorage, settings: Settings) -> JobOut:
-    """The job as served, with its progress, best trial, baselines and how to load the result."""
-    study = load_study(storage, job)
-    if study is None:
+    """The job as served, with its progress, each target's best trial, baselines and measurements, and how
+    to load the result."""
+    studies = [(ratio, study, study.get_trials(deepcopy=False)) for ratio, study in load_studies(storage, job)]
+    if not studies:
         return job_summary(job, settings, None)
-    trials = study.get_trials(deepcopy=False)
-    out = job_summary(job, settings, StudyDigest.of(storage, study, trials))
+    out = job_summary(job, settings, StudyDigest.combine([StudyDigest.of(storage, s, t) for _, s, t in studies]))
+    several = len(job_targets(job)) > 1
+    out.targets = [target_view(ratio, study, trials, out.links.model, several) for ratio, study, trials in studies]
+    first = studies[0][1]
+    out.dense = first.user_attrs.get("dense")
+    if not several:
+        target = out.targets[0]
+        out.best, out.baselines, out.tasks = target.best, target.baselines, target.tasks
+        out.inference_cost = target.inference_cost
+        out.recovery = first.user_attrs.get("recovery")
+        if job.best_trial is not None:
+            out.load = load_line(first.trials[job.best_trial])
+    return out
+
+
+def target_view(ratio: float | int, study: optuna.Study, trials: list[FrozenTrial], model_link: str,
+                several: bool) -> TargetOut:
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    if complete:
-        out.best = trial_summary(min(complete, key=lambda t: t.value))
-    seen = set()
+    baselines, seen = [], set()
     for t in complete:
         name = t.user_attrs.get("baseline")
         if name and name not in seen:
             seen.add(name)
-            out.baselines.append(trial_summary(t))
-    if job.best_trial is not None:
-        out.load = load_line(study.trials[job.best_trial])
-    out.dense = study.user_attrs.get("dense")
-    out.recovery = study.user_attrs.get("recovery")
-    out.tasks = study.user_attrs.get("tasks")
-    out.inference_cost = study.user_attrs.get("inference_cost")
-    return out
+            baselines.append(trial_summary(t))
+    return TargetOut(
+        ratio=ratio, study_name=study.study_name, finished=sum(t.state in FINISHED for t in trials),
+        best=trial_summary(min(complete, key=lambda t: t.value)) if complete else None, baselines=baselines,
+        tasks=study.user_attrs.get("tasks"), inference_cost=study.user_attrs.get("inference_cost"),
+        model=f"{model_link}?target={ratio:g}" if several else model_link,
+        has_model="best_model" in study.user_attrs,
+    )
 
 
 def job_summary(job: Job, settings: Settings, digest: StudyDigest | None) -> JobOut:
@@ -253,6 +309,27 @@ def job_summary(job: Job, settings: Settings, digest: StudyDigest | None) -> Job
     )
 
 
+def target_artifact(job: Job, storage: optuna.storages.BaseStorage, target: float | None) -> str:
+    """The artifact of the job's best model at ``target`` (which a job of several targets must name)."""
+    targets = job_targets(job)
+    if target is None:
+        if len(targets) > 1:
+            raise InvalidTarget(f"job {job.id} has several targets: name one with ?target= "
+                                f"({', '.join(f'{r:g}' for r, _ in targets)})")
+        if not job.artifact_id:
+            raise Conflict(f"job {job.id} has no model yet (status {job.status})")
+        return job.artifact_id
+    names = [name for ratio, name in targets if math.isclose(ratio, target, rel_tol=1e-9)]
+    if not names:
+        raise InvalidTarget(f"job {job.id} has no target {target:g} (its targets: "
+                            f"{', '.join(f'{r:g}' for r, _ in targets)})")
+    study = load_study(storage, job, names[0])
+    recorded = study.user_attrs.get("best_model") if study is not None else None
+    if not recorded:
+        raise Conflict(f"job {job.id} has no model for target {target:g} yet (status {job.status})")
+    return recorded["artifact_id"]
+
+
 # -- workers --------------------------------------------------------------------------------------
 
 
@@ -266,7 +343,8 @@ def claim_job(db: Session, storage: optuna.storages.BaseStorage, settings: Setti
     # Before the claim transaction: Optuna writes through its own connection, which SQLite's write
     # lock, once the claim holds it, would block.
     with db.begin():
-        running_studies = db.scalars(select(Job.study_name).where(Job.status == "running")).all()
+        running_jobs = db.scalars(select(Job).where(Job.status == "running")).all()
+        running_studies = [name for job in running_jobs for _, name in job_targets(job)]
     for study_name in running_studies:
         reclaim_dead_trials(storage, settings.db_url, study_name)
     postgres = db.bind.dialect.name == "postgresql"
@@ -302,16 +380,18 @@ def reclaim_dead_trials(storage: optuna.storages.BaseStorage, url: str, study_na
 
 
 def has_open_slots(storage: optuna.storages.BaseStorage, job: Job) -> bool:
-    """Whether the job's study still has trials to hand out (or its end still needs recording).
+    """Whether the job's studies still have trials to hand out (or its end still needs recording).
 
     A worker that joins a job whose last slots are all running would only wait; it is better used on
     a queued job. The exact budget is kept by the study's own lock, not by this check.
     """
-    study = load_study(storage, job)
-    if study is None:
+    budget = int(job.spec["trials"])
+    counts = [count_trials(study) for _, study in load_studies(storage, job)]
+    if not counts:
         return False
-    finished, running = count_trials(study)
-    return finished >= int(job.spec["trials"]) or finished + running < int(job.spec["trials"])
+    if any(finished + running < budget for finished, running in counts):
+        return True
+    return all(finished >= budget for finished, _ in counts)  # all done: the job's end still needs recording
 
 
 def finish_job(db: Session, job_id: str, status: JobStatus, error: str | None = None, best_trial: int | None = None,

@@ -84,8 +84,10 @@ class JobCreate(BaseModel):
     heldout: list[Reference] | None = Field(default=None, max_length=8, description=(
         "out-of-domain test sources, never calibrated or validated on; null: the built-in sources the job "
         "does not use (when it uses one); [] for none"))
-    ratio: Ratio = Field(default=SearchJob.ratio,
-                         description="share of all parameters to remove, in (0, 1), or a parameter count")
+    ratio: Ratio | Annotated[list[Ratio], Field(min_length=1, max_length=8)] = Field(
+        default=SearchJob.ratio, description=(
+            "share of all parameters to remove, in (0, 1), or a parameter count; a list of them runs one study "
+            "per target on one loaded model and reports the trade-off (GET .../model?target=0.3 for each)"))
     trials: StrictInt = Field(default=SearchJob.trials, ge=1, description=(
         "finished trials, the baselines included: trials=4 with 3 baselines runs 1 searched trial"))
     sampler: Literal[SAMPLERS] = SearchJob.sampler  # type: ignore[valid-type]
@@ -112,8 +114,21 @@ class JobCreate(BaseModel):
         "dtype of the best model's weights on disk; auto: the dtype the model was released in (bf16 for SmolLM2)"))
     trust_remote_code: bool = False
 
-    def to_search_job(self) -> SearchJob:
+    @field_validator("ratio")
+    @classmethod
+    def _targets_differ(cls, value):
+        if isinstance(value, list) and len(set(value)) != len(value):
+            raise ValueError(f"ratio lists a target twice: {value}")
+        return value
+
+    @property
+    def targets(self) -> list[float | int]:
+        return list(self.ratio) if isinstance(self.ratio, list) else [self.ratio]
+
+    def to_search_job(self, ratio: float | int | None = None) -> SearchJob:
+        """The search of one target (default: the first)."""
         data = self.model_dump(exclude={"name", "trust_remote_code", "space"})
+        data["ratio"] = self.targets[0] if ratio is None else ratio
         space = self.space.model_dump()
         space["subset_size"], space["ridge"] = tuple(space["subset_size"]), tuple(space["ridge"])
         return SearchJob.from_dict({**data, "space": SearchSpace.from_dict(space).to_dict(),
@@ -140,6 +155,7 @@ class Progress(BaseModel):
 
 class TrialSummary(BaseModel):
     number: int
+    target: float | int | None = Field(default=None, description="the ratio of the target whose study it is in")
     state: str
     value: float | None = Field(description="validation perplexity")
     test_ppl: float | None
@@ -158,6 +174,21 @@ class TrialSummary(BaseModel):
     @classmethod
     def _with_offset(cls, value: datetime | None) -> datetime | None:
         return value.astimezone(UTC) if value is not None else None  # Optuna's are naive local times
+
+
+class TargetOut(BaseModel):
+    """One target of a job: its study, its best configuration, LLM-Pruner's and the other baselines, what its
+    models measured, and where its model downloads."""
+
+    ratio: float | int
+    study_name: str
+    finished: int = Field(description="finished trials of this target's study")
+    best: TrialSummary | None = None
+    baselines: list[TrialSummary] = Field(default_factory=list)
+    tasks: dict[str, Any] | None = None
+    inference_cost: dict[str, Any] | None = None
+    model: str = Field(description="GET it for this target's best model (once it is exported)")
+    has_model: bool = False
 
 
 class JobOut(BaseModel):
@@ -183,6 +214,9 @@ class JobOut(BaseModel):
     inference_cost: dict[str, Any] | None = Field(default=None, description=(
         "once the search is done: measured decode/prefill tokens/s, parameters and peak memory of the unpruned "
         "model, each baseline and the best (models.*), and each as a multiple of the unpruned (speedups.*)"))
+    targets: list[TargetOut] = Field(default_factory=list, description=(
+        "one entry per target (ratio), each its own study; best, baselines, tasks and inference_cost above "
+        "describe a job of one target, and are left empty for a job of several"))
     load: str | None = Field(default=None, description="once the job succeeded: the line of code that loads "
                                                         "the model folder from the downloaded archive")
     links: Links

@@ -18,7 +18,7 @@ import optuna
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from adapruner.errors import Stopped
-from adapruner.search import make_storage, open_session, run_search, write_report
+from adapruner.search import make_storage, open_session, run_targets, write_report, write_tradeoff_report
 
 from . import jobs
 from .db import JobStatus, check_schema, make_engine, session_factory
@@ -100,7 +100,7 @@ class Worker:
             now = time.monotonic()
             if now - last[0] >= PHASE_SECONDS or done == 0:
                 last[0] = now
-                study = optuna.load_study(study_name=job.study_name, storage=self.storage)
+                study = optuna.load_study(study_name=jobs.job_targets(job)[0][1], storage=self.storage)
                 study.set_user_attr("phase", {"phase": phase, "done": done, "total": total})
 
         return on_step
@@ -113,9 +113,9 @@ class Worker:
             return self.stopping.is_set() or self._cancelled(job.id)
 
         try:
-            result = run_search(spec.to_search_job(), self.settings.db_url, job.study_name,
-                                session=self._session(job, spec), artifact_dir=self.settings.artifacts,
-                                progress=self.progress, should_stop=should_stop, storage=self.storage)
+            results = run_targets(spec.to_search_job(), spec.targets, self.settings.db_url, job.study_name,
+                                  session=self._session(job, spec), artifact_dir=self.settings.artifacts,
+                                  progress=self.progress, should_stop=should_stop, storage=self.storage)
         except Stopped:
             logger.info("job %s: stopped (cancelled, or this worker is draining)", job.id)
             self._loaded = None  # the session may be half built
@@ -127,11 +127,19 @@ class Worker:
             with self.sessions() as db:
                 jobs.finish_job(db, job.id, JobStatus.failed, error=f"{type(exc).__name__}: {exc}"[:2000])
             return
-        if result.artifact_id is None:
+        if len(results) < len(spec.targets) or results[-1].artifact_id is None:
             return  # cancelled, or this worker is draining
+        # A job of several targets records its last target's best here; each target's model is in its study.
+        result = results[-1]
         with self.sessions() as db:
             finished = jobs.finish_job(db, job.id, JobStatus.succeeded, best_trial=result.best_trial.number,
                                        artifact_id=result.artifact_id)
         if finished:
-            write_report(result.study, self.settings.jobs_dir / job.id)
+            folder = self.settings.jobs_dir / job.id
+            if len(results) == 1:
+                write_report(result.study, folder)
+            else:
+                for ratio, target in zip(spec.targets, results, strict=True):
+                    write_report(target.study, folder / f"r{ratio:g}")
+                write_tradeoff_report([r.study for r in results], folder)
             logger.info("job %s succeeded: best trial %s", job.id, result.best_trial.number)

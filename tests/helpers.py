@@ -15,6 +15,8 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -123,6 +125,44 @@ def small_job(**overrides) -> dict:
 def start_worker(env: dict[str, str], *args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "service.cli", "worker", *args], env={**os.environ, **env},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@dataclass
+class FinishedJob:
+    """A job submitted over HTTP and run to its end by ``adapruner worker --once``, and where to read it."""
+
+    client: object  # fastapi.testclient.TestClient, still open
+    job: dict
+    worker_code: int
+    worker_output: str
+    folder: Path
+
+
+@contextmanager
+def job_run_to_its_end(folder: Path, url: str, roots: Path, spec: dict, seconds: float = 300):
+    """Submit ``spec`` to a service on the database ``url`` and run a worker subprocess until no job has
+    work left; yields the :class:`FinishedJob` while the service's test client is open."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.db import upgrade
+    from service.settings import Settings
+
+    upgrade(url)
+    env = service_env(folder / "data", url, roots)
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        with TestClient(create_app(Settings())) as client:
+            created = client.post("/v1/jobs", json=spec, headers={"Authorization": f"Bearer {TOKEN}"}).json()
+            worker = start_worker(env, "--once")
+            try:
+                out, _ = worker.communicate(timeout=seconds)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                out = worker.communicate()[0]
+                pytest.fail(f"the worker did not finish in {seconds:.0f} s: {out[-3000:]}")
+            yield FinishedJob(client, client.get(f"/v1/jobs/{created['id']}").json(), worker.returncode, out, folder)
 
 
 def free_port() -> int:

@@ -54,6 +54,8 @@ def test_prune_saves_a_loadable_model(capsys, tmp_path, tiny_model_dir, corpus, 
     (["prune", "--ratio", "abc"], "--ratio takes a fraction"),
     (["search", "--ratio", "1.5"], "--ratio must be in (0, 1) or a parameter count >= 1"),
     (["search", "--ratio", "0"], "--ratio must be in (0, 1) or a parameter count >= 1"),
+    (["search", "--ratio", "0.2,0.2"], "--ratio lists a target twice"),
+    (["search", "--ratio", "0.2,1.5"], "--ratio must be in (0, 1) or a parameter count >= 1"),
     (["prune", "--layers", "x"], "--layers takes FIRST:LAST"),
     (["prune", "--repair", "refit"], "invalid choice: 'refit'"),
     (["prune", "--ridge", "0"], "--ridge"),
@@ -167,11 +169,15 @@ def test_user_errors_exit_2_with_one_line(capsys, tmp_path, tiny_model_dir, corp
 
 
 def test_search_takes_a_parameter_count_as_its_ratio():
-    assert build_parser().parse_args(["search", "--ratio", "28021248"]).ratio == 28021248
+    assert build_parser().parse_args(["search", "--ratio", "28021248"]).ratio == (28021248,)
 
 
 def test_search_takes_a_fraction_as_its_ratio():
-    assert build_parser().parse_args(["search", "--ratio", "0.3"]).ratio == 0.3
+    assert build_parser().parse_args(["search", "--ratio", "0.3"]).ratio == (0.3,)
+
+
+def test_search_takes_several_targets():
+    assert build_parser().parse_args(["search", "--ratio", "0.1, 0.2,0.3"]).ratio == (0.1, 0.2, 0.3)
 
 
 def test_serve_opens_the_api_only_the_dashboard_stays_on_localhost():

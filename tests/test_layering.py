@@ -58,6 +58,7 @@ LAYERS = (
     "adapruner.search.cost",
     "adapruner.search.study",
     "adapruner.search.report",
+    "adapruner.search.targets",
     "adapruner.search",
     "adapruner.cli",
 )

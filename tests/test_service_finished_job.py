@@ -4,31 +4,15 @@ the job, its report, its downstream accuracy, its model download, and what may s
 from __future__ import annotations
 
 import io
-import subprocess
 import tarfile
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
-from fastapi.testclient import TestClient
-from helpers import TOKEN, service_env, small_job, start_worker
+from helpers import TOKEN, job_run_to_its_end, small_job
 
 from adapruner.export import load_pruned
-from service.app import create_app
-from service.db import upgrade
-from service.settings import Settings
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-@dataclass
-class FinishedJob:
-    client: TestClient
-    job: dict
-    worker_code: int
-    worker_output: str
-    folder: Path
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
@@ -37,22 +21,8 @@ def finished(request, tmp_path_factory, roots):
     folder = tmp_path_factory.mktemp(f"finished-{request.param}")
     url = f"sqlite:///{folder / 'service.db'}" if request.param == "sqlite" else request.getfixturevalue(
         "postgres_url")
-    upgrade(url)
-    env = service_env(folder / "data", url, roots)
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in env.items():
-            patch.setenv(key, value)
-        with TestClient(create_app(Settings())) as client:
-            job = small_job(trials=5, tasks=["books-lastword"], task_limit=2)
-            created = client.post("/v1/jobs", json=job, headers=AUTH).json()
-            worker = start_worker(env, "--once")
-            try:
-                out, _ = worker.communicate(timeout=240)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                out = worker.communicate()[0]
-                pytest.fail(f"the worker did not finish in 10 minutes: {out[-3000:]}")
-            yield FinishedJob(client, client.get(f"/v1/jobs/{created['id']}").json(), worker.returncode, out, folder)
+    with job_run_to_its_end(folder, url, roots, small_job(trials=5, tasks=["books-lastword"], task_limit=2)) as job:
+        yield job
 
 
 @pytest.fixture(scope="module")

@@ -38,6 +38,7 @@ from .storage import (
     use_wal,
 )
 from .study import SearchResult, create_study, open_session, run_search
+from .targets import run_targets, target_study_name, tradeoff_markdown, write_tradeoff_report
 
 __all__ = [
     "BASELINES", "CALIBRATION_MODES", "DEFAULT_BASELINES", "DEFAULT_METRICS", "ESTIMATING_SAMPLERS", "EXPORT_DTYPES",
@@ -46,5 +47,6 @@ __all__ = [
     "StudyLock", "artifact_store", "baseline_config", "baseline_trials", "best_so_far", "best_trial", "check_fixed",
     "close_storage", "cluster_pool", "count_trials", "create_study", "describe_config", "export_best",
     "fail_dead_trials", "finished_trials", "load_line", "make_pruner", "make_sampler", "make_storage",
-    "margin_sentence", "open_session", "report_markdown", "run_search", "suggest_config", "use_wal", "write_report",
+    "margin_sentence", "open_session", "report_markdown", "run_search", "run_targets", "suggest_config",
+    "target_study_name", "tradeoff_markdown", "use_wal", "write_report", "write_tradeoff_report",
 ]

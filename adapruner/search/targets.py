@@ -1,0 +1,152 @@
+"""Several sizes in one job: one study per target, sharing one session, and the trade-off they draw.
+
+A job may ask for several targets (``--ratio 0.1,0.2,0.3``). Each target is an ordinary study of its own
+(named ``STUDY-r0.2``), searched one after the other on one :class:`~adapruner.session.PruningSession`,
+so the model loads once and the pool statistics are computed once. One study per target rather than
+one multi-objective study, because:
+
+- a user deploys a size, and gets the best model *at that size*, beside LLM-Pruner's default at the
+  same size; a Pareto front mixes sizes and leaves the choice of a point (and its baselines) open;
+- early stopping (Optuna's pruners, the paired estimate) works on single-objective studies only, and it
+  is what makes each trial cheap;
+- every target's study resumes, reports and exports like a one-target job, with nothing new to learn.
+
+The trade-off report then draws test perplexity against parameters kept and against measured decode
+speed: the best configuration and LLM-Pruner's default at each target, the unpruned model as a point.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import optuna
+
+from ..session import PruningSession
+from .cost import UNPRUNED
+from .job import SearchJob
+from .report import baseline_trials
+from .study import SearchResult, open_session, run_search
+
+REFERENCE = "llm-pruner"
+
+
+def target_study_name(base: str, ratio: float | int, several: bool) -> str:
+    """A one-target job's study is ``base``; each of several targets' is ``base-r{ratio}``."""
+    return f"{base}-r{ratio:g}" if several else base
+
+
+def run_targets(job: SearchJob, ratios: Sequence[float | int], storage_url: str | None, study_name: str | None = None,
+                *, session: PruningSession | None = None, out_dir: str | Path | None = None,
+                should_stop: Callable[[], bool] | None = None, **options) -> list[SearchResult]:
+    """Run one study per target in ``ratios`` (``job.ratio`` is replaced by each); ``options`` go to
+    :func:`~adapruner.search.study.run_search`. Stops after the first target that did not finish
+    (cancelled), returning the results so far."""
+    several = len(ratios) > 1
+    base = study_name or job.default_study_name
+    session = session or open_session(job, options.get("device"), options.get("dtype"),
+                                      progress=options.get("progress", True))
+    results = []
+    for ratio in ratios:
+        target = replace(job, ratio=ratio)
+        out = None if out_dir is None else Path(out_dir) / f"r{ratio:g}" if several else Path(out_dir)
+        result = run_search(target, storage_url, target_study_name(base, ratio, several), session=session,
+                            out_dir=out, should_stop=should_stop, **options)
+        results.append(result)
+        if result.artifact_id is None:
+            break
+    return results
+
+
+def tradeoff_points(studies: Sequence[optuna.Study]) -> list[dict]:
+    """One row per model: the unpruned one (once), then each target's best and LLM-Pruner's default, with
+    parameters kept, test and held-out perplexity and measured decode tokens/s (None where not measured)."""
+    rows: list[dict] = []
+    for study in studies:
+        cost = study.user_attrs.get("inference_cost", {}).get("models", {})
+        ratio = SearchJob.from_dict(study.user_attrs["job"]).ratio
+        if not rows:
+            dense = study.user_attrs.get("dense", {})
+            rows.append({"model": UNPRUNED, "ratio": 0.0, "params": study.user_attrs.get("data", {}).get("params"),
+                         "test_ppl": dense.get("test"), "heldout_ppl": dense.get("heldout"),
+                         "decode": cost.get(UNPRUNED, {}).get("decode_tokens_per_s")})
+        trials = [("best", study.best_trial if _has_best(study) else None),
+                  (REFERENCE, baseline_trials(study).get(REFERENCE))]
+        for label, trial in trials:
+            if trial is None:
+                continue
+            attrs = trial.user_attrs
+            rows.append({"model": label, "ratio": ratio, "params": attrs.get("params_kept"),
+                         "test_ppl": attrs.get("test_ppl"), "heldout_ppl": attrs.get("heldout_ppl"),
+                         "decode": cost.get(label, {}).get("decode_tokens_per_s")})
+    return rows
+
+
+def _has_best(study: optuna.Study) -> bool:
+    return any(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
+
+
+def _cell(value: float | None, fmt: str) -> str:
+    return "—" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, fmt)
+
+
+def tradeoff_markdown(studies: Sequence[optuna.Study], png: str | None = None) -> str:
+    rows = tradeoff_points(studies)
+    lines = ["# Size, speed and quality", "",
+             f"One study per target ({', '.join(s.study_name for s in studies)}); the best configuration of each "
+             f"(by validation) beside LLM-Pruner's default at the same size. Test perplexity is in-domain; held-out "
+             "is on texts never calibrated or validated on. Decode: greedy at batch 1 with the KV cache, measured "
+             "after each search on the worker's device.", "",
+             "| target | model | parameters | test ppl | held-out ppl | decode tokens/s |",
+             "|---:|---|---:|---:|---:|---:|"]
+    for row in rows:
+        params = "—" if row["params"] is None else f"{row['params'] / 1e6:,.2f}M"
+        lines.append(f"| {row['ratio']:g} | {row['model']} | {params} | {_cell(row['test_ppl'], '.2f')} | "
+                     f"{_cell(row['heldout_ppl'], '.2f')} | {_cell(row['decode'], ',.1f')} |")
+    if png:
+        lines += ["", f"![trade-off]({png})"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_tradeoff(studies: Sequence[optuna.Study], path: Path) -> Path | None:
+    """Test perplexity against parameters kept and against decode tokens/s: best and LLM-Pruner's
+    default at each target, the unpruned model as a point."""
+    rows = [r for r in tradeoff_points(studies) if r["test_ppl"] is not None and r["params"] is not None]
+    if len(rows) < 2:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, label in ((axes[0], "params", "parameters kept (M)"), (axes[1], "decode", "decode tokens/s")):
+        for model, style in (("best", "o-"), (REFERENCE, "s--")):
+            points = sorted((r[key], r["test_ppl"]) for r in rows if r["model"] == model and r[key] is not None)
+            if points:
+                xs = [x / 1e6 if key == "params" else x for x, _ in points]
+                ax.plot(xs, [y for _, y in points], style, label="best searched" if model == "best" else
+                        "LLM-Pruner default")
+        dense = [r for r in rows if r["model"] == UNPRUNED and r[key] is not None]
+        if dense:
+            x = dense[0][key] / 1e6 if key == "params" else dense[0][key]
+            ax.plot([x], [dense[0]["test_ppl"]], "k*", markersize=12, label="unpruned")
+        ax.set_xlabel(label)
+        ax.set_ylabel("test perplexity")
+        ax.set_yscale("log")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_tradeoff_report(studies: Sequence[optuna.Study], out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    png = plot_tradeoff(studies, out / "tradeoff.png")
+    path = out / "tradeoff.md"
+    path.write_text(tradeoff_markdown(studies, png.name if png else None))
+    return path
