@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from .errors import AdaPrunerError
-from .models import BUILTIN_MODELS, builtin_checkpoint, load_model
+from .models import checkpoint_folder, load_model
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ def measure_cost(
                 for ids in prefill_ids.values():
                     _prefill_seconds(model, ids)
                 _decode_seconds(model, prompt, new_tokens)
-            memory = _PeakMemory(device)
+            memory = PeakMemory(device)
             prefill = {shape: ids.numel() / _median(partial(_prefill_seconds, model, ids), repeats)
                        for shape, ids in prefill_ids.items()}
             decode_seconds = _median(partial(_decode_seconds, model, prompt, new_tokens), repeats)
@@ -130,9 +130,7 @@ def measure_folder(folder: str | Path, device: str | None = None, dtype: str | N
     name = str(folder)
     # load_model hands an AdaPruner export (an ``adapruner`` entry in config.json) to export.load_pruned
     model, _ = load_model(name, device=device, dtype=dtype)
-    path = Path(name).expanduser()
-    checkpoint = builtin_checkpoint(name) if name in BUILTIN_MODELS else path if path.is_dir() else None
-    return measure_cost(model, folder=checkpoint, **kw)
+    return measure_cost(model, folder=checkpoint_folder(name), **kw)
 
 
 def speedups(costs: Mapping[str, InferenceCost], reference: str = "dense") -> dict[str, dict[str, float]]:
@@ -193,7 +191,7 @@ def _safetensors_bytes(folder: Path) -> int | None:
     return sum(shard.stat().st_size for shard in shards) if shards else None
 
 
-class _PeakMemory:
+class PeakMemory:
     """Peak memory from construction to :meth:`peak_bytes` (see the module's docstring)."""
 
     def __init__(self, device: torch.device):
@@ -201,6 +199,7 @@ class _PeakMemory:
         self.rss_before = None
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+            self.allocated_before = torch.cuda.memory_allocated(device)
             return
         # memory freed earlier (a model measured before) but kept by malloc would be reused unseen by
         # the resident set: hand it back first, so every model's growth is counted from the same start
@@ -220,10 +219,16 @@ class _PeakMemory:
     def peak_bytes(self, weight_bytes: int) -> int:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device)  # the weights are among the allocations
-        if self.rss_before is None:
-            return weight_bytes
         # the weights were resident before the reset: what rose above that is the measurements' own
-        return weight_bytes + max(0, _proc_status_bytes("VmHWM") - self.rss_before)
+        return weight_bytes + (self.growth_bytes() or 0)
+
+    def growth_bytes(self) -> int | None:
+        """How far memory rose above where it stood at construction; None where that cannot be read."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) - self.allocated_before
+        if self.rss_before is None:
+            return None
+        return max(0, _proc_status_bytes("VmHWM") - self.rss_before)
 
 
 def _proc_status_bytes(field: str) -> int:

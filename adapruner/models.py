@@ -71,7 +71,8 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> None:
     """De-quantise a GGUF file through transformers and save it as a plain fp32 safetensors checkpoint.
 
     The model transformers returns still carries a ``quantization_config`` and refuses to be saved,
-    so the weights are moved into a fresh model built from the same config without it.
+    so its tensors are handed to a fresh model built from the same config without it (on the meta
+    device: the tensors move, they are not copied).
     """
     try:
         import accelerate  # noqa: F401
@@ -87,8 +88,12 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> None:
     plain_config = type(config).from_dict(
         {k: v for k, v in quantized.config.to_dict().items() if k not in ("quantization_config", "_name_or_path")}
     )
-    plain = AutoModelForCausalLM.from_config(plain_config, dtype=torch.float32)
-    plain.load_state_dict(quantized.state_dict(), strict=True)
+    # Built without storage and given the de-quantised tensors themselves: no second copy of the model.
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(plain_config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict(), strict=True, assign=True)
+    plain.tie_weights()
+    del quantized
     partial = out_dir.with_name(out_dir.name + ".part")
     plain.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
@@ -146,6 +151,14 @@ def read_model_config(name: str) -> dict | None:
         raise AdaPrunerError(f"{path / 'config.json'} is not a JSON object")
     check_supported(SimpleNamespace(**config))
     return config
+
+
+def checkpoint_folder(name: str) -> Path | None:
+    """The folder ``name`` loads from, when it is one on this disk (a built-in model's converted checkpoint)."""
+    if name in BUILTIN_MODELS:
+        return builtin_checkpoint(name)
+    path = Path(name).expanduser()
+    return path if path.is_dir() else None
 
 
 def export_dtype(requested: str | torch.dtype | None, name: str, model: torch.nn.Module) -> torch.dtype:

@@ -58,8 +58,53 @@ def cmd_db(args: argparse.Namespace) -> int:
     return 0
 
 
+def worker_devices(devices: str, visible: int) -> list[str]:
+    """``--devices``: ``all`` visible GPUs, or GPU indices ``0,2``; one worker is started on each."""
+    from adapruner.errors import AdaPrunerError
+
+    if devices == "all":
+        if not visible:
+            raise AdaPrunerError("--devices all: no GPU is visible to this process (CUDA_VISIBLE_DEVICES, drivers)")
+        return [f"cuda:{i}" for i in range(visible)]
+    try:
+        indices = [int(part) for part in devices.split(",")]
+    except ValueError:
+        raise AdaPrunerError(f"--devices takes all or GPU indices such as 0,1; got {devices!r}") from None
+    bad = [i for i in indices if not 0 <= i < visible]
+    if bad or len(set(indices)) != len(indices):
+        raise AdaPrunerError(f"--devices {devices}: {visible} GPU(s) visible, indices must be distinct and in "
+                             f"0..{visible - 1}")
+    return [f"cuda:{i}" for i in indices]
+
+
+def run_worker_per_device(args: argparse.Namespace, devices: list[str]) -> int:
+    """One ``worker --device D`` process per device; SIGTERM and SIGINT are passed on (each drains)."""
+    argv = [sys.executable, "-m", "service.cli", "worker", *(["--db", args.db] if args.db else []),
+            *(["--data-dir", args.data_dir] if args.data_dir else []), *(["--dtype", args.dtype] if args.dtype else []),
+            *(["--once"] if args.once else []), *(["--progress"] if args.progress else [])]
+    children = [subprocess.Popen([*argv, "--device", device]) for device in devices]
+    print(f"adapruner worker: {len(children)} workers on {', '.join(devices)}", file=sys.stderr, flush=True)
+
+    def forward(signum, _frame):
+        for child in children:
+            child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    return max(child.wait() for child in children)
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from .worker import Worker
+
+    if args.devices is not None:
+        if args.device is not None:
+            from adapruner.errors import AdaPrunerError
+
+            raise AdaPrunerError("give --device or --devices, not both")
+        import torch
+
+        return run_worker_per_device(args, worker_devices(args.devices, torch.cuda.device_count()))
 
     logging.getLogger("adapruner.worker").setLevel(logging.INFO)
     worker = _schema_checked(lambda: Worker(_settings(args), device=args.device, dtype=args.dtype,
@@ -194,6 +239,8 @@ def add_service_commands(sub) -> None:
     p = sub.add_parser("worker", help="claim jobs from the database and run their trials")
     common(p)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when present)")
+    p.add_argument("--devices", default=None, metavar="all|I,J",
+                   help="start one worker per GPU: all visible ones, or the indices given")
     p.add_argument("--dtype", default=None)
     p.add_argument("--once", action="store_true", help="exit when no job has work left")
     p.add_argument("--progress", action="store_true", help="show progress bars")

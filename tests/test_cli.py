@@ -236,3 +236,31 @@ def test_lora_flags_have_one_name_in_every_command_and_keep_their_old_names(argv
     assert args.lora_steps == steps
     if lr is not None:
         assert args.lr == lr
+
+
+def test_devices_all_is_one_worker_per_visible_gpu():
+    from service.cli import worker_devices
+
+    assert worker_devices("all", 3) == ["cuda:0", "cuda:1", "cuda:2"]
+
+
+def test_devices_takes_gpu_indices():
+    from service.cli import worker_devices
+
+    assert worker_devices("0,2", 3) == ["cuda:0", "cuda:2"]
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["worker", "--devices", "all"], "no GPU is visible"),
+    (["worker", "--devices", "1,x"], "--devices takes all or GPU indices"),
+    (["worker", "--devices", "0", "--device", "cpu"], "give --device or --devices, not both"),
+])
+def test_bad_worker_devices_exit_2_with_one_line(capsys, argv, message, monkeypatch):
+    import torch
+
+    from service.cli import main as service_main
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    code = service_main(argv)
+    err = capsys.readouterr().err
+    assert (code, message in err, err.count("\n")) == (2, True, 1)

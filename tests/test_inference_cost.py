@@ -103,12 +103,12 @@ def test_prefill_is_clamped_to_the_model_positions_and_decode_must_fit():
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak resident set needs Linux /proc")
 def test_cpu_peak_memory_is_the_weights_and_what_the_measurement_allocated():
-    memory = inference_cost._PeakMemory(torch.device("cpu"))
+    memory = inference_cost.PeakMemory(torch.device("cpu"))
     block = torch.ones(16 * 2**20)  # 64 MiB, written so every page is resident
     del block
     assert 48 * 2**20 < memory.peak_bytes(0) < 96 * 2**20  # other memory may come and go meanwhile
     assert memory.peak_bytes(10**9) - memory.peak_bytes(0) == 10**9
-    fresh = inference_cost._PeakMemory(torch.device("cpu"))  # the reset forgets the earlier peak
+    fresh = inference_cost.PeakMemory(torch.device("cpu"))  # the reset forgets the earlier peak
     assert fresh.peak_bytes(0) < 32 * 2**20
 
 

@@ -267,6 +267,12 @@ def test_a_measured_model_has_the_parameters_its_trial_kept(searched):
     assert measured == result.best_trial.user_attrs["params_kept"]
 
 
+def test_the_best_models_bytes_on_disk_are_its_exports(searched):
+    result, _ = searched
+    measured = result.study.user_attrs["inference_cost"]["models"]["best"]["disk_bytes"]
+    assert measured == sum(f.stat().st_size for f in result.model_dir.glob("*.safetensors"))
+
+
 def test_the_unpruned_model_is_the_speed_reference(searched):
     result, _ = searched
     assert result.study.user_attrs["inference_cost"]["speedups"]["unpruned"]["decode"] == 1.0
@@ -418,6 +424,43 @@ def test_failing_trials_are_recorded_not_fatal(session, tmp_path, monkeypatch):
     assert failed
     assert all(t.user_attrs["fail_reason"] == "RuntimeError: simulated out of memory" for t in failed)
     assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in result.study.trials) == 6
+
+
+@pytest.fixture
+def one_trial_out_of_memory(session, tmp_path, monkeypatch):
+    """A search whose third trial runs out of device memory while building its pruned copy."""
+    import adapruner.search.objective as objective
+
+    calls, freed = {"n": 0}, []
+    original = objective.prune_model
+
+    def prune(model, plan):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(model, plan)
+
+    monkeypatch.setattr(objective, "prune_model", prune)
+    monkeypatch.setattr(objective, "free_device_memory", lambda: freed.append(calls["n"]))
+    result = run_search(tiny_job(trials=5, baselines=("magnitude",)), f"sqlite:///{tmp_path / 'm.db'}", "m",
+                        session=session, progress=False, artifact_dir=tmp_path / "a")
+    return result.study, freed
+
+
+def test_a_trial_out_of_memory_fails_with_the_reason(one_trial_out_of_memory):
+    study, _ = one_trial_out_of_memory
+    assert [t.user_attrs["fail_reason"] for t in study.trials if t.state == TrialState.FAIL] == \
+        ["out of memory: CUDA out of memory. Tried to allocate 2.00 GiB"]
+
+
+def test_the_study_goes_on_after_a_trial_out_of_memory(one_trial_out_of_memory):
+    study, _ = one_trial_out_of_memory
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials) == 5
+
+
+def test_a_trial_out_of_memory_frees_the_device_memory(one_trial_out_of_memory):
+    _, freed = one_trial_out_of_memory
+    assert freed == [3]
 
 
 def test_search_that_always_fails_stops_with_a_clear_error(session, tmp_path, monkeypatch):

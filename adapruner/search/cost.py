@@ -6,11 +6,13 @@ configuration, side by side in one process on the worker's device and dtype
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import optuna
 import torch
 
 from ..inference_cost import InferenceCost, measure_cost, speedups
+from ..models import checkpoint_folder
 from ..session import PruneConfig, PruningSession
 from .baselines import baseline_config
 from .best import best_trial
@@ -19,15 +21,18 @@ from .job import SearchJob
 UNPRUNED = "unpruned"
 
 
-def measure_models(study: optuna.Study, session: PruningSession, job: SearchJob, **options) -> dict | None:
+def measure_models(study: optuna.Study, session: PruningSession, job: SearchJob, model_dir: Path | None = None,
+                   **options) -> dict | None:
     """Measure and record the models' inference cost (``options`` go to :func:`measure_cost`); what is
-    recorded already when another process (or a resume) did it."""
+    recorded already when another process (or a resume) did it. Bytes on disk are those of the dense
+    checkpoint and of the best's export in ``model_dir`` (the baselines are not written)."""
     if not job.measure_cost:
         return None
     if "inference_cost" in study.user_attrs:
         return study.user_attrs["inference_cost"]
     best = best_trial(study)
     models: list[tuple[str, Callable[[], torch.nn.Module]]] = [(UNPRUNED, lambda: session.model)]
+    folders = {UNPRUNED: checkpoint_folder(session.model_name), "best": model_dir}
     for name in job.baselines[: job.trials]:
         models.append((name, lambda name=name: session.prune(baseline_config(name, session, job.seed), job.ratio)[0]))
     if best is not None:
@@ -38,7 +43,7 @@ def measure_models(study: optuna.Study, session: PruningSession, job: SearchJob,
         if session.on_step is not None:
             session.on_step("inference cost", done, len(models))
         model = build()
-        costs[label] = measure_cost(model, **options)
+        costs[label] = measure_cost(model, folder=folders.get(label), **options)
         del model  # one pruned copy at a time
     summary = {"models": {label: cost.to_dict() for label, cost in costs.items()},
                "speedups": speedups(costs, UNPRUNED)}
@@ -55,10 +60,11 @@ def cost_table(summary: dict) -> list[str]:
     lines = [f"Measured on {first['device']} in {first['dtype']} with {first['threads']} threads, one model after "
              "another in one process: decode is greedy at batch 1 with the KV cache; prefill is one forward pass.", "",
              "| model | parameters | decode tokens/s | decode × unpruned | "
-             + " | ".join(f"prefill {s} tokens/s" for s in shapes) + " | peak memory MB |",
-             "|---|" + "---:|" * (4 + len(shapes))]
+             + " | ".join(f"prefill {s} tokens/s" for s in shapes) + " | peak memory MB | on disk MB |",
+             "|---|" + "---:|" * (5 + len(shapes))]
     for label, cost in models.items():
         prefill = " | ".join(f"{cost['prefill_tokens_per_s'][s]:,.0f}" for s in shapes)
+        disk = "—" if cost["disk_bytes"] is None else f"{cost['disk_bytes'] / 2**20:,.1f}"
         lines.append(f"| {label} | {cost['parameters'] / 1e6:,.2f}M | {cost['decode_tokens_per_s']:,.1f} | "
-                     f"{ratios[label]['decode']:.2f} | {prefill} | {cost['peak_memory_bytes'] / 2**20:,.0f} |")
+                     f"{ratios[label]['decode']:.2f} | {prefill} | {cost['peak_memory_bytes'] / 2**20:,.0f} | {disk} |")
     return lines

@@ -11,6 +11,7 @@ test perplexities are recorded, never optimised.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import time
@@ -72,6 +73,13 @@ def paired_estimate(evaluated: Mapping[int, float], best_losses: Mapping[int, fl
     full = weighted_mean(best_losses, weights)
     difference = weighted_mean({i: evaluated[i] - best_losses[i] for i in shared}, weights)
     return max(math.exp(full + difference), math.nextafter(best_ppl, math.inf))
+
+
+def free_device_memory() -> None:
+    """Return the memory of a failed trial's tensors to the device, so that the next trial starts clean."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def max_drop_layers(structure: ModelStructure, target: float | int) -> int:
@@ -164,6 +172,11 @@ class Objective:
                     self._test(trial, pruned)
             return val_ppl
         except optuna.TrialPruned:
+            raise
+        except torch.OutOfMemoryError as exc:  # this trial's copy did not fit: fail it, free it, go on
+            pruned = scores = None  # noqa: F841  (drop the references before the cache is emptied)
+            free_device_memory()
+            trial.set_user_attr("fail_reason", f"out of memory: {exc}"[:500])
             raise
         except Exception as exc:  # recorded on the trial, which Optuna then marks FAIL
             trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}"[:500])

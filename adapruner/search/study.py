@@ -214,7 +214,7 @@ def run_search(
         model_dir, artifact_id = export_best(study, storage, session, job, out_dir,
                                              artifact_dir or default_artifact_dir(storage_url))
         score_tasks(study, session, job)
-        measure_models(study, session, job)
+        measure_models(study, session, job, model_dir)
     return SearchResult(study, best_trial(study), model_dir, artifact_id)
 
 
