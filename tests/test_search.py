@@ -37,8 +37,9 @@ SPACE = SearchSpace(subset_size=(2, 8), n_clusters=3)
 
 
 def tiny_job(**overrides):
+    """A search of the tiny model; the speed measurement only where a test reads it (it costs seconds)."""
     base = dict(model="tiny", calibration=("toy",), trials=8, pool_size=16, seq_len=32, val_windows=12,
-                test_windows=6, space=SPACE)
+                test_windows=6, space=SPACE, measure_cost=False)
     return SearchJob(**{**base, **overrides})
 
 
@@ -161,7 +162,8 @@ def test_a_ratio_neither_a_fraction_nor_a_count_is_refused(ratio):
 def searched(tiny_tokenizer, tmp_path_factory):
     """One search of the tiny model to its end (exported, its artifact stored), read by the tests below."""
     folder = tmp_path_factory.mktemp("search")
-    result = run_search(tiny_job(), f"sqlite:///{folder / 'runs.db'}", "s", session=tiny_session(tiny_tokenizer),
+    result = run_search(tiny_job(measure_cost=True), f"sqlite:///{folder / 'runs.db'}", "s",
+                        session=tiny_session(tiny_tokenizer),
                         out_dir=folder / "out", artifact_dir=folder / "artifacts", progress=False)
     return result, folder
 

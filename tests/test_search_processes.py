@@ -28,7 +28,7 @@ def search(roots, storage, study, trials, tmp_path, *extra):
             "--calib", str(roots / "texts" / "toy"), "--pool-size", "12", "--seq-len", "32", "--val-windows", "32",
             "--test-windows", "6", "--subset-size", "2:6", "--clusters", "3", "--trials", str(trials),
             "--storage", storage, "--study", study, "--out", str(tmp_path / "out"),
-            "--artifacts", str(tmp_path / "artifacts"), "--baselines", "wanda-sp", *extra]
+            "--artifacts", str(tmp_path / "artifacts"), "--baselines", "wanda-sp", "--no-measure", *extra]
     env = {**os.environ, "ADAPRUNER_CACHE": str(tmp_path / "cache"), **FAST_HEARTBEAT}
     return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

@@ -21,7 +21,8 @@ def finished(request, tmp_path_factory, roots):
     folder = tmp_path_factory.mktemp(f"finished-{request.param}")
     url = f"sqlite:///{folder / 'service.db'}" if request.param == "sqlite" else request.getfixturevalue(
         "postgres_url")
-    with job_run_to_its_end(folder, url, roots, small_job(trials=5, tasks=["books-lastword"], task_limit=2)) as job:
+    with job_run_to_its_end(folder, url, roots, small_job(trials=5, tasks=["books-lastword"], task_limit=2,
+                                                                measure_cost=True)) as job:
         yield job
 
 
