@@ -34,10 +34,11 @@ def slice_linear(linear: nn.Linear, index: torch.Tensor, columns: bool) -> nn.Li
     out_features, in_features = weight.shape
     bias = linear.bias is not None
     new = nn.Linear(in_features, out_features, bias=bias, device="meta")
-    new.weight = nn.Parameter(weight.clone(), requires_grad=linear.weight.requires_grad)
+    # index_select returns new tensors; only a bias kept whole must be copied off the original.
+    new.weight = nn.Parameter(weight, requires_grad=linear.weight.requires_grad)
     if bias:
-        b = linear.bias.detach() if columns else linear.bias.detach().index_select(0, index)
-        new.bias = nn.Parameter(b.clone(), requires_grad=linear.bias.requires_grad)
+        b = linear.bias.detach().clone() if columns else linear.bias.detach().index_select(0, index)
+        new.bias = nn.Parameter(b, requires_grad=linear.bias.requires_grad)
     return new
 
 

@@ -4,15 +4,11 @@ on the job's lm-eval tasks (``SearchJob.tasks``), recorded once with the study (
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import optuna
-import torch
 
-from ..session import PruneConfig, PruningSession
+from ..session import PruningSession
 from ..tasks import evaluate_tasks, headline_metric, mean_accuracy
-from .baselines import baseline_config
-from .best import best_trial
+from .best import UNPRUNED, compared_models
 from .job import SearchJob
 
 
@@ -23,20 +19,14 @@ def score_tasks(study: optuna.Study, session: PruningSession, job: SearchJob, ba
         return None
     if "tasks" in study.user_attrs:
         return study.user_attrs["tasks"]
-    best = best_trial(study)
-    models: list[tuple[str, Callable[[], torch.nn.Module]]] = [("unpruned", lambda: session.model)]
-    for name in job.baselines[: job.trials]:
-        models.append((name, lambda name=name: session.prune(baseline_config(name, session, job.seed), job.ratio)[0]))
-    if best is not None:
-        config = PruneConfig.from_dict(best.user_attrs["config"])
-        models.append(("best", lambda: session.prune(config, job.ratio)[0]))
+    models = compared_models(study, session, job)
     scores = {}
     for done, (label, build) in enumerate(models):
         if session.on_step is not None:
             session.on_step("tasks", done, len(models))
         results = evaluate_tasks(build(), session.tokenizer, job.tasks, job.task_limit, batch_size=batch_size)
         scores[label] = {"results": {r.task: r.to_dict() for r in results}, "mean_acc": mean_accuracy(results)}
-    dense, searched = scores["unpruned"]["mean_acc"], scores.get("best", {}).get("mean_acc")
+    dense, searched = scores[UNPRUNED]["mean_acc"], scores.get("best", {}).get("mean_acc")
     summary = {"tasks": list(job.tasks), "limit": job.task_limit, "models": scores,
                "best_retained": searched / dense if dense and searched is not None else None}
     study.set_user_attr("tasks", summary)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import tarfile
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
+import torch
 from optuna.artifacts import upload_artifact
 
 from ..data import training_windows
@@ -17,7 +19,10 @@ from ..finetune import LoRA, finetune
 from ..models import export_dtype
 from ..session import PruneConfig, PruningSession
 from .artifacts import artifact_store
+from .baselines import baseline_config
 from .job import SearchJob
+
+UNPRUNED = "unpruned"
 
 
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
@@ -25,6 +30,20 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
         return study.best_trial
     except ValueError:
         return None
+
+
+def compared_models(study: optuna.Study, session: PruningSession,
+                    job: SearchJob) -> list[tuple[str, Callable[[], torch.nn.Module]]]:
+    """What a search is judged on after it ends: the unpruned model, each baseline and the best
+    configuration (as searched), each built only when called, so that one pruned copy exists at a time."""
+    models: list[tuple[str, Callable[[], torch.nn.Module]]] = [(UNPRUNED, lambda: session.model)]
+    for name in job.baselines[: job.trials]:
+        models.append((name, lambda name=name: session.prune(baseline_config(name, session, job.seed), job.ratio)[0]))
+    best = best_trial(study)
+    if best is not None:
+        config = PruneConfig.from_dict(best.user_attrs["config"])
+        models.append(("best", lambda: session.prune(config, job.ratio)[0]))
+    return models
 
 
 def default_artifact_dir(storage_url: str | None) -> Path:

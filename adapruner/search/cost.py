@@ -5,20 +5,15 @@ configuration, side by side in one process on the worker's device and dtype
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import optuna
-import torch
 
 from ..inference_cost import InferenceCost, measure_cost, speedups
 from ..models import checkpoint_folder
-from ..session import PruneConfig, PruningSession
-from .baselines import baseline_config
-from .best import best_trial
+from ..session import PruningSession
+from .best import UNPRUNED, compared_models
 from .job import SearchJob
-
-UNPRUNED = "unpruned"
 
 
 def measure_models(study: optuna.Study, session: PruningSession, job: SearchJob, model_dir: Path | None = None,
@@ -30,14 +25,8 @@ def measure_models(study: optuna.Study, session: PruningSession, job: SearchJob,
         return None
     if "inference_cost" in study.user_attrs:
         return study.user_attrs["inference_cost"]
-    best = best_trial(study)
-    models: list[tuple[str, Callable[[], torch.nn.Module]]] = [(UNPRUNED, lambda: session.model)]
+    models = compared_models(study, session, job)
     folders = {UNPRUNED: checkpoint_folder(session.model_name), "best": model_dir}
-    for name in job.baselines[: job.trials]:
-        models.append((name, lambda name=name: session.prune(baseline_config(name, session, job.seed), job.ratio)[0]))
-    if best is not None:
-        config = PruneConfig.from_dict(best.user_attrs["config"])
-        models.append(("best", lambda: session.prune(config, job.ratio)[0]))
     costs: dict[str, InferenceCost] = {}
     for done, (label, build) in enumerate(models):
         if session.on_step is not None:

@@ -25,7 +25,7 @@ from pathlib import Path
 import optuna
 
 from ..session import PruningSession
-from .cost import UNPRUNED
+from .best import UNPRUNED, best_trial
 from .job import SearchJob
 from .report import baseline_trials
 from .study import SearchResult, open_session, run_search
@@ -72,7 +72,7 @@ def tradeoff_points(studies: Sequence[optuna.Study]) -> list[dict]:
             rows.append({"model": UNPRUNED, "ratio": 0.0, "params": study.user_attrs.get("data", {}).get("params"),
                          "test_ppl": dense.get("test"), "heldout_ppl": dense.get("heldout"),
                          "decode": cost.get(UNPRUNED, {}).get("decode_tokens_per_s")})
-        trials = [("best", study.best_trial if _has_best(study) else None),
+        trials = [("best", best_trial(study)),
                   (REFERENCE, baseline_trials(study).get(REFERENCE))]
         for label, trial in trials:
             if trial is None:
@@ -82,10 +82,6 @@ def tradeoff_points(studies: Sequence[optuna.Study]) -> list[dict]:
                          "test_ppl": attrs.get("test_ppl"), "heldout_ppl": attrs.get("heldout_ppl"),
                          "decode": cost.get(label, {}).get("decode_tokens_per_s")})
     return rows
-
-
-def _has_best(study: optuna.Study) -> bool:
-    return any(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
 
 
 def _cell(value: float | None, fmt: str) -> str:
