@@ -1,8 +1,8 @@
 """Load a LLaMA-family causal LM and its tokenizer: a hub id, a local folder, a GGUF file, a folder
 written by :func:`adapruner.export.save_pruned`, or a built-in name such as ``smollm2-135m``.
 
-GGUF files are de-quantised by transformers once and cached as a plain safetensors checkpoint, so
-every later load is an ordinary ``from_pretrained`` of full-precision weights.
+GGUF files are de-quantised once, tensor by tensor (:mod:`adapruner.from_gguf`), and cached as a plain
+safetensors checkpoint, so every later load is an ordinary ``from_pretrained`` of full-precision weights.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from .device import resolve_device, resolve_dtype
 from .errors import AdaPrunerError
 from .export import load_pruned
 from .fetch import wheel_member
+from .from_gguf import convert_gguf
 from .structure import check_supported
 
 logger = logging.getLogger(__name__)
@@ -65,39 +66,6 @@ def gguf_checkpoint(path: Path) -> Path:
     if not (folder / "config.json").is_file():
         convert_gguf(path, folder)
     return folder
-
-
-def convert_gguf(gguf_file: Path, out_dir: Path) -> None:
-    """De-quantise a GGUF file through transformers and save it as a plain fp32 safetensors checkpoint.
-
-    The model transformers returns still carries a ``quantization_config`` and refuses to be saved,
-    so its tensors are handed to a fresh model built from the same config without it (on the meta
-    device: the tensors move, they are not copied).
-    """
-    try:
-        import accelerate  # noqa: F401
-        import gguf  # noqa: F401  (transformers needs both for GGUF and fails obscurely without them)
-    except ImportError as exc:
-        raise AdaPrunerError(f"loading GGUF files needs the packages gguf and accelerate: {exc}") from None
-    folder, name = str(gguf_file.parent), gguf_file.name
-    logger.info("converting %s to safetensors (once)", gguf_file)
-    config = AutoConfig.from_pretrained(folder, gguf_file=name)
-    check_supported(config)
-    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    plain_config = type(config).from_dict(
-        {k: v for k, v in quantized.config.to_dict().items() if k not in ("quantization_config", "_name_or_path")}
-    )
-    # Built without storage and given the de-quantised tensors themselves: no second copy of the model.
-    with torch.device("meta"):
-        plain = AutoModelForCausalLM.from_config(plain_config, dtype=torch.float32)
-    plain.load_state_dict(quantized.state_dict(), strict=True, assign=True)
-    plain.tie_weights()
-    del quantized
-    partial = out_dir.with_name(out_dir.name + ".part")
-    plain.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    partial.replace(out_dir)
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:

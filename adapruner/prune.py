@@ -42,14 +42,18 @@ def slice_linear(linear: nn.Linear, index: torch.Tensor, columns: bool) -> nn.Li
     return new
 
 
-def _copy_except_sliced(model: nn.Module, structure, plan: PruningPlan) -> nn.Module:
-    """A deep copy that does not copy the weights about to be replaced by sliced ones.
+def _copy_except_sliced(model: nn.Module, structure, plan: PruningPlan, share_unchanged: bool) -> nn.Module:
+    """A deep copy of ``model``'s modules that does not copy the weights about to be replaced by sliced ones.
 
-    The copy's untouched modules own fresh tensors (so fine-tuning it can never write into
-    ``model``); the projections that will be sliced briefly share the original's tensors, which
-    slicing then replaces with new ones.
+    The projections that will be sliced briefly share the original's tensors, which slicing then
+    replaces with new ones. Every other tensor is copied (so fine-tuning the copy can never write into
+    ``model``), or with ``share_unchanged`` shared: embeddings, norms and uncut projections are then
+    ``model``'s own, which saves their bytes and the time to copy them (a trial that only scores the
+    plan needs no copy of them). Tensors are copied or sliced where they are, on ``model``'s device.
     """
     memo: dict[int, object] = {}
+    if share_unchanged:
+        memo |= {id(t): t for t in (*model.parameters(), *model.buffers())}
     for i, (layer, shape, lp) in enumerate(zip(decoder_layers(model), structure.layers, plan.layers, strict=True)):
         if i in plan.dropped:  # shared, then taken out of the copy's stack
             memo[id(layer)] = layer
@@ -63,11 +67,17 @@ def _copy_except_sliced(model: nn.Module, structure, plan: PruningPlan) -> nn.Mo
     return copy.deepcopy(model, memo)
 
 
-def prune_model(model: nn.Module, plan: PruningPlan, inplace: bool = False) -> nn.Module:
-    """Apply ``plan`` to a copy of ``model`` (or to ``model`` itself with ``inplace=True``)."""
+def prune_model(model: nn.Module, plan: PruningPlan, inplace: bool = False,
+                share_unchanged: bool = False) -> nn.Module:
+    """Apply ``plan`` to a copy of ``model`` (or to ``model`` itself with ``inplace=True``).
+
+    ``share_unchanged=True`` makes a copy that shares with ``model`` every tensor the plan does not cut
+    (see :func:`_copy_except_sliced`): for scoring a plan, or repairing its cut projections (which are
+    the copy's own), never for training or editing the copy's other weights in place.
+    """
     structure = model_structure(model)
     check_plan(structure, plan)
-    pruned = model if inplace else _copy_except_sliced(model, structure, plan)
+    pruned = model if inplace else _copy_except_sliced(model, structure, plan, share_unchanged)
     for i, (layer, shape, lp) in enumerate(zip(decoder_layers(pruned), structure.layers, plan.layers, strict=True)):
         if i in plan.dropped:
             continue

@@ -158,6 +158,7 @@ class PruningSession:
         stats.meta |= {"model": self.model_name, "pool": self.pool.content_hash}
         if self.cache_statistics:
             stats.save(path)
+            return PoolStatistics.load(path)  # memory-mapped: the rows a trial reads, not the whole table
         return stats
 
     def _cache_path(self, kind: str, suffix: str = "") -> Path:

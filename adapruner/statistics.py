@@ -37,7 +37,12 @@ from .cache import save_tensors
 from .errors import AdaPrunerError, OnStep
 from .structure import COLUMN_MODULES, decoder_layers, layer_linears, model_structure
 
-FORMAT_VERSION = 2  # bump when the stored statistics change, so stale cache files are not read
+FORMAT_VERSION = 3  # bump when the stored statistics change, so stale cache files are not read (3: bf16 rows)
+# The per-unit rows (Taylor terms, activation moments) are stored in bfloat16: half of fp32's bytes, and the
+# importance of a subset (its rows summed in fp32) ranks units as fp32 rows do, to a Spearman correlation of
+# 0.99999 or more, with 99.8-99.95% of a 20% plan's removed units the same (bench/stats_dtype.py,
+# docs/results.md). float16 is no option: its range overflows act_sq and flushes small Taylor terms to zero.
+STORED_DTYPE = torch.bfloat16
 EXACT_TAYLOR_VERSION = 2  # bump when taylor_first_exact's arithmetic changes (2: float16 products in float32)
 # Input activations we track, by the module that reads them (q/k/v share one input, gate/up another).
 ACTIVATION_INPUTS = {"q_proj": "attn_in", "o_proj": "o_in", "gate_proj": "mlp_in", "down_proj": "down_in"}
@@ -79,6 +84,11 @@ class PoolStatistics:
     ``taylor[(layer, module)]`` is ``[N, 3, units]`` (terms in :data:`TAYLOR_TERMS` order);
     ``act_sum`` / ``act_sq`` map ``(layer, input_name)`` to ``[N, channels]``; ``layer_cos`` is
     ``[N, layers]``; ``embedding`` is ``[N, hidden]``; every window has ``tokens`` tokens.
+
+    The per-unit tables hold :data:`STORED_DTYPE` rows (``layer_cos`` and ``embedding``, small, stay fp32);
+    :meth:`subset` sums them in fp32. Loaded from a file, every table is memory-mapped (safetensors >= 0.8
+    maps the file instead of reading it): a trial reads only its subset's rows, and workers on one machine
+    share one copy in the page cache.
     """
 
     taylor: dict[tuple[int, str], torch.Tensor]
@@ -96,10 +106,11 @@ class PoolStatistics:
     def subset(self, indices: Sequence[int]) -> SubsetStatistics:
         """The statistics of a subset of the pool: sums over its samples."""
         idx = check_subset(indices, self.n_samples)
-        pick = lambda table: {k: v.index_select(0, idx).sum(0) for k, v in table.items()}  # noqa: E731
+        # rows as stored (possibly 16-bit), summed in fp32
+        pick = lambda table: {k: v.index_select(0, idx).sum(0, dtype=torch.float32) for k, v in table.items()}  # noqa: E731
         return SubsetStatistics(
             taylor=pick(self.taylor), act_sum=pick(self.act_sum), act_sq=pick(self.act_sq),
-            layer_cos=self.layer_cos.index_select(0, idx).sum(0) / (idx.numel() * self.tokens),
+            layer_cos=self.layer_cos.index_select(0, idx).sum(0, dtype=torch.float32) / (idx.numel() * self.tokens),
             tokens=idx.numel() * self.tokens,
         )
 
@@ -203,10 +214,11 @@ def _grad_only_on_projections(model: nn.Module) -> dict[nn.Parameter, bool]:
 
 
 def collect_statistics(model: nn.Module, windows: torch.Tensor, progress: bool = True,
-                       on_step: OnStep | None = None) -> PoolStatistics:
+                       on_step: OnStep | None = None, dtype: torch.dtype = STORED_DTYPE) -> PoolStatistics:
     """One forward and backward per pool window (``[N, seq_len]``), reduced to per-sample statistics.
 
-    Runs on the model's device with fp32 accumulators and ``use_cache=False``; the model's weights
+    Runs on the model's device with fp32 accumulators and ``use_cache=False``, each sample's per-unit
+    rows rounded once to ``dtype`` as they are stored (see :data:`STORED_DTYPE`); the model's weights
     are left untouched and its gradients cleared. ``on_step("pool statistics", done, total)`` is
     called before each sample (and may raise :class:`~adapruner.errors.Stopped`).
     """
@@ -214,7 +226,7 @@ def collect_statistics(model: nn.Module, windows: torch.Tensor, progress: bool =
     device = next(model.parameters()).device
     n = windows.shape[0]
     taylor = {
-        (i, m): torch.zeros(n, 3, unit_count(lin, m))
+        (i, m): torch.zeros(n, 3, unit_count(lin, m), dtype=dtype)
         for i, layer in enumerate(decoder_layers(model)) for m, lin in layer_linears(layer).items()
     }
     act_sum: dict[tuple[int, str], torch.Tensor] = {}
@@ -237,8 +249,9 @@ def collect_statistics(model: nn.Module, windows: torch.Tensor, progress: bool =
                 for m, linear in layer_linears(layer).items():
                     taylor[(i, m)][s] = unit_taylor_terms(linear, m).cpu()
             for key in recorder.sums:
-                act_sum.setdefault(key, torch.zeros(n, recorder.sums[key].numel()))[s] = recorder.sums[key].cpu()
-                act_sq.setdefault(key, torch.zeros(n, recorder.squares[key].numel()))[s] = recorder.squares[key].cpu()
+                width = recorder.sums[key].numel()
+                act_sum.setdefault(key, torch.zeros(n, width, dtype=dtype))[s] = recorder.sums[key].cpu()
+                act_sq.setdefault(key, torch.zeros(n, width, dtype=dtype))[s] = recorder.squares[key].cpu()
             layer_cos[s] = torch.stack([recorder.cos[i] for i in range(len(structure.layers))]).cpu()
             embedding[s] = recorder.embedding.cpu()
     finally:

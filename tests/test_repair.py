@@ -136,6 +136,21 @@ def test_sequential_repair_fits_the_first_cut_layer_as_the_pool_does_and_leaves_
                for p, d in zip(decoder_layers(sequential), decoder_layers(dense), strict=True))
 
 
+@pytest.mark.parametrize("mode", ["pool", "sequential"])
+def test_repairing_a_copy_that_shares_the_uncut_weights_leaves_the_dense_model(mode):
+    """A trial prunes with share_unchanged and may repair: the repair writes only what the copy owns."""
+    dense = make_tiny_model("qwen2")
+    before = {k: v.clone() for k, v in dense.state_dict().items()}
+    plan = cut_plan(dense, layers={0, 2})
+    shared, full = prune_model(dense, plan, share_unchanged=True), prune_model(dense, plan)
+    if mode == "pool":
+        grams = collect_grams(dense, WINDOWS, progress=False)
+        shared, full = (repair_pruned(m, dense, plan, grams, 1e-3) for m in (shared, full))
+    else:
+        shared, full = (repair_sequential(m, dense, plan, WINDOWS, 1e-3) for m in (shared, full))
+    assert all(torch.equal(before[k], v) for k, v in dense.state_dict().items())
+    assert torch.equal(logits(shared), logits(full))
+
 def test_a_config_stored_before_repair_existed_is_not_repaired():
     config = PruneConfig.from_dict({"mixture": {"weights": {"wanda_sp": 1.0}, "aggregation": "sum", "seed": 0},
                                     "subset": [0, 1], "allocation": {"first": 0, "last": 0, "strength": 0.0,

@@ -436,11 +436,11 @@ def one_trial_out_of_memory(session, tmp_path, monkeypatch):
     calls, freed = {"n": 0}, []
     original = objective.prune_model
 
-    def prune(model, plan):
+    def prune(model, plan, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return original(model, plan)
+        return original(model, plan, **kwargs)
 
     monkeypatch.setattr(objective, "prune_model", prune)
     monkeypatch.setattr(objective, "free_device_memory", lambda: freed.append(calls["n"]))

@@ -162,6 +162,36 @@ def test_pruned_copy_shares_no_tensor_with_the_original():
         assert torch.equal(logits(model), before)
 
 
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_a_shared_copy_scores_as_the_full_copy_and_owns_only_what_it_cuts(name):
+    model = arch(name)
+    structure = model_structure(model)
+    plan = random_plan(model, seed=5)
+    whole = LayerPlan(tuple(range(structure.layers[1].n_groups)), tuple(range(structure.layers[1].n_channels)))
+    plan = PruningPlan(plan.layers[:1] + (whole,) + plan.layers[2:], plan.removed_params, plan.total_params)
+    full, shared = prune_model(model, plan), prune_model(model, plan, share_unchanged=True)
+    assert torch.equal(logits(shared), logits(full))
+    originals = {p.data_ptr() for p in model.parameters()}
+    assert shared.model.embed_tokens.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert shared.model.norm.weight.data_ptr() in originals
+    assert all(p.data_ptr() in originals for p in decoder_layers(shared)[1].parameters())  # layer 1 is not cut
+    for layer in (0, 2):
+        for linear in layer_linears(decoder_layers(shared)[layer]).values():
+            assert linear.weight.data_ptr() not in originals
+    assert decoder_layers(shared)[1] is not decoder_layers(model)[1]  # modules are the copy's own
+    assert len(decoder_layers(model)[0].mlp.gate_proj.weight) == structure.layers[0].n_channels
+
+
+def test_the_pruned_copy_is_built_where_the_model_is():
+    """No round trip through the CPU: a model on the meta device (no memory at all) prunes into one."""
+    model = arch("llama").to("meta")
+    for share in (False, True):
+        pruned = prune_model(model, random_plan(model, seed=2), share_unchanged=share)
+        assert {p.device.type for p in pruned.parameters()} == {"meta"}
+        assert decoder_layers(pruned)[0].mlp.down_proj.weight.shape[1] < model_structure(model).layers[0].n_channels
+
+
 LOAD_WITHOUT_ADAPRUNER = r"""
 import importlib.abc, sys, torch
 class NoAdaPruner(importlib.abc.MetaPathFinder):

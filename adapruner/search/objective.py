@@ -151,7 +151,7 @@ class Objective:
             with phase("plan"):
                 plan = self.session.plan(config, self.target, scores)
             with phase("prune"):
-                pruned = prune_model(self.session.model, plan)
+                pruned = prune_model(self.session.model, plan, share_unchanged=True)  # scored, then dropped
             if config.repair.enabled:
                 with phase("repair"):
                     pruned = self.session.repair(pruned, plan, config.repair)
