@@ -7,7 +7,7 @@ fix-ups (its tensor processor: Llama's q/k permutation reversed) and name map, a
 safetensors shard of at most ``shard_bytes``; a full shard is written and freed before the next one
 fills. A tensor is de-quantised a block of rows at a time into its fp32 array, and the GGUF file is
 memory-mapped, so the conversion holds the file's metadata (the tokenizer's vocabulary), one shard
-and the largest tensor, whatever the model's size (``bench/gguf.py``, docs/results.md).
+and the largest tensor, whatever the model's size (``bench/gguf_memory.py``, docs/results.md).
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ each shape, on this machine's device:
 - the cached statistics as a job keeps them: bf16 rows, written to the cache and memory-mapped;
 - what a job computes once for all its trials (the weight-only unit statistics), apart from the trials;
 - two trials of the default search space (importance from the mapped statistics, plan, pruned copy that
-  shares what it does not cut, evaluation of the validation windows), as the objective runs them: each
+  shares what it does not cut, evaluation of the validation windows: a job's default, 32 of each of its
+  two sources, ``--sources`` and ``--val-windows`` to change them), as the objective runs them: each
   phase's seconds of the second trial, each trial's time over one more evaluation pass of its pruned
   model (target <= 1.3), and the second trial's peak memory above the dense model.
 
@@ -41,6 +42,7 @@ from adapruner.importance import Mixture
 from adapruner.inference_cost import PeakMemory
 from adapruner.models import builtin_checkpoint
 from adapruner.prune import prune_model
+from adapruner.search.job import SearchJob
 from adapruner.search.space import DEFAULT_METRICS
 from adapruner.session import PruneConfig, PruningSession
 from adapruner.statistics import PoolStatistics, collect_statistics
@@ -73,7 +75,7 @@ def random_model(shape: str, dtype: torch.dtype, device: torch.device) -> torch.
     return model.eval()
 
 
-def measure(shape: str, args, tokenizer, source) -> dict:
+def measure(shape: str, args, tokenizer, sources) -> dict:
     device, dtype = resolve_device(args.device), None
     dtype = resolve_dtype(args.dtype, device)
     start = time.perf_counter()
@@ -81,8 +83,9 @@ def measure(shape: str, args, tokenizer, source) -> dict:
     built = time.perf_counter() - start
     params = sum(p.numel() for p in model.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    pool = build_pool(tokenizer, [(source, args.samples)], args.seq_len)
-    session = PruningSession(model, tokenizer, pool, [source], max_eval_windows={"validation": args.val_windows},
+    shares = [args.samples // len(sources) + (i < args.samples % len(sources)) for i in range(len(sources))]
+    pool = build_pool(tokenizer, list(zip(sources, shares, strict=True)), args.seq_len)
+    session = PruningSession(model, tokenizer, pool, sources, max_eval_windows={"validation": args.val_windows},
                              progress=False, cache_statistics=False)
     # -- the bound: one plain forward and backward of one sample (weights + their gradients + its activations)
     memory = PeakMemory(device)
@@ -163,20 +166,25 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--samples", type=int, default=2, help="pool samples in the statistics pass")
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--val-windows", type=int, default=32, help="as a job validates per source")
+    parser.add_argument("--sources", default=",".join(SearchJob.calibration),
+                        help="calibration and validation texts (default: a job's)")
+    parser.add_argument("--val-windows", type=int, default=SearchJob.val_windows, help="per source, as a job's")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--ratio", type=float, default=0.2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default="runs/scale.json")
+    parser.add_argument("--table", action="store_true", help="only print the table of what --json holds")
     args = parser.parse_args()
+    if args.table:
+        return print_table(json.loads(Path(args.json).read_text()), args.batch_size)
     torch.set_num_threads(args.threads)
     tokenizer = AutoTokenizer.from_pretrained(builtin_checkpoint("smollm2-135m"))  # ids < every shape's vocab
-    source = load_source("builtin:books")
+    sources = [load_source(spec) for spec in args.sources.split(",")]
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = json.loads(path.read_text()) if path.is_file() else []
     for shape in args.shapes.split(","):
-        row = measure(shape, args, tokenizer, source)
+        row = measure(shape, args, tokenizer, sources)
         rows = [r for r in rows if (r["shape"], r["dtype"], r["device"]) != (row["shape"], row["dtype"], row["device"])]
         rows.append(row)
         path.write_text(json.dumps(rows, indent=1))
@@ -187,20 +195,36 @@ def main() -> None:
               f"{row['stats_bytes_per_sample'] / 2**20:.2f} MiB/sample ({row['stats_bytes_per_sample_per_unit']:.1f} "
               f"B/unit); trial {sum(row['trial_phases'].values()):.1f}s = {row['trial_over_evaluation']:.2f}x eval "
               f"{row['evaluation_seconds']:.1f}s, +{(row['trial_growth_bytes'] or 0) / gib:.2f} GiB", flush=True)
+    print_table(rows, args.batch_size)
+
+
+def predicted_trial_bytes(row: dict, batch_size: int) -> float:
+    """The trial's memory by the formula: the copy's own tensors, its kept projections (``P_proj - r P``
+    parameters: whatever is cut is cut from projections), and the evaluation's logits twice in fp32 (the
+    logits and their log-softmax), which dominate a batch's activations."""
+    _, dims = SHAPES[row["shape"]]
+    hidden, vocab, layers = dims["hidden_size"], dims["vocab_size"], dims["num_hidden_layers"]
+    shared = vocab * hidden * (1 if dims.get("tie_word_embeddings") else 2) + hidden * (2 * layers + 1)
+    kept_projections = row["pruned_params"] - shared
+    return kept_projections * row["weight_bytes"] / row["params"] + 2 * batch_size * row["seq_len"] * vocab * 4
+
+
+def print_table(rows: list[dict], batch_size: int) -> None:
+    gib = 2**30
     print("\n| shape | dtype | parameters | statistics s/sample | statistics peak (x weights) | peak / bound | "
           "cached MiB/sample | B/sample/unit | once per job s | importance s | plan s | prune s | evaluation s "
-          "| trial / evaluation (first trial) | trial +GiB |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| windows | trial / evaluation (first trial) | trial +GiB (formula) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         p = r["trial_phases"]
         print(f"| {r['shape']} | {r['dtype']} | {r['params'] / 1e9:.2f}B | {r['stats_seconds_per_sample']:.1f} | "
-              f"{r['stats_peak_bytes'] / 2**30:.2f} GiB ({r['stats_peak_over_weights']:.2f}) | "
+              f"{r['stats_peak_bytes'] / gib:.2f} GiB ({r['stats_peak_over_weights']:.2f}) | "
               f"{r['stats_peak_over_bound']:.2f} | "
               f"{r['stats_bytes_per_sample'] / 2**20:.2f} | {r['stats_bytes_per_sample_per_unit']:.1f} | "
               f"{r['once_per_job_seconds']:.1f} | {p['importance']:.2f} | {p['plan']:.2f} | {p['prune']:.2f} | "
-              f"{p['evaluation']:.1f} | {r['trial_over_evaluation']:.2f} ({r['first_trial_over_evaluation']:.2f}) | "
-              f"{(r['trial_growth_bytes'] or 0) / 2**30:.2f} |")
-
+              f"{p['evaluation']:.1f} | {r['val_windows']} | "
+              f"{r['trial_over_evaluation']:.2f} ({r['first_trial_over_evaluation']:.2f}) | "
+              f"{(r['trial_growth_bytes'] or 0) / gib:.2f} ({predicted_trial_bytes(r, batch_size) / gib:.2f}) |")
 
 if __name__ == "__main__":
     main()
