@@ -38,14 +38,16 @@ class _ShardWriter:
     def __init__(self, folder: Path, shard_bytes: int):
         self.folder, self.shard_bytes = folder, shard_bytes
         self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
         self.shards: list[list[str]] = []
         self.total = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         size = tensor.numel() * tensor.element_size()
-        if self.pending and sum(t.numel() * t.element_size() for t in self.pending.values()) + size > self.shard_bytes:
+        if self.pending and self.pending_bytes + size > self.shard_bytes:
             self._flush()
         self.pending[name] = tensor
+        self.pending_bytes += size
         self.total += size
 
     def _flush(self) -> None:
@@ -53,7 +55,7 @@ class _ShardWriter:
 
         save_file(self.pending, self.folder / f"shard-{len(self.shards)}.safetensors", metadata={"format": "pt"})
         self.shards.append(list(self.pending))
-        self.pending = {}
+        self.pending, self.pending_bytes = {}, 0
 
     def close(self) -> list[str]:
         """Write the last shard, name the shards as transformers does, write the index; the tensors' names."""
