@@ -39,7 +39,7 @@ with non-negative weights.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -130,12 +130,22 @@ class WeightSummary:
         l1, l2 = {}, {}
         for i, layer in enumerate(decoder_layers(model)):
             for module, linear in layer_linears(layer).items():
-                weight = linear.weight.detach().float()
-                dim = 0 if module in COLUMN_MODULES else 1
-                l1[(i, module)], l2[(i, module)] = weight.abs().sum(dim), weight.square().sum(dim)
-                if linear.bias is not None and module not in COLUMN_MODULES:
-                    l1[(i, module)] += linear.bias.detach().float().abs()
-                    l2[(i, module)] += linear.bias.detach().float().square()
+                weight = linear.weight.detach()
+                if module in COLUMN_MODULES:  # a column's sums: over every block of rows
+                    l1[(i, module)] = torch.zeros(weight.shape[1], device=weight.device)
+                    l2[(i, module)] = torch.zeros(weight.shape[1], device=weight.device)
+                    for _, block in _float_row_blocks(weight):
+                        l1[(i, module)] += block.abs().sum(0)
+                        l2[(i, module)] += block.square().sum(0)
+                else:
+                    l1[(i, module)] = torch.empty(weight.shape[0], device=weight.device)
+                    l2[(i, module)] = torch.empty(weight.shape[0], device=weight.device)
+                    for start, block in _float_row_blocks(weight):
+                        torch.sum(block.abs(), 1, out=l1[(i, module)][start : start + len(block)])
+                        torch.sum(block.square(), 1, out=l2[(i, module)][start : start + len(block)])
+                    if linear.bias is not None:
+                        l1[(i, module)] += linear.bias.detach().float().abs()
+                        l2[(i, module)] += linear.bias.detach().float().square()
         return cls({k: v.cpu() for k, v in l1.items()}, {k: v.cpu() for k, v in l2.items()})
 
 
@@ -165,17 +175,23 @@ def _wanda_sp(linear, module, layer, stats, weights):
     return _abs_matvec(linear.weight.detach(), norm).cpu()
 
 
-def _abs_matvec(weight: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
-    """``|W| @ v`` in fp32. On the CPU a block of rows at a time: each block's ``|W|`` and fp32 copies stay
-    in the cache instead of being written out for the whole matrix (4-6x faster on 2 cores, measured on a
-    3B model's 8192 x 3072 projections, with the same result)."""
-    vector = vector.to(weight.device)
-    if weight.device.type != "cpu":
-        return weight.abs().float() @ vector
-    rows = max(1, 2**18 // weight.shape[1])
-    out = torch.empty(weight.shape[0])
+def _float_row_blocks(weight: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(first row, rows in fp32)`` of ``weight``. On the CPU a block of 2^18 numbers at a time: a block's
+    fp32 copy and what is computed from it stay in the cache instead of being written out for the whole
+    matrix (on 2 cores and a 3B model's projections in bf16, 4-6x faster for ``|W| @ v`` and 7x for the
+    weight sums, with the same results); elsewhere the whole matrix at once. A block may be ``weight`` itself
+    (fp32): never write to it."""
+    rows = max(1, 2**18 // weight.shape[1]) if weight.device.type == "cpu" else weight.shape[0]
     for start in range(0, weight.shape[0], rows):
-        torch.mv(weight[start : start + rows].abs().float(), vector, out=out[start : start + rows])
+        yield start, weight[start : start + rows].float()
+
+
+def _abs_matvec(weight: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+    """``|W| @ v`` in fp32."""
+    vector = vector.to(weight.device)
+    out = torch.empty(weight.shape[0], device=weight.device)
+    for start, block in _float_row_blocks(weight):
+        torch.mv(block.abs(), vector, out=out[start : start + len(block)])
     return out
 
 

@@ -5,7 +5,7 @@ import torch
 from helpers import make_tiny_model
 
 from adapruner.errors import AdaPrunerError
-from adapruner.importance import DECOMPOSABLE, METRICS, Mixture, metric_scores, subset_importance
+from adapruner.importance import DECOMPOSABLE, METRICS, Mixture, WeightSummary, metric_scores, subset_importance
 from adapruner.statistics import STORED_DTYPE, PoolStatistics, collect_statistics, taylor_first_exact
 from adapruner.structure import decoder_layers, layer_linears, model_structure
 
@@ -240,6 +240,22 @@ def _find_all(data: bytes, needle: bytes):
     while at >= 0:
         yield at
         at = data.find(needle, at + 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_summary_over_blocks_of_rows_equals_whole_matrix_sums(dtype):
+    # 600 x 512 and 512 x 600 projections: the CPU goes over them in several blocks of rows
+    model = make_tiny_model("qwen2", hidden_size=512, intermediate_size=600, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=128, num_hidden_layers=1).to(dtype)
+    summary = WeightSummary.of(model)
+    for module, linear in layer_linears(decoder_layers(model)[0]).items():
+        weight, dim = linear.weight.detach().double(), 0 if module in ("o_proj", "down_proj") else 1
+        l1, l2 = weight.abs().sum(dim), weight.square().sum(dim)
+        if linear.bias is not None:
+            l1, l2 = l1 + linear.bias.detach().double().abs(), l2 + linear.bias.detach().double().square()
+        assert summary.l1[(0, module)].dtype == torch.float32
+        torch.testing.assert_close(summary.l1[(0, module)].double(), l1, rtol=1e-5, atol=0)
+        torch.testing.assert_close(summary.l2[(0, module)].double(), l2, rtol=1e-5, atol=0)
 
 
 def test_mixture_is_normalised_weighted_sum(setup):
