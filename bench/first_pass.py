@@ -30,7 +30,7 @@ def child(args) -> None:
 
     from adapruner.device import resolve_device, resolve_dtype
     from adapruner.evaluate import window_losses
-    from adapruner.importance import GroupScores
+    from adapruner.importance import metric_scores
     from adapruner.plan import make_plan
     from adapruner.prune import prune_model
     from adapruner.structure import model_structure
@@ -44,10 +44,8 @@ def child(args) -> None:
     structure = model_structure(model)
     windows = torch.randint(0, 49152, (args.windows, 128), generator=torch.Generator().manual_seed(0))
     for rep in range(args.reps):
-        generator = torch.Generator().manual_seed(rep)  # a different plan each trial, the same in both processes
-        scores = GroupScores([torch.rand(s.n_groups, generator=generator) for s in structure.layers],
-                             [torch.rand(s.n_channels, generator=generator) for s in structure.layers])
-        plan = make_plan(structure, scores, args.ratio)
+        # a different plan each trial, the same in both processes
+        plan = make_plan(structure, metric_scores(model, structure.layers, "random", seed=rep), args.ratio)
         start = time.perf_counter()
         pruned = prune_model(model, plan, share_unchanged=True)
         prune = time.perf_counter() - start
