@@ -187,7 +187,7 @@ def ratio_list(text: str) -> tuple[float | int, ...]:
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
-    from .plan import LLM_PRUNER_LAYERS
+    from .plan import LLM_PRUNER_LAYERS, SCOPES
     from .repair import REPAIR_MODES, Repair
 
     p.add_argument("--ratio", type=ratio_or_count, default=0.2,
@@ -201,16 +201,24 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strength", type=float, default=0.5, help="adaptive allocation strength in [0, 1]")
     p.add_argument("--attn-share", type=float, default=None,
                    help="share of each layer's budget taken from attention groups (default: proportional)")
+    p.add_argument("--scope", choices=SCOPES, default="layer",
+                   help="layer: a budget per layer, as --allocation spreads it; global: one ranking of every group and "
+                   "channel of the pruned layers, FLAP's (use a per-layer standardised metric: flap) "
+                   "(default: %(default)s)")
     p.add_argument("--drop-layers", type=not_negative(int, "--drop-layers"), default=0,
                    help="remove this many whole decoder layers, those that change their input least "
                    "(ShortGPT's block influence); the rest of the target comes from width (default: %(default)s)")
     add_channel_multiple_arg(p)
     p.add_argument("--repair", choices=REPAIR_MODES, default=Repair.mode,
-                   help="re-fit the kept o_proj/down_proj columns by least squares after the cut: from the pool's "
-                   "Grams (pool) or layer by layer from the pruned model's own activations (sequential) "
+                   help="after the cut, put back what the removed o_proj/down_proj columns contributed: their mean as "
+                   "a bias (bias, FLAP's), or predicted from the kept columns by ridge regression on the repair "
+                   "windows' moments (pool) or layer by layer on the pruned model's own activations (sequential) "
                    "(default: %(default)s)")
     p.add_argument("--ridge", type=positive(float, "--ridge"), default=Repair.ridge,
-                   help="the repair's ridge, relative to the Gram's mean diagonal (default: %(default)s)")
+                   help="the repair's ridge, relative to the kept inputs' mean variance; large: the bias alone "
+                   "(default: kept columns per repair token)")
+    p.add_argument("--repair-windows", type=positive(int, "--repair-windows"), default=256,
+                   help="windows of each calibration source the repair's moments come from (default: %(default)s)")
     p.add_argument("--seq-len", type=int, default=128, help="calibration and evaluation window (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval", action="append", metavar="SOURCE",
@@ -278,14 +286,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.incremental and repair.enabled:
         raise AdaPrunerError("--repair is not applied by --incremental; leave it off")
     allocation = replace(Allocation.named(args.allocation, *args.layers, strength=args.strength,
-                                          attn_share=args.attn_share), drop_layers=args.drop_layers)
+                                          attn_share=args.attn_share), drop_layers=args.drop_layers, scope=args.scope)
     if args.incremental and allocation.drop_layers:
         raise AdaPrunerError("--drop-layers is not applied by --incremental; leave it off")
     calib = args.calib or ["builtin:books:10"]
     session = PruningSession.open(args.model, calib, args.eval, pool_size=args.pool_size, seq_len=args.seq_len,
                                   seed=args.seed, device=args.device, dtype=args.dtype,
                                   trust_remote_code=args.trust_remote_code, max_eval_windows=args.max_windows or None,
-                                  batch_size=args.batch_size, channel_multiple=args.channel_multiple)
+                                  batch_size=args.batch_size, channel_multiple=args.channel_multiple,
+                                  repair_windows=args.repair_windows)
     config = PruneConfig(mixture, tuple(range(len(session.pool))), allocation, repair)
     before = session.structure.total_params
     if args.incremental:
@@ -378,14 +387,18 @@ def cmd_search(args: argparse.Namespace) -> int:
     space = SearchSpace(
         metrics=tuple(args.metrics.split(",")) if args.metrics else SearchSpace.metrics,
         calibration=args.calibration, subset_size=args.subset_size, n_clusters=args.clusters,
-        repairs=tuple(args.repairs.split(",")), depth=args.depth, fixed=dict(args.fix or []),
+        repairs=tuple(args.repairs.split(",")), scopes=tuple(args.scopes.split(",")),
+        scores=tuple(args.scores.split(",")), depth=args.depth,
+        fixed=dict(args.fix or []),
     )
     job = SearchJob(
         model=args.model, calibration=tuple(args.calib or SearchJob.calibration), evaluation=tuple(args.eval or ()),
         heldout=parse_heldout(args.heldout),
         ratio=args.ratio[0], trials=args.trials, sampler=args.sampler, pruner=args.pruner, seed=args.seed,
         pool_size=args.pool_size, seq_len=args.seq_len, val_windows=args.val_windows, test_windows=args.test_windows,
-        baselines=tuple(b for b in args.baselines.split(",") if b), space=space,
+        baselines=tuple(b for b in args.baselines.split(",") if b), baseline_draws=args.baseline_draws, space=space,
+        start=args.start, repair_windows=args.repair_windows, finalists=args.finalists,
+        selection_windows=args.selection_windows,
         channel_multiple=args.channel_multiple,
         recover=LoRA(steps=args.lora_steps, r=args.lora_r, lr=args.lr, seed=args.seed) if args.lora_steps else None,
         tasks=tuple(args.tasks or ()), task_limit=args.task_limit, export_dtype=args.export_dtype,
@@ -545,8 +558,18 @@ def build_parser(add_commands: Callable[[argparse._SubParsersAction], None] | No
     p.set_defaults(func=cmd_finetune)
 
     from .finetune import LoRA
+    from .plan import SCOPES
     from .repair import REPAIR_MODES
-    from .search import BASELINES, CALIBRATION_MODES, DEFAULT_BASELINES, PRUNERS, SAMPLERS, SearchJob, SearchSpace
+    from .search import (
+        BASELINES,
+        CALIBRATION_MODES,
+        DEFAULT_BASELINES,
+        PRUNERS,
+        SAMPLERS,
+        STARTS,
+        SearchJob,
+        SearchSpace,
+    )
 
     p = sub.add_parser("search", help="Bayesian-optimization search for the best pruning configuration")
     add_model_args(p)
@@ -554,7 +577,7 @@ def build_parser(add_commands: Callable[[argparse._SubParsersAction], None] | No
                    help="share of ALL parameters to remove, in (0, 1), or a parameter count; several, comma-separated, "
                    f"run one study per target and report the trade-off (default: {SearchJob.ratio})")
     p.add_argument("--trials", type=positive(int, "--trials"), default=SearchJob.trials,
-                   help="finished trials in the study, baselines included (default: %(default)s)")
+                   help="searched trials to finish; the baselines run besides them (default: %(default)s)")
     p.add_argument("--sampler", choices=SAMPLERS, default=SearchJob.sampler)
     p.add_argument("--pruner", choices=PRUNERS, default=SearchJob.pruner, help="early stopping (default: %(default)s)")
     p.add_argument("--storage", default="sqlite:///runs/adapruner.db",
@@ -576,6 +599,22 @@ def build_parser(add_commands: Callable[[argparse._SubParsersAction], None] | No
     p.add_argument("--seed", type=int, default=SearchJob.seed)
     p.add_argument("--baselines", default=",".join(DEFAULT_BASELINES),
                    help=f"comma-separated, from {', '.join(BASELINES)}; empty for none (default: %(default)s)")
+    p.add_argument("--baseline-draws", type=positive(int, "--baseline-draws"), default=SearchJob.baseline_draws,
+                   help="calibration draws of each baseline that samples its calibration at random; margins are "
+                   "against their mean (default: %(default)s)")
+    p.add_argument("--start", choices=STARTS, default=SearchJob.start,
+                   help="first searched trials: random (TPE's start-up), informed (LLM-Pruner's and FLAP's "
+                   "configurations, the shipped priors) or warm (also earlier studies in the storage that never saw "
+                   "the held-out sources) (default: %(default)s)")
+    p.add_argument("--repair-windows", type=positive(int, "--repair-windows"), default=SearchJob.repair_windows,
+                   help="windows of each calibration source the repair's input moments come from "
+                   "(default: %(default)s)")
+    p.add_argument("--finalists", type=positive(int, "--finalists"), default=SearchJob.finalists,
+                   help="best trials by validation re-scored on more validation windows before the final choice "
+                   "(default: %(default)s)")
+    p.add_argument("--selection-windows", type=not_negative(int, "--selection-windows"),
+                   default=SearchJob.selection_windows,
+                   help="validation windows per source added for that re-scoring (default: %(default)s)")
     p.add_argument("--metrics", default=None, help="metrics the mixture may use, comma-separated")
     p.add_argument("--calibration", choices=CALIBRATION_MODES, default=SearchSpace.calibration,
                    help="how subsets are searched (default: %(default)s)")
@@ -584,11 +623,18 @@ def build_parser(add_commands: Callable[[argparse._SubParsersAction], None] | No
     p.add_argument("--repairs", default=",".join(SearchSpace.repairs),
                    help=f"repair modes the search may choose, comma-separated, from {', '.join(REPAIR_MODES)} "
                    "(default: %(default)s)")
+    p.add_argument("--scores", default=",".join(SearchSpace.scores),
+                   help="importance the search may choose, comma-separated: mixture (of --metrics), flap (FLAP's "
+                   "standardised score) (default: %(default)s)")
+    p.add_argument("--scopes", default=",".join(SearchSpace.scopes),
+                   help=f"allocation scopes the search may choose, comma-separated, from {', '.join(SCOPES)}: a budget "
+                   "per layer, or one ranking of every unit (FLAP's) (default: %(default)s)")
     p.add_argument("--no-measure", action="store_false", dest="measure_cost",
                    help="skip measuring the speed and memory of the unpruned model, the baselines and the best")
-    p.add_argument("--depth", action="store_true",
-                   help="also search how many whole decoder layers to drop (0 .. a quarter of them); "
-                   "--fix drop_layers=N drops N in every trial")
+    p.add_argument("--depth", action=argparse.BooleanOptionalAction, default=SearchSpace.depth,
+                   help="also search how many whole decoder layers to drop (0 .. a quarter of them, as far as the "
+                   "target pays); --no-depth for width only; --fix drop_layers=N drops N in every trial "
+                   "(default: on)")
     add_channel_multiple_arg(p)
     p.add_argument("--fix", type=parse_fixed, action="append", metavar="NAME=VALUE",
                    help="fix a search parameter, e.g. aggregation=sum or strength=0; repeatable")

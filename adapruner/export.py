@@ -55,8 +55,8 @@ def save_pruned(
     if info:
         config.adapruner = {**config.adapruner, **info}
     sizes = config.adapruner["layers"]
-    uniform = all(size == sizes[0] for size in sizes)
-    if not uniform:  # the layers differ: ship the class that builds them, for loading without AdaPruner
+    uniform = all(size == sizes[0] for size in sizes) and not config.adapruner.get("output_bias")
+    if not uniform:  # the layers differ (or carry a repair's bias): ship the class that builds them
         pruned_class = PRUNED_CLASSES[config.model_type]
         config.auto_map = {"AutoModelForCausalLM": f"{Path(MODELING_FILE).stem}.{pruned_class.__name__}"}
         shutil.copyfile(modeling_pruned.__file__, folder / MODELING_FILE)

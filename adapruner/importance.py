@@ -28,9 +28,14 @@ columns of query head ``h`` count towards KV group ``h mod n_kv``, although the 
 removes) heads ``g * n_rep .. (g + 1) * n_rep - 1``. It is what makes the ``llm-pruner`` baseline
 choose LLM-Pruner's groups on GQA models; without GQA it equals ``taylor_first``.
 
-Two metrics score groups directly and ignore the aggregation: ``flap_fluctuation`` (FLAP: the
-variance of each input channel of o_proj/down_proj over the calibration tokens times the squared
-norm of its weight column, summed over the group's channels) and ``random``.
+Three metrics score groups directly and ignore the aggregation: ``flap_fluctuation`` (FLAP's
+fluctuation: the variance of each input channel of o_proj/down_proj over the calibration tokens times
+the squared norm of its weight column, summed over the group's channels), ``flap`` (FLAP's own score
+as its code computes it, ``WIFV``: that product, squared for o_proj's columns, standardised over each
+layer's columns (``(s - mean) / std``), then averaged over a group's columns; standardised channel
+scores for the MLP) and ``random``. ``flap``'s scores are comparable across layers and between
+attention and MLP, which is what FLAP's global ranking (:class:`~adapruner.plan.Allocation` ``scope``
+``global``) needs; having mean zero in every layer, it is not mixed with other metrics.
 
 A :class:`Mixture` normalises each metric per layer (scores divided by their layer mean, separately
 for attention groups and MLP channels, so metrics on different scales can be mixed) and adds them
@@ -52,8 +57,11 @@ from .structure import ATTN_MODULES, COLUMN_MODULES, MLP_MODULES, LayerShape, de
 AGGREGATIONS = ("sum", "mean", "max", "prod", "last")
 METRICS = (
     "magnitude_l1", "magnitude_l2", "taylor_first", "taylor_first_persample", "taylor_second",
-    "taylor_vector", "wanda_sp", "flap_fluctuation", "random", "llm_pruner",
+    "taylor_vector", "wanda_sp", "flap_fluctuation", "flap", "random", "llm_pruner", "wanda_sp_sequential",
 )
+# Metrics whose scores depend on the plan's per-layer counts (a layer is scored after the layers below it are
+# pruned): computed by a pass of their own (:mod:`adapruner.wanda_sp`), never mixed.
+PLAN_DEPENDENT = ("wanda_sp_sequential",)
 # Metrics that need LLM-Pruner's exact element-wise Taylor: a backward pass over the subset per trial,
 # in the dtype named here (None: the model's). LLM-Pruner's llama3.py loads the model in float16 and
 # backpropagates in it, and that changes which groups it removes (docs/results.md).
@@ -62,7 +70,7 @@ EXACT_TAYLOR_METRICS = tuple(EXACT_TAYLOR_DTYPES)
 # Metrics whose value for a subset is assembled from per-sample statistics (no backward per trial).
 DECOMPOSABLE = tuple(m for m in METRICS if m not in EXACT_TAYLOR_METRICS)
 GRADIENT_METRICS = ("taylor_first", "taylor_first_persample", "taylor_second", "taylor_vector", "llm_pruner")
-ACTIVATION_METRICS = ("wanda_sp", "flap_fluctuation")
+ACTIVATION_METRICS = ("wanda_sp", "flap_fluctuation", "flap")
 
 
 @dataclass
@@ -71,6 +79,11 @@ class GroupScores:
 
     attn: list[torch.Tensor]
     mlp: list[torch.Tensor]
+
+    def normalised(self) -> GroupScores:
+        """Each layer's attention and MLP scores divided by their layer mean (as a :class:`Mixture` puts metrics on
+        one scale): comparable across layers and between attention and MLP, for a global ranking."""
+        return GroupScores([_normalise(a) for a in self.attn], [_normalise(m) for m in self.mlp])
 
 
 @dataclass
@@ -89,6 +102,12 @@ class Mixture:
             raise AdaPrunerError("importance metric weights must be non-negative")
         if not any(w > 0 for w in self.weights.values()):
             raise AdaPrunerError("at least one importance metric needs a positive weight")
+        if "flap" in self.active and len(self.active) > 1:
+            raise AdaPrunerError("metric 'flap' (standardised, mean zero in every layer) is not mixed with other "
+                                 "metrics: mix flap_fluctuation instead")
+        if self.plan_dependent and len(self.active) > 1:
+            raise AdaPrunerError(f"metric {self.plan_dependent!r} is computed with its plan and is not mixed with "
+                                 "other metrics")
         if self.aggregation not in AGGREGATIONS:
             raise AdaPrunerError(f"unknown aggregation {self.aggregation!r} (choose from {', '.join(AGGREGATIONS)})")
 
@@ -99,6 +118,11 @@ class Mixture:
     @property
     def active(self) -> dict[str, float]:
         return {m: w for m, w in self.weights.items() if w > 0}
+
+    @property
+    def plan_dependent(self) -> str | None:
+        """The metric of :data:`PLAN_DEPENDENT` this mixture is, if any."""
+        return next((m for m in self.active if m in PLAN_DEPENDENT), None)
 
     @property
     def needs_backward(self) -> bool:
@@ -268,6 +292,21 @@ def _flap_fluctuation(shapes: Sequence[LayerShape], stats: SubsetStatistics, wei
     return GroupScores(attn, mlp)
 
 
+def _standardise(scores: torch.Tensor) -> torch.Tensor:
+    return (scores - scores.mean()) / scores.std()
+
+
+def _flap_scores(shapes: Sequence[LayerShape], stats: SubsetStatistics, weights: WeightSummary) -> GroupScores:
+    """FLAP's ``WIFV`` with its standardisation (``lib/prune.py``, ``prune_flap``), per KV group on GQA models:
+    a group's score is the mean over its ``n_rep * head_dim`` o_proj columns, where FLAP averages a head's."""
+    attn, mlp = [], []
+    for i, shape in enumerate(shapes):
+        fluctuation = {m: stats.input_variance(i, m) * weights.l2[(i, m)] for m in ("o_proj", "down_proj")}
+        attn.append(_standardise(fluctuation["o_proj"].square()).view(shape.n_groups, -1).mean(1))
+        mlp.append(_standardise(fluctuation["down_proj"]))
+    return GroupScores(attn, mlp)
+
+
 def _random_scores(shapes: Sequence[LayerShape], seed: int) -> GroupScores:
     generator = torch.Generator().manual_seed(seed)
     return GroupScores(
@@ -291,11 +330,15 @@ def metric_scores(
     model's :class:`WeightSummary` (computed here when not given)."""
     if metric == "random":
         return _random_scores(shapes, seed)
+    if metric in PLAN_DEPENDENT:
+        raise AdaPrunerError(f"metric {metric!r} is scored with its plan (adapruner.wanda_sp), not from statistics")
     if metric in DECOMPOSABLE and metric in GRADIENT_METRICS + ACTIVATION_METRICS and stats is None:
         raise AdaPrunerError(f"metric {metric!r} needs calibration statistics")
     weights = weights if weights is not None else WeightSummary.of(model)
     if metric == "flap_fluctuation":
         return _flap_fluctuation(shapes, stats, weights)
+    if metric == "flap":
+        return _flap_scores(shapes, stats, weights)
     if metric in EXACT_TAYLOR_METRICS:
         if exact_taylor is None:
             raise AdaPrunerError(f"metric {metric!r} needs a backward pass over the calibration subset")

@@ -24,8 +24,9 @@ ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 INPUT_SIDE = ("o_proj", "down_proj")  # projections whose input columns pruning removes
 
 
-def resize_layers(model: nn.Module, sizes: list[dict[str, int]]) -> None:
-    """Replace each layer's projections by empty ones of its recorded sizes (the weights come next)."""
+def resize_layers(model: nn.Module, sizes: list[dict[str, int]], output_bias: bool = False) -> None:
+    """Replace each layer's projections by empty ones of its recorded sizes (the weights come next);
+    ``output_bias``: o_proj and down_proj carry a bias (a repair's)."""
     config = model.config
     n_rep = config.num_attention_heads // config.num_key_value_heads
     head_dim = config.head_dim
@@ -37,9 +38,10 @@ def resize_layers(model: nn.Module, sizes: list[dict[str, int]]) -> None:
             block = layer.self_attn if name in ATTENTION else layer.mlp
             linear = getattr(block, name)
             shape = (linear.out_features, width) if name in INPUT_SIDE else (width, linear.in_features)
-            if (linear.out_features, linear.in_features) != shape:
-                setattr(block, name, nn.Linear(shape[1], shape[0], bias=linear.bias is not None,
-                                               device=linear.weight.device, dtype=linear.weight.dtype))
+            bias = linear.bias is not None or (output_bias and name in INPUT_SIDE)
+            if (linear.out_features, linear.in_features) != shape or bias != (linear.bias is not None):
+                setattr(block, name, nn.Linear(shape[1], shape[0], bias=bias, device=linear.weight.device,
+                                               dtype=linear.weight.dtype))
 
 
 class PerLayerSizes:
@@ -47,9 +49,9 @@ class PerLayerSizes:
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
-        sizes = (getattr(config, "adapruner", None) or {}).get("layers")
-        if sizes:
-            resize_layers(self, sizes)
+        recorded = getattr(config, "adapruner", None) or {}
+        if recorded.get("layers"):
+            resize_layers(self, recorded["layers"], bool(recorded.get("output_bias")))
 
 
 class PrunedLlamaForCausalLM(PerLayerSizes, LlamaForCausalLM):

@@ -13,6 +13,12 @@ count. It is spread over layers by an :class:`Allocation`:
 
 All three are points of one :class:`Allocation` (a pruned layer range times adaptive factors).
 
+**Global ranking** (``scope="global"``, FLAP's adaptive structure across layers and modules): no
+per-layer budget at all; every attention group and MLP channel of the pruned layers is ranked by its
+score, and the lowest go until the target is met, each unit costing its parameters. Scores must then be
+comparable across layers and between attention and MLP (FLAP standardises them per layer: the ``flap``
+metric).
+
 **Depth.** An allocation may also remove ``drop_layers`` whole decoder layers (ShortGPT): those whose
 output is most like their input on the calibration samples (highest cosine similarity, i.e. lowest
 block influence ``1 - cos``). Their parameters count towards the target, and the width budget covers
@@ -42,6 +48,7 @@ from .importance import GroupScores
 from .structure import LayerShape, ModelStructure
 
 STRATEGIES = ("uniform", "layer_range", "adaptive")
+SCOPES = ("layer", "global")  # a budget per layer, or one ranking of every unit (see the module docstring)
 
 
 LLM_PRUNER_LAYERS = (4, -2)  # LLM-Pruner prunes layers 4 .. n-2 of Llama's 32: the first 4 and last 2 spared
@@ -62,8 +69,11 @@ class Allocation:
     strength: float = 0.0
     attn_share: float | None = None  # share of each layer's budget taken from attention
     drop_layers: int = 0  # whole decoder layers removed, those of lowest block influence
+    scope: str = "layer"  # "global": rank every unit of the pruned layers together (strength, attn_share unused)
 
     def __post_init__(self) -> None:
+        if self.scope not in SCOPES:
+            raise AdaPrunerError(f"unknown allocation scope {self.scope!r} (choose from {', '.join(SCOPES)})")
         if isinstance(self.drop_layers, bool) or not isinstance(self.drop_layers, int) or self.drop_layers < 0:
             raise AdaPrunerError(f"drop_layers must be an integer >= 0, got {self.drop_layers!r}")
         if not 0.0 <= self.strength <= 1.0:
@@ -254,9 +264,87 @@ def layer_counts(structure: ModelStructure, n_remove: int, allocation: Allocatio
     return counts
 
 
-def _lowest(scores: torch.Tensor, n: int) -> set[int]:
+def global_counts(structure: ModelStructure, scores: GroupScores, n_remove: int, pruned: range,
+                  dropped: Sequence[int] = (), channel_multiple: int = 1) -> list[tuple[int, int]]:
+    """``(attention groups, MLP channels)`` to remove from each layer by one ranking of every unit of the
+    ``pruned`` layers (FLAP's ``AL-AM`` structure): FLAP removes the lowest-scored units up to the point
+    where the parameters removed come closest to the target; the MLP channels ranked next are then removed
+    (or the last removed ones put back) until the target is met within one channel, as every plan is. A
+    layer keeps at least one group and one channel; kept channels are then rounded to ``channel_multiple``
+    (see :func:`layer_counts`) with the rounding carried from layer to layer."""
+    layers = [i for i in pruned if i not in dropped]
+    units = [(float(v), i, 0) for i in layers for v in scores.attn[i].double()] + \
+            [(float(v), i, 1) for i in layers for v in scores.mlp[i].double()]
+    units.sort(key=lambda unit: unit[0])  # stable: ties keep layer order, attention before MLP
+    shapes = structure.layers
+    cost = lambda unit: shapes[unit[1]].group_params if unit[2] == 0 else shapes[unit[1]].channel_params  # noqa: E731
+    spent, best, cut = 0, abs(n_remove), 0
+    for k, unit in enumerate(units):  # FLAP's threshold: the prefix whose cost is closest to the target
+        spent += cost(unit)
+        if abs(n_remove - spent) < best:
+            best, cut = abs(n_remove - spent), k + 1
+    counts = [[0, 0] for _ in shapes]
+    removed = 0
+    for unit in units[:cut]:
+        _, i, kind = unit
+        if counts[i][kind] < (shapes[i].n_groups, shapes[i].n_channels)[kind] - 1:
+            counts[i][kind] += 1
+            removed += cost(unit)
+    for _, i, kind in units[cut:]:  # more channels, lowest first, while a whole channel is still missing
+        if kind == 1 and counts[i][1] < shapes[i].n_channels - 1:
+            if n_remove - removed < shapes[i].channel_params / 2:
+                break
+            counts[i][1] += 1
+            removed += shapes[i].channel_params
+    for _, i, kind in reversed(units[:cut]):  # or fewer, highest first, while a whole channel too many is gone
+        if kind == 1 and counts[i][1] > 0:
+            if removed - n_remove < shapes[i].channel_params / 2:
+                break
+            counts[i][1] -= 1
+            removed -= shapes[i].channel_params
+    return _round_channels(structure, [(g, c) for g, c in counts], channel_multiple)
+
+
+def _round_channels(structure: ModelStructure, counts: list[tuple[int, int]],
+                    channel_multiple: int) -> list[tuple[int, int]]:
+    """``counts`` with each layer's kept channels a multiple of its grid step, the rounding carried on."""
+    if channel_multiple <= 1:
+        return counts
+    rounded, carry = [], 0.0
+    for shape, (groups, channels) in zip(structure.layers, counts, strict=True):
+        step = _grid(shape, channel_multiple)
+        if channels == 0 or step == 1:
+            rounded.append((groups, channels))
+            continue
+        want = channels + carry / shape.channel_params
+        steps = min(max(round(want / step), 0), shape.n_channels // step - 1)
+        carry = (want - steps * step) * shape.channel_params
+        rounded.append((groups, steps * step))
+    return rounded
+
+
+def lowest(scores: torch.Tensor, n: int) -> set[int]:
     # A stable sort breaks ties by index, so plans are reproducible.
     return set(torch.sort(scores.double(), stable=True).indices[:n].tolist())
+
+
+def removal_counts(structure: ModelStructure, target: float | int, allocation: Allocation = Allocation(),
+                   layer_cos: torch.Tensor | None = None, channel_multiple: int = 1,
+                   scores: GroupScores | None = None) -> tuple[tuple[int, ...], list[tuple[int, int]]]:
+    """The layers ``allocation`` drops and ``(groups, channels)`` to remove from each layer; ``scores`` are
+    needed only by the ``global`` scope, whose counts follow from the ranking."""
+    n_remove = params_to_remove(structure, target)
+    dropped = allocation.dropped(len(structure.layers), layer_cos)
+    depth = sum(structure.layers[i].params for i in dropped)
+    if depth > n_remove:
+        raise AdaPrunerError(f"dropping {len(dropped)} layers removes {depth:,} parameters, more than the target "
+                             f"{n_remove:,} (drop fewer layers)")
+    if allocation.scope == "layer":
+        return dropped, layer_counts(structure, n_remove - depth, allocation, layer_cos, dropped, channel_multiple)
+    if scores is None:
+        raise AdaPrunerError("a global allocation needs the importance scores to rank")
+    pruned = allocation.layer_range(len(structure.layers))
+    return dropped, global_counts(structure, scores, n_remove - depth, pruned, dropped, channel_multiple)
 
 
 def make_plan(
@@ -267,21 +355,15 @@ def make_plan(
     layer_cos: torch.Tensor | None = None,
     channel_multiple: int = 1,
 ) -> PruningPlan:
-    """Remove ``target`` parameters: the layers ``allocation`` drops, then per-layer counts from it, the
-    least important groups; kept MLP channels in multiples of ``channel_multiple``."""
-    n_remove = params_to_remove(structure, target)
-    dropped = allocation.dropped(len(structure.layers), layer_cos)
-    depth = sum(structure.layers[i].params for i in dropped)
-    if depth > n_remove:
-        raise AdaPrunerError(f"dropping {len(dropped)} layers removes {depth:,} parameters, more than the target "
-                             f"{n_remove:,} (drop fewer layers)")
-    counts = layer_counts(structure, n_remove - depth, allocation, layer_cos, dropped, channel_multiple)
-    layers, removed = [], depth
+    """Remove ``target`` parameters: the layers ``allocation`` drops, then per-layer counts from it (or from one
+    ranking of every unit), the least important groups; kept MLP channels in multiples of ``channel_multiple``."""
+    dropped, counts = removal_counts(structure, target, allocation, layer_cos, channel_multiple, scores)
+    layers, removed = [], sum(structure.layers[i].params for i in dropped)
     for shape, attn, mlp, (n_groups, n_channels) in zip(structure.layers, scores.attn, scores.mlp, counts,
                                                         strict=True):
         if attn.numel() != shape.n_groups or mlp.numel() != shape.n_channels:
             raise AdaPrunerError("importance scores do not match the model's layer sizes")
-        drop_groups, drop_channels = _lowest(attn, n_groups), _lowest(mlp, n_channels)
+        drop_groups, drop_channels = lowest(attn, n_groups), lowest(mlp, n_channels)
         layers.append(LayerPlan(
             tuple(g for g in range(shape.n_groups) if g not in drop_groups),
             tuple(c for c in range(shape.n_channels) if c not in drop_channels),

@@ -1,101 +1,153 @@
-"""Repair after the cut: re-fit the kept input columns of o_proj and down_proj by least squares.
+"""Repair after the cut: what the removed input columns of o_proj and down_proj contributed, put back.
 
 A plan removes *input* columns of two projections per layer: o_proj loses the removed heads' columns,
-down_proj the removed MLP channels'. Their outputs then miss what those columns contributed. Given the
-Gram matrix ``G = Xᵀ X`` of the projection's input over calibration tokens, the kept columns ``K`` of
-``W`` are re-fitted so the pruned output matches the dense one in least squares (SlimLLM's output
-regression; SlimGPT/FASP's closed-form update restricted to whole columns)::
+down_proj the removed MLP channels'. With ``W = [W_K W_R]`` split into kept and removed columns, the
+dense output is ``W_K x_K + W_R x_R``; the cut keeps only ``W_K x_K``. Given the mean ``μ`` and the
+covariance ``C`` of the projection's input over many calibration tokens (the dense model's), the
+repair predicts the removed inputs from the kept ones by ridge regression,
+``x̂_R = μ_R + C_RK (C_KK + λ·mean(diag C_KK)·I)⁻¹ (x_K − μ_K)``, and folds ``W_R x̂_R`` into the kept
+weights and a bias::
 
-    W_K' = W G[:, K] (G[K, K] + λ · mean(diag G[K, K]) · I)⁻¹
+    Δ = W_R C_RK (C_KK + λ d I)⁻¹          W_K' = W_K + Δ          b = W_R μ_R − Δ μ_K
 
-``λ`` (``ridge``) is relative to the Gram's scale, as GPTQ's dampening is. A projection that keeps
-every column is left as it is, so a plan that removes nothing changes nothing.
+(``d``: the mean variance of the kept inputs). Two limits bracket it: ``λ → ∞`` leaves the kept weights
+as they are and adds only the removed channels' mean contribution ``W_R μ_R`` as a bias — FLAP's bias
+compensation (An et al., AAAI 2024), which needs nothing but means and carries to any text; ``λ → 0`` is
+the least-squares fit with an intercept (SlimLLM's output regression, SlimGPT's closed form restricted to
+whole columns), which fits the calibration text best and, from too few tokens, over-fits it. The ridge
+shrinks towards the plain cut plus its bias, never towards zero weights. A projection that keeps every
+column is left as it is, so a plan that removes nothing changes nothing.
 
-Two modes (:data:`REPAIR_MODES`):
+**The ridge's default** is ``λ = k / T``, the kept inputs per calibration token (``k`` columns kept, ``T``
+tokens): the estimate's variance grows with the regressors per sample, so the shrinkage should too.
+Measured on a text no study reports (Python's documentation, with LLM-Pruner's plan on SmolLM2-135M at
+20%, calibrated on books and wiki; docs/results.md): the best ``λ`` fell from 0.1 at 8k tokens to 0.001-0.01
+at 65k and 131k, where ``k / T`` is 0.12, 0.016 and 0.008.
 
-* ``pool`` — the Grams of the *dense* model's inputs over the whole calibration pool, one forward
-  pass per job, cached on disk beside the pool statistics (see
-  :meth:`~adapruner.session.PruningSession.grams`). The pool, not the trial's subset: a subset of 4-32
-  windows has 512-4096 tokens, fewer than down_proj's kept columns on most models, so its Gram is
-  singular and the ridge, not the data, would decide the fit.
-* ``sequential`` — SlimGPT's argument: layer ``i``'s Grams are taken from the activations of the
-  already pruned and repaired layers below it, so the fit sees the inputs the pruned model will
-  really produce. It costs three passes of each cut layer over the calibration windows per trial
-  (dense attention, dense MLP, then the repaired layer): 35x the ``pool`` mode's re-fit here.
+Modes (:data:`REPAIR_MODES`):
 
-Memory: one ``in × in`` float32 Gram per layer for o_proj and for down_proj: 30 × (576² + 1536²) × 4
-bytes = 323 MB for SmolLM2-135M; 32 × (4096² + 11008²) × 4 bytes = 17.7 GB for a Llama-2-7B.
+* ``bias`` — FLAP's bias compensation alone (the ``λ → ∞`` limit; no ridge).
+* ``pool`` — the regression above, from the dense model's input moments over the *repair windows*:
+  hundreds of windows of every calibration source's pool part, far more tokens than any trial's
+  calibration subset (one forward pass per job, no gradients, cached on disk; see
+  :meth:`~adapruner.session.PruningSession.moments`).
+* ``sequential`` — SlimGPT's argument: layer ``i``'s moments are taken from the activations of the
+  already pruned and repaired layers below it, so the fit sees the inputs the pruned model will really
+  produce; three passes of each cut layer over the calibration windows per trial.
+
+Memory: one ``in × in`` float32 covariance per layer for o_proj and for down_proj: 30 × (576² + 1536²)
+× 4 bytes = 323 MB for SmolLM2-135M; 32 × (4096² + 11008²) × 4 bytes = 17.7 GB for a Llama-2-7B.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .cache import save_tensors
 from .errors import AdaPrunerError, OnStep
 from .plan import PruningPlan
-from .structure import decoder_layers, group_index, layer_linears, model_structure
+from .structure import decoder_layers, group_index, layer_linears, model_structure, set_output_bias
 
-REPAIR_MODES = ("off", "pool", "sequential")
-GRAM_VERSION = 1  # bump when the cached Grams change
+REPAIR_MODES = ("off", "bias", "pool", "sequential")
+MOMENTS_VERSION = 2  # bump when the cached input moments change (2: mean and covariance, from the repair windows)
 REPAIRED = ("o_proj", "down_proj")  # the projections whose input columns a plan removes
-Grams = Mapping[tuple[int, str], torch.Tensor]  # (layer, module) -> [in, in]
+Key = tuple[int, str]  # (layer, module)
 
 
 @dataclass(frozen=True)
 class Repair:
-    """How a pruned model's kept weights are re-fitted (``mode`` ``off``: not at all)."""
+    """How a pruned model's kept weights are re-fitted (``mode`` ``off``: not at all). ``ridge`` is ``λ``
+    (relative to the kept inputs' mean variance) for ``pool`` and ``sequential``, ``None`` for the rule ``k / T``
+    (see the module docstring); ``bias`` has none."""
 
     mode: str = "off"
-    ridge: float = 1e-2
+    ridge: float | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in REPAIR_MODES:
             raise AdaPrunerError(f"unknown repair mode {self.mode!r} (choose from {', '.join(REPAIR_MODES)})")
-        if not (self.ridge > 0 and self.ridge < float("inf")):
-            raise AdaPrunerError(f"ridge must be a positive number, got {self.ridge!r}")
+        if self.ridge is not None and (isinstance(self.ridge, bool) or not isinstance(self.ridge, int | float)
+                                       or not 0 < self.ridge < float("inf")):
+            raise AdaPrunerError(f"ridge must be a positive number (or None for the rule), got {self.ridge!r}")
 
     @property
     def enabled(self) -> bool:
         return self.mode != "off"
 
 
-def refit_columns(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, ridge: float,
-                  weight_gram: torch.Tensor | None = None) -> torch.Tensor:
-    """``W G[:, K] (G[K, K] + λ mean(diag G[K, K]) I)⁻¹`` in float64, returned in ``weight``'s dtype.
+@dataclass(frozen=True)
+class InputMoments:
+    """Mean and covariance of each o_proj/down_proj input over ``tokens`` tokens of the dense model."""
 
-    ``weight_gram`` is ``W G``, if already computed (it depends on the dense weight and the Gram only,
-    not on what a plan keeps, so a search computes it once per job: :func:`weight_grams`).
-    """
-    g = gram.to(device=weight.device, dtype=torch.float64)
-    keep = keep.to(weight.device)
-    g_kk = g[keep][:, keep]
-    damp = ridge * g_kk.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
-    g_kk.diagonal().add_(damp)
-    wg = weight_gram.to(weight.device) if weight_gram is not None else weight.double() @ g
-    rhs = wg[:, keep].double()  # [out, k]
-    factor = torch.linalg.cholesky(g_kk)
-    return torch.cholesky_solve(rhs.T, factor).T.to(weight.dtype)
+    mean: Mapping[Key, torch.Tensor]  # [in], float32
+    covariance: Mapping[Key, torch.Tensor]  # [in, in], float32
+    tokens: int
 
+    def save(self, path: str | Path) -> None:
+        tensors = {f"{kind}.{i}.{m}": t.contiguous() for kind, table in (("mean", self.mean),
+                                                                         ("covariance", self.covariance))
+                   for (i, m), t in table.items()}
+        save_tensors(tensors, path, metadata={"tokens": str(self.tokens)})
 
-@torch.no_grad()
-def weight_grams(dense: nn.Module, grams: Grams) -> dict[tuple[int, str], torch.Tensor]:
-    """``W G`` of every repaired projection of ``dense``, float32 (as the Grams are stored)."""
-    layers = decoder_layers(dense)
-    products = {}
-    for (i, module), gram in grams.items():
-        weight = layer_linears(layers[i])[module].weight
-        products[(i, module)] = (weight.double() @ gram.to(weight.device, torch.float64)).float()
-    return products
+    @classmethod
+    def load(cls, path: str | Path) -> InputMoments:
+        from safetensors import safe_open
+
+        tables: dict[str, dict[Key, torch.Tensor]] = {"mean": {}, "covariance": {}}
+        with safe_open(str(path), framework="pt") as f:
+            tokens = int(f.metadata()["tokens"])
+            for name in f.keys():
+                kind, layer, module = name.split(".")
+                tables[kind][(int(layer), module)] = f.get_tensor(name)
+        return cls(tables["mean"], tables["covariance"], tokens)
 
 
-def kept_columns(structure, plan: PruningPlan) -> dict[tuple[int, str], torch.Tensor]:
+def compensate(weight: torch.Tensor, mean: torch.Tensor, covariance: torch.Tensor | None, keep: torch.Tensor,
+               ridge: float | None, tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W_K', b)`` for the kept columns ``keep`` of ``weight`` (see the module docstring), in float64 and
+    returned in ``weight``'s dtype; ``covariance`` ``None``: the bias alone (``λ → ∞``); ``ridge`` ``None``:
+    ``k / tokens``, the kept columns per token the moments were measured on."""
+    w = weight.double()
+    device = w.device
+    keep = keep.to(device)
+    removed = torch.ones(w.shape[1], dtype=torch.bool, device=device)
+    removed[keep] = False
+    mean = mean.to(device, torch.float64)
+    w_removed = w[:, removed]
+    bias = w_removed @ mean[removed]
+    kept = w[:, keep]
+    if covariance is not None and removed.any():
+        c = covariance.to(device, torch.float64)
+        c_kk = c[keep][:, keep]
+        if ridge is None:
+            if tokens < 1:
+                raise AdaPrunerError("the ridge's rule needs the number of tokens the moments were measured on")
+            ridge = keep.numel() / tokens
+        scale = c_kk.diagonal().mean().clamp_min(1e-30)
+        c_kk.diagonal().add_(ridge * scale)
+        factor, info = torch.linalg.cholesky_ex(c_kk)
+        for _ in range(12):  # not positive definite in float64 (inputs that never vary, say): damp more
+            if not info.item():
+                break
+            c_kk.diagonal().add_(scale)
+            scale = scale * 10
+            factor, info = torch.linalg.cholesky_ex(c_kk)
+        if not info.item():  # else nothing to regress on: the bias alone
+            delta = torch.cholesky_solve((w_removed @ c[removed][:, keep]).T, factor).T  # [out, k]
+            kept = kept + delta
+            bias = bias - delta @ mean[keep]
+    return kept.to(weight.dtype), bias.to(weight.dtype)
+
+
+def kept_columns(structure, plan: PruningPlan) -> dict[Key, torch.Tensor]:
     """Kept input columns of each o_proj/down_proj that ``plan`` cuts (on the dense layout ``structure``)."""
-    table: dict[tuple[int, str], torch.Tensor] = {}
+    table: dict[Key, torch.Tensor] = {}
     for i, (shape, lp) in enumerate(zip(structure.layers, plan.layers, strict=True)):
         if i in plan.dropped:
             continue
@@ -106,38 +158,78 @@ def kept_columns(structure, plan: PruningPlan) -> dict[tuple[int, str], torch.Te
     return table
 
 
+def _refit(target: nn.Linear, full: nn.Linear, mean: torch.Tensor, covariance: torch.Tensor | None,
+           columns: torch.Tensor, ridge: float | None, tokens: int) -> None:
+    """Write the compensated weight into the sliced ``target`` and add the bias (created if it has none)."""
+    weight, bias = compensate(full.weight, mean, covariance, columns, ridge, tokens)
+    target.weight.copy_(weight)
+    if full.bias is not None:
+        bias = bias + full.bias.detach()
+    if target.bias is None:
+        target.bias = nn.Parameter(bias, requires_grad=target.weight.requires_grad)
+    else:
+        target.bias.copy_(bias)
+
+
 @torch.no_grad()
-def repair_pruned(pruned: nn.Module, dense: nn.Module, plan: PruningPlan, grams: Grams, ridge: float,
-                  products: Grams | None = None) -> nn.Module:
-    """Re-fit, in place, the sliced o_proj/down_proj of ``pruned`` (``plan`` applied to ``dense``) from
-    the dense model's input Grams (and their :func:`weight_grams` ``products``, if computed); returns
-    ``pruned``."""
+def repair_pruned(pruned: nn.Module, dense: nn.Module, plan: PruningPlan, moments: InputMoments,
+                  repair: Repair) -> nn.Module:
+    """Repair, in place, the sliced o_proj/down_proj of ``pruned`` (``plan`` applied to ``dense``) from the
+    dense model's input ``moments``, as ``repair`` (mode ``bias`` or ``pool``) says; returns ``pruned``."""
+    if repair.mode not in ("bias", "pool"):
+        raise AdaPrunerError(f"repair_pruned takes the modes bias and pool, not {repair.mode!r}")
     keep = kept_columns(model_structure(dense), plan)
     dense_layers, pruned_layers = decoder_layers(dense), decoder_layers(pruned)
     position = {i: p for p, i in enumerate(plan.kept_layers)}  # dense index -> index in the pruned stack
     for (i, module), columns in keep.items():
-        full = layer_linears(dense_layers[i])[module].weight
-        target = layer_linears(pruned_layers[position[i]])[module].weight
-        product = products.get((i, module)) if products is not None else None
-        target.copy_(refit_columns(full, grams[(i, module)], columns, ridge, product))
+        covariance = moments.covariance[(i, module)] if repair.mode == "pool" else None
+        _refit(layer_linears(pruned_layers[position[i]])[module], layer_linears(dense_layers[i])[module],
+               moments.mean[(i, module)], covariance, columns, repair.ridge, moments.tokens)
+    if keep:
+        give_output_biases(pruned)
     return pruned
 
 
-class _GramRecorder:
-    """Forward pre-hooks that add ``xᵀ x`` of each o_proj/down_proj input to a float64 Gram."""
+def give_output_biases(model: nn.Module) -> None:
+    """Give every o_proj and down_proj that has none a zero bias, and record it in the config: a repaired model
+    carries one in every layer, so that its export describes each layer the same way."""
+    for layer in decoder_layers(model):
+        for linear in (layer_linears(layer)[m] for m in REPAIRED):
+            if linear.bias is None:
+                linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype,
+                                                       device=linear.weight.device),
+                                           requires_grad=linear.weight.requires_grad)
+    set_output_bias(model.config)
+
+
+class _MomentRecorder:
+    """Forward pre-hooks that add ``Σ x`` and ``Σ xᵀx`` of each o_proj/down_proj input, in float64."""
 
     def __init__(self, layers: dict[int, nn.Module], modules=REPAIRED):
-        self.grams: dict[tuple[int, str], torch.Tensor] = {}
+        self.sums: dict[Key, torch.Tensor] = {}
+        self.grams: dict[Key, torch.Tensor] = {}
+        self.tokens: dict[Key, int] = {}
         self.handles = [layer_linears(layer)[m].register_forward_pre_hook(self._hook((i, m)))
                         for i, layer in layers.items() for m in modules]
 
     def _hook(self, key):
         def hook(_module, args):
             x = args[0].detach().flatten(0, -2).float()
-            gram = (x.T @ x).double()  # float32 product per batch, float64 running sum
-            self.grams[key] = self.grams[key] + gram if key in self.grams else gram
+            gram, total = (x.T @ x).double(), x.sum(0, dtype=torch.float64)  # float32 product per batch
+            if key in self.grams:
+                self.grams[key] += gram
+                self.sums[key] += total
+                self.tokens[key] += x.shape[0]
+            else:
+                self.grams[key], self.sums[key], self.tokens[key] = gram, total, x.shape[0]
 
         return hook
+
+    def moments(self, key: Key) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, covariance) in float64."""
+        n = self.tokens[key]
+        mean = self.sums[key] / n
+        return mean, self.grams[key] / n - torch.outer(mean, mean)
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -145,23 +237,26 @@ class _GramRecorder:
 
 
 @torch.no_grad()
-def collect_grams(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, progress: bool = True,
-                  on_step: OnStep | None = None) -> dict:
-    """Input Grams of every o_proj and down_proj over ``windows`` (``[N, seq_len]``), float32 on the CPU."""
+def collect_moments(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, progress: bool = True,
+                    on_step: OnStep | None = None) -> InputMoments:
+    """Mean and covariance of every o_proj and down_proj input over ``windows`` (``[N, seq_len]``), summed in
+    float64 and stored float32 on the CPU."""
     device = next(model.parameters()).device
-    recorder = _GramRecorder(dict(enumerate(decoder_layers(model))))
+    recorder = _MomentRecorder(dict(enumerate(decoder_layers(model))))
     was_training = model.training
     model.eval()
     try:
         starts = range(0, windows.shape[0], batch_size)
-        for start in tqdm(starts, desc="repair Grams", unit="batch", disable=not progress, leave=False):
+        for start in tqdm(starts, desc="repair moments", unit="batch", disable=not progress, leave=False):
             if on_step is not None:
-                on_step("repair Grams", start, windows.shape[0])
+                on_step("repair moments", start, windows.shape[0])
             model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
     finally:
         recorder.remove()
         model.train(was_training)
-    return {key: gram.float().cpu() for key, gram in recorder.grams.items()}
+    moments = {key: recorder.moments(key) for key in recorder.grams}
+    return InputMoments({k: m.float().cpu() for k, (m, _) in moments.items()},
+                        {k: c.float().cpu() for k, (_, c) in moments.items()}, windows.numel())
 
 
 class _LayerInputs(Exception):
@@ -169,14 +264,15 @@ class _LayerInputs(Exception):
 
 
 @torch.no_grad()
-def repair_sequential(pruned: nn.Module, dense: nn.Module, plan: PruningPlan, windows: torch.Tensor, ridge: float,
-                      batch_size: int = 8) -> nn.Module:
-    """Re-fit layer by layer, each Gram taken from the pruned model's own (already repaired) activations.
+def repair_sequential(pruned: nn.Module, dense: nn.Module, plan: PruningPlan, windows: torch.Tensor,
+                      ridge: float | None, batch_size: int = 8) -> nn.Module:
+    """Re-fit layer by layer, each input's moments taken from the pruned model's own (already repaired)
+    activations.
 
     The calibration windows' hidden states are carried through ``pruned`` one decoder layer at a time.
     The target of a cut projection is the *dense* projection's output on the pruned model's real
     inputs, so its full-width input is measured by running the dense block (attention, then MLP) in
-    the pruned layer's place: one pass for o_proj's Gram (o_proj is then re-fitted), one for
+    the pruned layer's place: one pass for o_proj's moments (o_proj is then re-fitted), one for
     down_proj's, behind the re-fitted attention (down_proj is then re-fitted), and one through the
     repaired layer for the next layer's hidden states. Returns ``pruned``, repaired in place.
     """
@@ -184,7 +280,7 @@ def repair_sequential(pruned: nn.Module, dense: nn.Module, plan: PruningPlan, wi
     device = next(pruned.parameters()).device
     layers, dense_layers = decoder_layers(pruned), decoder_layers(dense)
     batches = [windows[s : s + batch_size].to(device) for s in range(0, windows.shape[0], batch_size)]
-    hidden, kwargs = _first_layer_inputs(pruned, batches)
+    hidden, kwargs = first_layer_inputs(pruned, batches)
     was_training = pruned.training
     pruned.eval()
     try:
@@ -194,27 +290,30 @@ def repair_sequential(pruned: nn.Module, dense: nn.Module, plan: PruningPlan, wi
                     continue
                 own = getattr(layer, block)
                 setattr(layer, block, getattr(dense_layers[i], block))  # the dense block on the pruned inputs
-                recorder = _GramRecorder({i: dense_layers[i]}, (module,))
+                recorder = _MomentRecorder({i: dense_layers[i]}, (module,))
                 try:
                     for h, kw in zip(hidden, kwargs, strict=True):
                         layer(h, **kw)
                 finally:
                     recorder.remove()
                     setattr(layer, block, own)
-                full = layer_linears(dense_layers[i])[module].weight
-                target = layer_linears(layer)[module].weight
-                target.copy_(refit_columns(full, recorder.grams[(i, module)], keep[(i, module)], ridge))
-            hidden = [_hidden(layer(h, **kw)) for h, kw in zip(hidden, kwargs, strict=True)]
+                mean, covariance = recorder.moments((i, module))
+                _refit(layer_linears(layer)[module], layer_linears(dense_layers[i])[module], mean, covariance,
+                       keep[(i, module)], ridge, recorder.tokens[(i, module)])
+            hidden = [layer_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs, strict=True)]
     finally:
         pruned.train(was_training)
+    if keep:
+        give_output_biases(pruned)
     return pruned
 
 
-def _hidden(output) -> torch.Tensor:
+def layer_output(output) -> torch.Tensor:
+    """A decoder layer's hidden states, whether it returns them alone or in a tuple."""
     return output[0] if isinstance(output, tuple) else output
 
 
-def _first_layer_inputs(model: nn.Module, batches: list[torch.Tensor]) -> tuple[list, list]:
+def first_layer_inputs(model: nn.Module, batches: list[torch.Tensor]) -> tuple[list, list]:
     """The hidden states and keyword arguments (masks, rotary embeddings) the first decoder layer gets."""
     hidden, kwargs = [], []
 

@@ -19,15 +19,15 @@ from torch import nn
 
 from .cache import cache_dir, load_layer_tensors, save_layer_tensors
 from .data import TextSource, check_heldout, load_source
-from .data.windows import CalibrationPool, build_pool, eval_windows, pool_draws
+from .data.windows import CalibrationPool, build_pool, eval_windows, pool_draws, sample_windows
 from .device import default_channel_multiple
-from .errors import OnStep
+from .errors import AdaPrunerError, OnStep
 from .evaluate import Perplexity, perplexity
 from .importance import EXACT_TAYLOR_DTYPES, GroupScores, Mixture, WeightSummary, subset_importance
 from .models import load_model, model_fingerprint
-from .plan import Allocation, PruningPlan, make_plan
+from .plan import Allocation, PruningPlan, make_plan, removal_counts
 from .prune import prune_model
-from .repair import GRAM_VERSION, Repair, collect_grams, repair_pruned, repair_sequential, weight_grams
+from .repair import MOMENTS_VERSION, InputMoments, Repair, collect_moments, repair_pruned, repair_sequential
 from .statistics import (
     EXACT_TAYLOR_VERSION,
     FORMAT_VERSION,
@@ -37,6 +37,7 @@ from .statistics import (
     taylor_first_exact,
 )
 from .structure import ModelStructure, model_structure
+from .wanda_sp import wanda_sp_sequential
 
 logger = logging.getLogger(__name__)
 
@@ -81,9 +82,11 @@ class PruningSession:
     cache_statistics: bool = True
     progress: bool = True
     channel_multiple: int | None = None  # kept MLP channels per layer step; None: the device's default
+    repair_windows: int = 256  # windows of each calibration source's pool part that the repair's moments come from
     on_step: OnStep | None = None  # told of each step of long work; may raise Stopped (see adapruner.errors)
     _windows: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict, repr=False)
     _exact: dict[tuple[str, tuple[int, ...]], dict] = field(default_factory=dict, repr=False)
+    _scored: dict[tuple, GroupScores] = field(default_factory=dict, repr=False)
 
     @classmethod
     def open(
@@ -165,23 +168,29 @@ class PruningSession:
         return cache_dir(kind) / f"{self.fingerprint}-{self.pool.content_hash[:16]}{suffix}.safetensors"
 
     @cached_property
-    def grams(self) -> dict[tuple[int, str], torch.Tensor]:
-        """Input Grams of every o_proj/down_proj over the pool (dense model): loaded from the cache, or
-        measured in one forward pass and cached. Kept apart from the statistics, so that a job that never
-        repairs never holds them (see :mod:`adapruner.repair` for their size)."""
-        path = self._cache_path("grams", f"-g{GRAM_VERSION}")
-        if self.cache_statistics and path.is_file():
-            logger.info("repair Grams from cache %s", path)
-            return load_layer_tensors(path)
-        grams = collect_grams(self.model, self.pool.windows, progress=self.progress, on_step=self.on_step)
-        if self.cache_statistics:
-            save_layer_tensors(grams, path)
-        return grams
+    def repair_pool(self) -> torch.Tensor:
+        """The windows the repair's input moments come from: up to :attr:`repair_windows` of each calibration
+        source's pool part, far more tokens than a trial's calibration subset, and never what validation or
+        test read (a session built without its sources falls back on the calibration pool itself)."""
+        if not self.train_sources:
+            return self.pool.windows
+        # One draw per set of sources, whatever the job's seed: the moments are computed (and cached) once.
+        return sample_windows(self.tokenizer, self.train_sources, self.pool.seq_len, self.repair_windows, seed=0)
 
     @cached_property
-    def weight_grams(self) -> dict[tuple[int, str], torch.Tensor]:
-        """``W G`` of every repaired projection: the part of each re-fit that no plan changes."""
-        return weight_grams(self.model, self.grams)
+    def moments(self) -> InputMoments:
+        """Mean and covariance of every o_proj/down_proj input over :attr:`repair_pool` (dense model): loaded
+        from the cache, or measured in one forward pass and cached. Kept apart from the statistics, so that a
+        job that never repairs never holds them (see :mod:`adapruner.repair` for their size)."""
+        digest = hashlib.sha256(self.repair_pool.numpy().tobytes()).hexdigest()[:16]
+        path = cache_dir("moments") / f"{self.fingerprint}-{digest}-m{MOMENTS_VERSION}.safetensors"
+        if self.cache_statistics and path.is_file():
+            logger.info("repair moments from cache %s", path)
+            return InputMoments.load(path)
+        moments = collect_moments(self.model, self.repair_pool, progress=self.progress, on_step=self.on_step)
+        if self.cache_statistics:
+            moments.save(path)
+        return moments
 
     def exact_taylor(self, metric: str, subset: Sequence[int]) -> dict[tuple[int, str], torch.Tensor]:
         """LLM-Pruner's exact Taylor unit scores of ``subset`` (a backward pass, in float16 for
@@ -203,12 +212,16 @@ class PruningSession:
         return self._exact[key]
 
     def source_windows(self, source: TextSource, split: str) -> torch.Tensor:
-        """Windows of one source's ``split`` (at most ``max_eval_windows``), tokenised once per session."""
+        """Windows of one source's ``split`` (at most ``max_eval_windows``), tokenised once per session.
+
+        ``selection`` is a second, larger draw of the validation part: its first windows are validation's,
+        then as many more as ``max_eval_windows["selection"]`` allows (:mod:`adapruner.search.selection`)."""
         key = (source.name, split)
         if key not in self._windows:
             limit = self.max_eval_windows
             limit = limit.get(split) if isinstance(limit, dict) else limit
-            self._windows[key] = eval_windows(self.tokenizer, source, split, self.pool.seq_len, limit)
+            part = "validation" if split == "selection" else split
+            self._windows[key] = eval_windows(self.tokenizer, source, part, self.pool.seq_len, limit)
         return self._windows[key]
 
     def windows(self, split: str) -> torch.Tensor:
@@ -223,18 +236,40 @@ class PruningSession:
                      for _ in range(self.source_windows(source, split).shape[0]))
 
     # -- one pruning ------------------------------------------------------------------------------
-    def importance(self, config: PruneConfig) -> GroupScores:
+    def importance(self, config: PruneConfig, target: float | int | None = None) -> GroupScores:
+        """Group scores of ``config``'s mixture on its subset; ``target`` only for a metric scored with its
+        plan (:data:`~adapruner.importance.PLAN_DEPENDENT`)."""
+        if config.mixture.plan_dependent:
+            return self._scored_with_plan(config, target)
         stats = self.statistics if config.mixture.needs_data else None
         exact = {m: self.exact_taylor(m, config.subset) for m in config.mixture.active if m in EXACT_TAYLOR_DTYPES}
-        return subset_importance(self.model, self.structure.layers, config.mixture, config.subset, stats,
-                                 self.pool.windows, self.weight_summary, exact)
+        scores = subset_importance(self.model, self.structure.layers, config.mixture, config.subset, stats,
+                                   self.pool.windows, self.weight_summary, exact)
+        single = len(config.mixture.active) == 1 and "flap" not in config.mixture.active
+        if config.allocation.scope == "global" and single:
+            return scores.normalised()  # one ranking of every unit needs one scale (a mixture is on one already)
+        return scores
+
+    def _scored_with_plan(self, config: PruneConfig, target: float | int | None) -> GroupScores:
+        """Wanda-sp layer by layer as FLAP computes it (:mod:`adapruner.wanda_sp`): once per subset and counts."""
+        if target is None:
+            raise AdaPrunerError(f"metric {config.mixture.plan_dependent!r} needs the pruning target")
+        _, counts = removal_counts(self.structure, target, config.allocation, self._layer_cos(config),
+                                   self.channel_step)
+        key = (config.mixture.plan_dependent, tuple(config.subset), tuple(counts))
+        if key not in self._scored:
+            windows = self.pool.windows[check_subset(config.subset, len(self.pool))]
+            self._scored[key] = wanda_sp_sequential(self.model, self.structure.layers, windows, counts)
+        return self._scored[key]
+
+    def _layer_cos(self, config: PruneConfig) -> torch.Tensor | None:
+        if not config.allocation.needs_layer_cos:
+            return None
+        return self.statistics.subset(config.subset).layer_cos
 
     def plan(self, config: PruneConfig, target: float | int, scores: GroupScores | None = None) -> PruningPlan:
-        scores = scores if scores is not None else self.importance(config)
-        layer_cos = None
-        if config.allocation.needs_layer_cos:
-            layer_cos = self.statistics.subset(config.subset).layer_cos
-        return make_plan(self.structure, scores, target, config.allocation, layer_cos, self.channel_step)
+        scores = scores if scores is not None else self.importance(config, target)
+        return make_plan(self.structure, scores, target, config.allocation, self._layer_cos(config), self.channel_step)
 
     def prune(self, config: PruneConfig, target: float | int) -> tuple[nn.Module, PruningPlan]:
         plan = self.plan(config, target)
@@ -242,8 +277,8 @@ class PruningSession:
 
     def repair(self, pruned: nn.Module, plan: PruningPlan, repair: Repair) -> nn.Module:
         """Re-fit ``pruned``'s cut projections as ``repair`` says (in place; see :mod:`adapruner.repair`)."""
-        if repair.mode == "pool":
-            return repair_pruned(pruned, self.model, plan, self.grams, repair.ridge, self.weight_grams)
+        if repair.mode in ("bias", "pool"):
+            return repair_pruned(pruned, self.model, plan, self.moments, repair)
         if repair.mode == "sequential":
             return repair_sequential(pruned, self.model, plan, self.pool.windows, repair.ridge)
         return pruned

@@ -103,6 +103,12 @@ def set_layer_sizes(config, sizes: list[dict[str, int]], head_dim: int) -> None:
         config.intermediate_size = sizes[0]["intermediate_size"]
 
 
+def set_output_bias(config) -> None:
+    """Record that every o_proj and down_proj carries a bias (a repair's: :mod:`adapruner.repair`), which the
+    architecture's own layers lack; an export then builds them with one."""
+    config.adapruner = {**getattr(config, "adapruner", {}), "output_bias": True}
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     try:
         return model.model.layers

@@ -1,9 +1,9 @@
-"""The repair's two modes and its ridge, on LLM-Pruner's own choice of groups: perplexity and seconds.
+"""The repair's modes and its ridge, on LLM-Pruner's own choice of groups: perplexity and seconds.
 
 SmolLM2-135M at ``--ratio``, calibrated on books + wiki (pool of 64 windows), LLM-Pruner's default
 plan (the ``llm-pruner`` baseline's groups), then re-fitted with each repair setting. Reported: test
 perplexity on books and wiki (the calibration sources' test parts) and news (never seen), and the
-seconds each re-fit took, the ``pool`` Grams measured once beforehand (their cost is printed apart).
+seconds each re-fit took, the repair windows' moments measured once beforehand (their cost is printed apart).
 A diagnostic of the mechanism, not a tuning run: the search's defaults were set before it.
 
     python bench/repair_modes.py
@@ -20,8 +20,8 @@ from adapruner.repair import Repair
 from adapruner.search import baseline_config
 from adapruner.session import PruningSession
 
-SETTINGS = (Repair(), Repair("pool", 1e-4), Repair("pool", 1e-3), Repair("pool", 1e-2), Repair("pool", 1e-1),
-            Repair("sequential", 1e-3), Repair("sequential", 1e-2))
+SETTINGS = (Repair(), Repair("bias"), Repair("pool", 1e-3), Repair("pool", 1e-2), Repair("pool", 1e-1),
+            Repair("pool", 1.0), Repair("pool", 10.0), Repair("sequential", 1e-2), Repair("sequential", 1e-1))
 
 
 def main() -> None:
@@ -35,8 +35,9 @@ def main() -> None:
     config = baseline_config("llm-pruner", session, args.seed)
     plan = session.plan(config, args.ratio)
     start = time.perf_counter()
-    session.weight_grams  # noqa: B018  (the pool's Grams and W·G, once per job)
-    print(f"Pool Grams and W·G: {time.perf_counter() - start:.1f} s once per job. Plan: LLM-Pruner's, "
+    session.moments  # noqa: B018  (the repair windows' input moments, once per job)
+    print(f"Input moments of {session.repair_pool.shape[0]} repair windows: {time.perf_counter() - start:.1f} s "
+          "once per job. Plan: LLM-Pruner's, "
           f"{plan.ratio:.2%} removed.\n")
     sources = [*session.eval_sources, *session.heldout_sources]
     print("| repair | ridge | " + " | ".join(s.name for s in sources) + " | seconds per re-fit |")

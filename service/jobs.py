@@ -19,7 +19,16 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, Text, func, select, text, update
 from sqlalchemy.orm import Session
 
-from adapruner.search import StudyLock, count_trials, create_study, fail_dead_trials, load_line, target_study_name
+from adapruner.search import (
+    StudyLock,
+    baseline_draws,
+    best_trial,
+    count_trials,
+    create_study,
+    fail_dead_trials,
+    load_line,
+    target_study_name,
+)
 
 from .db import Job, JobStatus, utcnow
 from .schemas import JobCreate, JobOut, Links, Progress, TargetOut, TrialSummary
@@ -58,6 +67,11 @@ def job_targets(job: Job) -> list[tuple[float | int, str]]:
     ratio = job.spec["ratio"]
     ratios = ratio if isinstance(ratio, list) else [ratio]
     return [(r, target_study_name(job.study_name, r, len(ratios) > 1)) for r in ratios]
+
+
+def study_budget(job: Job) -> int:
+    """Trials each of the job's studies finishes: its searched trials and one per baseline run."""
+    return JobCreate.model_validate(job.spec).to_search_job().total_trials
 
 
 def create_job(db: Session, storage: optuna.storages.BaseStorage, spec: JobCreate, owner: str | None) -> Job:
@@ -124,6 +138,7 @@ def trial_summary(trial: FrozenTrial, target: float | int | None = None) -> Tria
         number=trial.number, target=target, state=trial.state.name.lower(),
         value=trial.value if trial.state == TrialState.COMPLETE else None,
         test_ppl=attrs.get("test_ppl"), heldout_ppl=attrs.get("heldout_ppl"), baseline=attrs.get("baseline"),
+        draw=attrs.get("draw"),
         params=trial.params,
         windows=attrs.get("windows"), ratio=attrs.get("ratio"), seconds=attrs.get("seconds"),
         worker=attrs.get("worker"), fail_reason=attrs.get("fail_reason"),
@@ -239,7 +254,7 @@ def progress(job: Job, digest: StudyDigest) -> Progress:
     """
     count = digest.states
     finished = count[TrialState.COMPLETE] + count[TrialState.PRUNED]
-    budget = int(job.spec["trials"]) * len(job_targets(job))
+    budget = study_budget(job) * len(job_targets(job))
     eta = None
     if finished and finished < budget and job.status == JobStatus.running.value:
         elapsed = (utcnow() - digest.first_start.astimezone(UTC)).total_seconds()
@@ -278,16 +293,11 @@ def job_view(job: Job, storage: optuna.storages.BaseStorage, settings: Settings)
 
 def target_view(ratio: float | int, study: optuna.Study, trials: list[FrozenTrial], model_link: str,
                 several: bool) -> TargetOut:
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    baselines, seen = [], set()
-    for t in complete:
-        name = t.user_attrs.get("baseline")
-        if name and name not in seen:
-            seen.add(name)
-            baselines.append(trial_summary(t))
+    baselines = [trial_summary(t) for draws in baseline_draws(study).values() for t in draws]
+    best = best_trial(study)
     return TargetOut(
         ratio=ratio, study_name=study.study_name, finished=sum(t.state in FINISHED for t in trials),
-        best=trial_summary(min(complete, key=lambda t: t.value)) if complete else None, baselines=baselines,
+        best=trial_summary(best) if best is not None else None, baselines=baselines,
         tasks=study.user_attrs.get("tasks"), inference_cost=study.user_attrs.get("inference_cost"),
         model=f"{model_link}?target={ratio:g}" if several else model_link,
         has_model="best_model" in study.user_attrs,
@@ -385,7 +395,7 @@ def has_open_slots(storage: optuna.storages.BaseStorage, job: Job) -> bool:
     A worker that joins a job whose last slots are all running would only wait; it is better used on
     a queued job. The exact budget is kept by the study's own lock, not by this check.
     """
-    budget = int(job.spec["trials"])
+    budget = study_budget(job)
     counts = [count_trials(study) for _, study in load_studies(storage, job)]
     if not counts:
         return False

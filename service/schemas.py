@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 from adapruner.finetune import LoRA
 from adapruner.importance import AGGREGATIONS, METRICS
+from adapruner.plan import SCOPES
 from adapruner.repair import REPAIR_MODES
 from adapruner.search import (
     BASELINES,
@@ -17,6 +18,8 @@ from adapruner.search import (
     EXPORT_DTYPES,
     PRUNERS,
     SAMPLERS,
+    SCORES,
+    STARTS,
     SearchJob,
     SearchSpace,
 )
@@ -38,11 +41,15 @@ class SpaceSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     metrics: list[Literal[METRICS]] = Field(default=list(SearchSpace.metrics), min_length=1)  # type: ignore[valid-type]
+    scores: list[Literal[SCORES]] = Field(default=list(SearchSpace.scores), min_length=1, description=(  # type: ignore[valid-type]
+        "importance searched: the weighted mixture of the metrics, or FLAP's standardised score"))
     aggregations: list[Literal[AGGREGATIONS]] = Field(default=list(SearchSpace.aggregations), min_length=1)  # type: ignore[valid-type]
     calibration: Literal[CALIBRATION_MODES] = SearchSpace.calibration  # type: ignore[valid-type]
     subset_size: tuple[int, int] = SearchSpace.subset_size
     n_clusters: int = Field(default=SearchSpace.n_clusters, ge=1, le=64)
     attn_share: bool = SearchSpace.attn_share
+    scopes: list[Literal[SCOPES]] = Field(default=list(SearchSpace.scopes), min_length=1, description=(  # type: ignore[valid-type]
+        "allocation scopes searched: a budget per layer, or one ranking of every unit (FLAP's)"))
     depth: bool = Field(default=SearchSpace.depth, description=(
         "also search how many whole decoder layers to drop (0 .. a quarter), those of lowest block influence"))
     repairs: list[Literal[REPAIR_MODES]] = Field(default=list(SearchSpace.repairs), min_length=1)  # type: ignore[valid-type]
@@ -89,7 +96,7 @@ class JobCreate(BaseModel):
             "share of all parameters to remove, in (0, 1), or a parameter count; a list of them runs one study "
             "per target on one loaded model and reports the trade-off (GET .../model?target=0.3 for each)"))
     trials: StrictInt = Field(default=SearchJob.trials, ge=1, description=(
-        "finished trials, the baselines included: trials=4 with 3 baselines runs 1 searched trial"))
+        "searched trials to finish; the baselines (and each of their calibration draws) run besides them"))
     sampler: Literal[SAMPLERS] = SearchJob.sampler  # type: ignore[valid-type]
     pruner: Literal[PRUNERS] = SearchJob.pruner  # type: ignore[valid-type]
     seed: StrictInt = Field(default=SearchJob.seed, ge=0, le=2**31 - 1)
@@ -98,7 +105,19 @@ class JobCreate(BaseModel):
     val_windows: StrictInt = Field(default=SearchJob.val_windows, ge=1)
     test_windows: StrictInt = Field(default=SearchJob.test_windows, ge=1)
     baselines: list[Literal[BASELINES]] = Field(default=list(DEFAULT_BASELINES), max_length=len(BASELINES))  # type: ignore[valid-type]
+    baseline_draws: StrictInt = Field(default=SearchJob.baseline_draws, ge=1, le=16, description=(
+        "calibration draws of each baseline that samples its calibration at random (llm-pruner); margins are "
+        "against their mean"))
     space: SpaceSpec = Field(default_factory=SpaceSpec)
+    start: Literal[STARTS] = Field(default=SearchJob.start, description=(  # type: ignore[valid-type]
+        "first searched trials: random (TPE's start-up), informed (LLM-Pruner's and FLAP's configurations and "
+        "the shipped priors) or warm (also earlier studies in the storage that never saw the held-out sources)"))
+    repair_windows: StrictInt = Field(default=SearchJob.repair_windows, ge=1, le=100_000, description=(
+        "windows of each calibration source the repair's input moments are measured on"))
+    finalists: StrictInt = Field(default=SearchJob.finalists, ge=1, le=64, description=(
+        "best trials by validation re-scored on more validation windows before the final choice"))
+    selection_windows: StrictInt = Field(default=SearchJob.selection_windows, ge=0, le=100_000, description=(
+        "validation windows per source added for that re-scoring"))
     channel_multiple: StrictInt | None = Field(default=SearchJob.channel_multiple, ge=1, le=4096, description=(
         "kept MLP channels per layer in multiples of this (hardware-friendly sizes); null: 64 on CUDA, 1 on CPU"))
     recover: RecoverSpec | None = None
@@ -161,6 +180,7 @@ class TrialSummary(BaseModel):
     test_ppl: float | None
     heldout_ppl: float | None = None  # out-of-domain test: sources never calibrated or validated on
     baseline: str | None
+    draw: int | None = Field(default=None, description="which calibration draw of a baseline that draws at random")
     params: dict[str, Any]
     windows: int | None
     ratio: float | None

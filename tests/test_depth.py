@@ -10,7 +10,7 @@ from adapruner.export import load_pruned, save_pruned
 from adapruner.importance import GroupScores
 from adapruner.plan import Allocation, LayerPlan, PruningPlan, make_plan
 from adapruner.prune import mask_model, prune_model
-from adapruner.repair import collect_grams, kept_columns, repair_pruned
+from adapruner.repair import Repair, collect_moments, kept_columns, repair_pruned
 from adapruner.structure import decoder_layers, model_structure
 
 COS = torch.tensor([0.2, 0.9, 0.5, 0.95, 0.4, 0.6])  # layers 3 and 1 change their input least
@@ -170,9 +170,10 @@ def test_repair_refits_each_kept_layer_by_its_dense_index(model):
     plan = make_plan(structure, scores(structure), 0.3, Allocation(drop_layers=2), COS)
     width_only = PruningPlan(plan.layers, plan.removed_params, plan.total_params)
     assert len(kept_columns(structure, plan)) >= 4  # the layers that stay are cut too
-    grams = collect_grams(model, ids(2, 16), progress=False)
-    deep = repair_pruned(prune_model(model, plan), model, plan, grams, ridge=1e-3)
-    wide = repair_pruned(prune_model(model, width_only), model, width_only, grams, ridge=1e-3)
+    moments = collect_moments(model, ids(2, 16), progress=False)
+    deep = repair_pruned(prune_model(model, plan), model, plan, moments, Repair("pool", 1e-3))
+    wide = repair_pruned(prune_model(model, width_only), model, width_only, moments, Repair("pool", 1e-3))
     for position, i in enumerate(plan.kept_layers):
-        torch.testing.assert_close(decoder_layers(deep)[position].mlp.down_proj.weight,
-                                   decoder_layers(wide)[i].mlp.down_proj.weight, rtol=0, atol=0)
+        for name in ("weight", "bias"):
+            torch.testing.assert_close(getattr(decoder_layers(deep)[position].mlp.down_proj, name),
+                                       getattr(decoder_layers(wide)[i].mlp.down_proj, name), rtol=0, atol=0)

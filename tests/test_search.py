@@ -18,6 +18,7 @@ from adapruner.search import (
     DEFAULT_BASELINES,
     SearchJob,
     SearchSpace,
+    baseline_trials,
     cluster_pool,
     create_study,
     fail_dead_trials,
@@ -33,13 +34,13 @@ from adapruner.search.space import allocate, subset_from_clusters
 from adapruner.search.study import BASELINE_ATTEMPTS, requeue_failed_baselines
 from adapruner.session import PruningSession
 
-SPACE = SearchSpace(subset_size=(2, 8), n_clusters=3)
+SPACE = SearchSpace(subset_size=(2, 8), n_clusters=3, depth=False)  # width only: the tests of depth have their own
 
 
 def tiny_job(**overrides):
     """A search of the tiny model; the speed measurement only where a test reads it (it costs seconds)."""
     base = dict(model="tiny", calibration=("toy",), trials=8, pool_size=16, seq_len=32, val_windows=12,
-                test_windows=6, space=SPACE, measure_cost=False)
+                test_windows=6, space=SPACE, measure_cost=False, baseline_draws=2, selection_windows=6)
     return SearchJob(**{**base, **overrides})
 
 
@@ -47,7 +48,8 @@ def tiny_session(tokenizer) -> PruningSession:
     source = split_documents("toy", make_documents(60, 150))
     pool = build_pool(tokenizer, [(source, 16)], seq_len=32)
     return PruningSession(make_tiny_model(), tokenizer, pool, [source],
-                          max_eval_windows={"validation": 12, "test": 6}, progress=False, cache_statistics=False)
+                          max_eval_windows={"validation": 12, "test": 6, "selection": 18}, progress=False,
+                          cache_statistics=False)
 
 
 @pytest.fixture
@@ -89,18 +91,23 @@ def suggest(space, params):
 def test_suggest_builds_a_config_and_respects_fixed_params():
     params = {"calib_size": 5, "calib_c0": 1.0, "calib_c1": 0.0, "calib_c2": 0.5, "aggregation": "max",
               "layer_first": 1, "layer_last": 1, "strength": 0.3, "attn_share": 0.2, "repair": "pool", "ridge": 0.05,
-              **{f"w_{m}": 0.5 for m in SPACE.metrics}}
+              "scope": "layer", "score": "mixture", **{f"w_{m}": 0.5 for m in SPACE.metrics}}
     config = suggest(SPACE, params)
     assert len(config.subset) == 5
     assert config.mixture.aggregation == "max"
     assert (config.allocation.first, config.allocation.last, config.allocation.attn_share) == (1, -1, 0.2)
+    assert config.allocation.scope == "layer"
+    assert suggest(SPACE, {**params, "scope": "global"}).allocation.scope == "global"
+    flap = suggest(SPACE, {**params, "score": "flap"})
+    assert dict(flap.mixture.weights) == {"flap": 1.0}  # FLAP's score instead of the mixture, not mixed into it
     fixed = SearchSpace(subset_size=(2, 8), n_clusters=3, metrics=("wanda_sp",), calibration="all",
                         fixed={"aggregation": "sum", "strength": 0.0, "layer_first": 0, "layer_last": 0,
-                               "attn_share": 0.1, "repair": "off"})
+                               "attn_share": 0.1, "repair": "off", "scope": "layer", "score": "mixture",
+                               "drop_layers": 0})
     config = suggest(fixed, {})  # nothing left to search: a FixedTrial with no params works
     assert config.subset == tuple(range(16))
     assert dict(config.mixture.weights) == {"wanda_sp": 1.0}
-    random_mode = SearchSpace(subset_size=(2, 8), calibration="random")
+    random_mode = SearchSpace(subset_size=(2, 8), calibration="random", depth=False)
     a = suggest(random_mode, {**params, "calib_seed": 3})
     assert a.subset == suggest(random_mode, {**params, "calib_seed": 3}).subset
     assert len(a.subset) == 5
@@ -109,11 +116,14 @@ def test_suggest_builds_a_config_and_respects_fixed_params():
 def test_the_repair_and_its_ridge_are_searched_or_fixed():
     params = {"calib_size": 5, "calib_c0": 1.0, "calib_c1": 0.0, "calib_c2": 0.5, "aggregation": "max",
               "layer_first": 1, "layer_last": 1, "strength": 0.3, "attn_share": 0.2, "repair": "pool", "ridge": 0.05,
-              **{f"w_{m}": 0.5 for m in SPACE.metrics}}
+              "scope": "layer", "score": "mixture", **{f"w_{m}": 0.5 for m in SPACE.metrics}}
     assert suggest(SPACE, params).repair == Repair("pool", 0.05)
-    fixed = SearchSpace(subset_size=(2, 8), n_clusters=3, fixed={"repair": "off"})
+    assert suggest(SPACE, {**params, "repair": "bias"}).repair.mode == "bias"
+    flap_only = SearchSpace(subset_size=(2, 8), n_clusters=3, fixed={"repair": "bias"}, depth=False)
+    assert suggest(flap_only, {k: v for k, v in params.items() if k not in ("repair", "ridge")}).repair.mode == "bias"
+    fixed = SearchSpace(subset_size=(2, 8), n_clusters=3, fixed={"repair": "off"}, depth=False)
     assert suggest(fixed, {k: v for k, v in params.items() if k != "repair"}).repair.mode == "off"
-    never = SearchSpace(subset_size=(2, 8), n_clusters=3, repairs=("off",))
+    never = SearchSpace(subset_size=(2, 8), n_clusters=3, repairs=("off",), depth=False)
     config = suggest(never, {k: v for k, v in params.items() if k not in ("repair", "ridge")})
     assert config.repair == Repair()
 
@@ -168,25 +178,72 @@ def searched(tiny_tokenizer, tmp_path_factory):
     return result, folder
 
 
-def test_the_baselines_run_first(searched):
-    result, _ = searched
-    assert [t.user_attrs.get("baseline") for t in result.study.trials[:4]] == \
-        ["llm-pruner", "llm-pruner+repair", "wanda-sp", "magnitude"]
+BASELINE_RUNS = [("llm-pruner", 0), ("llm-pruner+repair", 0), ("llm-pruner", 1), ("llm-pruner+repair", 1),
+                 ("flap", 0), ("wanda-sp", 0)]
 
 
-def test_the_search_finishes_its_budget(searched):
+def test_the_baselines_run_first_each_draw_its_own_trial(searched):
     result, _ = searched
-    assert len([t for t in result.study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]) == 8
+    runs = [(t.user_attrs.get("baseline"), t.user_attrs.get("draw")) for t in result.study.trials[:6]]
+    assert sorted(runs) == sorted(BASELINE_RUNS)
+
+
+def test_the_draws_calibrate_on_different_samples(searched):
+    result, _ = searched
+    subsets = {t.user_attrs["draw"]: t.user_attrs["config"]["subset"] for t in result.study.trials[:6]
+               if t.user_attrs["baseline"] == "llm-pruner"}
+    assert len(subsets[0]) == len(subsets[1]) and subsets[0] != subsets[1]
+
+
+def test_the_search_finishes_its_budget_besides_the_baselines(searched):
+    result, _ = searched
+    finished = [t for t in result.study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len([t for t in finished if "baseline" not in t.user_attrs]) == 8
+    assert len(finished) == 8 + len(BASELINE_RUNS)
+
+
+def test_the_search_starts_from_llm_pruners_and_flaps_configurations(searched):
+    result, _ = searched
+    first = [t for t in result.study.trials if "baseline" not in t.user_attrs][:2]
+    assert first[0].params["w_taylor_first_persample"] == 1.0 and first[0].params["repair"] == "off"
+    assert first[0].params["layer_first"] == 1  # LLM-Pruner's 4 of 32 layers, a quarter of the tiny model's 4
+    assert first[1].params["score"] == "flap" and first[1].params["scope"] == "global"
+    assert first[1].params["repair"] == "bias"
+    assert result.study.user_attrs["informed_start"] == 2  # no priors for a model's own texts, no earlier study
 
 
 def test_baselines_are_never_stopped_early(searched):
     result, _ = searched
-    assert [(t.state, t.user_attrs["windows"]) for t in result.study.trials[:4]] == [(TrialState.COMPLETE, 12)] * 4
+    assert [(t.state, t.user_attrs["windows"]) for t in result.study.trials[:6]] == [(TrialState.COMPLETE, 12)] * 6
 
 
 def test_baselines_are_tested(searched):
     result, _ = searched
-    assert min(t.user_attrs["test_ppl"] for t in result.study.trials[:4]) > 1
+    assert min(t.user_attrs["test_ppl"] for t in result.study.trials[:6]) > 1
+
+
+def test_a_drawn_baseline_is_reported_by_the_mean_of_its_draws(searched, tmp_path):
+    result, _ = searched
+    draws = [t for t in result.study.trials[:6] if t.user_attrs["baseline"] == "llm-pruner"]
+    expected = baseline_trials(result.study)["llm-pruner"]
+    assert expected.user_attrs["test_ppl"] == pytest.approx(sum(t.user_attrs["test_ppl"] for t in draws) / 2)
+    assert expected.value == pytest.approx(sum(t.value for t in draws) / 2)
+    assert [d["trial"] for d in expected.user_attrs["draws"]] == sorted(t.number for t in draws)
+    report = write_report(result.study, tmp_path).read_text()
+    assert "baseline: llm-pruner (mean of 2 draws)" in report
+    assert "`llm-pruner` over its 2 calibration draws" in report
+    assert baseline_trials(result.study)["flap"].user_attrs.get("draws") is None
+
+
+def test_the_finalists_are_rescored_and_the_best_there_is_chosen(searched):
+    result, _ = searched
+    record = result.study.user_attrs["selection"]
+    complete = sorted((t for t in result.study.trials if t.state == TrialState.COMPLETE), key=lambda t: t.value)
+    assert [r["trial"] for r in record["finalists"]] == [t.number for t in complete[:4]]
+    assert record["windows"] == {"toy": 18}
+    chosen = min(record["finalists"], key=lambda r: r["selection_ppl"])
+    assert record["chosen"] == chosen["trial"] == result.best_trial.number
+    assert result.best_trial.user_attrs["selection_ppl"] == chosen["selection_ppl"]
 
 
 def test_the_best_is_tested(searched):
@@ -255,7 +312,7 @@ def test_the_best_so_far_never_rises(searched):
 
 def test_the_best_so_far_has_a_point_per_finished_trial(searched):
     result, _ = searched
-    assert len(best_so_far(result.study)) == 8
+    assert len(best_so_far(result.study)) == 8 + len(BASELINE_RUNS)
 
 
 def test_the_unpruned_model_the_baselines_and_the_best_are_measured(searched):
@@ -334,7 +391,7 @@ def test_a_trial_stopped_early_records_its_windows_and_time(session, tmp_path, m
     job = tiny_job(trials=3, baselines=("magnitude",))
     study = run_search(job, None, "stop", session=session, progress=False, artifact_dir=tmp_path).study
     stopped = [t for t in study.trials if t.state == TrialState.PRUNED]
-    assert len(stopped) == 2
+    assert len(stopped) == 3  # every searched trial; the baseline runs besides them
     assert study.trials[0].state == TrialState.COMPLETE  # baselines are never stopped
     for t in stopped:
         assert t.user_attrs["windows"] == 1
@@ -374,8 +431,9 @@ def test_resume_continues_and_budget_may_grow(session, tmp_path):
     result = run_search(tiny_job(trials=9), url, "r", session=session, progress=False, artifact_dir=tmp_path / "a")
     numbers = [t.number for t in result.study.trials]
     assert numbers == list(range(len(numbers)))
-    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in result.study.trials) == 9
-    assert sum(bool(t.user_attrs.get("baseline")) for t in result.study.trials) == len(DEFAULT_BASELINES)  # once
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in result.study.trials) == \
+        tiny_job(trials=9).total_trials
+    assert sum(bool(t.user_attrs.get("baseline")) for t in result.study.trials) == len(BASELINE_RUNS)  # once
     with pytest.raises(AdaPrunerError, match="different job .*ratio"):
         run_search(tiny_job(ratio=0.3), url, "r", session=session, progress=False)
 
@@ -404,7 +462,7 @@ def test_a_trial_orphaned_before_its_first_heartbeat_is_failed_and_retried(sessi
 
     result = run_search(job, url, "o", session=session, progress=False, artifact_dir=tmp_path / "a", storage=storage)
     trials = result.study.trials
-    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == 4
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == job.total_trials
     assert trials[retry[0].number].state == TrialState.COMPLETE
     assert all("worker" in t.user_attrs for t in trials if t.state != TrialState.FAIL)
 
@@ -425,7 +483,8 @@ def test_failing_trials_are_recorded_not_fatal(session, tmp_path, monkeypatch):
     failed = [t for t in result.study.trials if t.state == TrialState.FAIL]
     assert failed
     assert all(t.user_attrs["fail_reason"] == "RuntimeError: simulated out of memory" for t in failed)
-    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in result.study.trials) == 6
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in result.study.trials) == \
+        tiny_job(trials=6).total_trials
 
 
 @pytest.fixture
@@ -457,7 +516,7 @@ def test_a_trial_out_of_memory_fails_with_the_reason(one_trial_out_of_memory):
 
 def test_the_study_goes_on_after_a_trial_out_of_memory(one_trial_out_of_memory):
     study, _ = one_trial_out_of_memory
-    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials) == 5
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials) == 5 + 1  # and the baseline
 
 
 def test_a_trial_out_of_memory_frees_the_device_memory(one_trial_out_of_memory):
@@ -488,7 +547,7 @@ def test_a_fixed_layer_range_the_model_lacks_is_refused_before_any_trial(session
 def test_every_sampler_runs(session, tmp_path, name):
     job = tiny_job(trials=4, sampler=name, baselines=("wanda-sp",))
     result = run_search(job, None, f"s-{name}", session=session, progress=False, artifact_dir=tmp_path)
-    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in result.study.trials) == 4
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in result.study.trials) == 4 + 1
     assert type(make_sampler(name).sampler).__name__.lower().startswith(name)
 
 
@@ -518,7 +577,7 @@ def test_samplers_model_the_space_although_baselines_have_no_params(name):
 
 
 def test_a_failed_baseline_is_queued_again_a_few_times():
-    job = tiny_job(baselines=("llm-pruner", "magnitude"))
+    job = tiny_job(baselines=("llm-pruner", "magnitude"), baseline_draws=1)
     study = create_study(optuna.storages.InMemoryStorage(), "b", job)
 
     def flaky_storage(trial):
@@ -537,6 +596,21 @@ def test_a_failed_baseline_is_queued_again_a_few_times():
     attempts = [t for t in study.trials if t.user_attrs.get("baseline") == "llm-pruner"]
     assert len(attempts) == BASELINE_ATTEMPTS  # then it is given up, and the magnitude one never retried
     assert sum(t.user_attrs.get("baseline") == "magnitude" for t in study.trials) == 1
+
+
+def test_a_failed_draw_is_queued_again_as_that_draw():
+    job = tiny_job(baselines=("llm-pruner",), baseline_draws=2)
+    study = create_study(optuna.storages.InMemoryStorage(), "d", job)
+
+    def second_draw_fails(trial):
+        if trial.user_attrs["draw"] == 1:
+            raise RuntimeError("database is locked")
+        return 1.0
+
+    study.optimize(second_draw_fails, n_trials=2, catch=(RuntimeError,))
+    requeue_failed_baselines(study, job)
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    assert [(t.user_attrs["baseline"], t.user_attrs["draw"]) for t in waiting] == [("llm-pruner", 1)]
 
 
 def _ask_params(study: optuna.Study) -> dict:

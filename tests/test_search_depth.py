@@ -13,7 +13,7 @@ from adapruner.structure import model_structure
 
 PARAMS = {"calib_size": 5, "calib_c0": 1.0, "calib_c1": 0.0, "calib_c2": 0.5, "aggregation": "max",
           "layer_first": 1, "layer_last": 1, "strength": 0.3, "attn_share": 0.2, "repair": "off", "ridge": 0.05,
-          **{f"w_{m}": 0.5 for m in SPACE.metrics}}
+          "scope": "layer", "score": "mixture", **{f"w_{m}": 0.5 for m in SPACE.metrics}}
 
 
 def suggest(space, params, max_drop=None):
@@ -23,6 +23,12 @@ def suggest(space, params, max_drop=None):
 
 def test_a_width_only_space_drops_no_layer():
     assert suggest(SPACE, PARAMS).allocation.drop_layers == 0
+
+
+def test_the_default_space_searches_depth():
+    assert SearchSpace().depth
+    default = SearchSpace(subset_size=(2, 8), n_clusters=3)
+    assert suggest(default, {**PARAMS, "drop_layers": 1}).allocation.drop_layers == 1
 
 
 def test_a_depth_space_takes_the_suggested_drop():

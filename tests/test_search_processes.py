@@ -48,7 +48,7 @@ def test_two_processes_share_one_study(backend, request, tmp_path, roots):
     outputs = [p.communicate(timeout=900)[0] for p in processes]
     assert all(p.returncode == 0 for p in processes), outputs
     study = optuna.load_study(study_name="shared", storage=storage)
-    assert_exact(study, 30)
+    assert_exact(study, 30 + 1)  # and the baseline
     workers = {t.user_attrs["worker"] for t in study.trials if "worker" in t.user_attrs}
     assert len(workers) == 2, workers
     assert sum(t.user_attrs.get("baseline") == "wanda-sp" for t in study.trials) == 1  # enqueued once
@@ -83,7 +83,7 @@ def test_a_killed_search_continues_when_run_again(tmp_path, roots):
     out, _ = again.communicate(timeout=900)
     assert again.returncode == 0, out
     study = optuna.load_study(study_name="resumed", storage=storage)
-    assert_exact(study, 12)
+    assert_exact(study, 12 + 1)
     assert study.trials[killed].state == TrialState.FAIL
     assert any(t.system_attrs.get("failed_trial") == killed for t in study.trials)
     assert "report" in out

@@ -43,7 +43,7 @@ def test_the_job_succeeds(finished):
 
 
 def test_the_job_finishes_its_budget(finished):
-    assert finished.job["progress"]["finished"] == 5
+    assert finished.job["progress"]["finished"] == 5 + 2  # and one trial per baseline
 
 
 def test_the_best_is_tested(finished):

@@ -149,7 +149,7 @@ def test_a_job_survives_its_database_dropping_every_connection(postgres_url, tmp
         final = client.get(f"/v1/jobs/{job['id']}").json()
     assert final["status"] == "succeeded", (final, out[-3000:])
     finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-    assert len(finished) == 8
+    assert len(finished) == 8 + 2  # and the two baselines
     assert {"wanda-sp", "magnitude"} <= {t.user_attrs.get("baseline") for t in finished}
 
 

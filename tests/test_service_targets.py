@@ -49,12 +49,12 @@ def test_each_target_has_a_best_and_a_model(several):
 
 def test_the_progress_counts_every_targets_trials(several):
     progress = several.job["progress"]
-    assert (progress["finished"], progress["budget"]) == (6, 6)
+    assert (progress["finished"], progress["budget"]) == (10, 10)  # 3 searched and 2 baselines per target
 
 
 def test_the_job_list_counts_every_targets_trials(several):
     listed = several.client.get("/v1/jobs").json()["items"][0]
-    assert listed["progress"]["finished"] == 6
+    assert listed["progress"]["finished"] == 10
 
 
 def test_each_targets_model_downloads_by_its_ratio(several):

@@ -74,7 +74,7 @@ def test_killed_worker_trial_is_failed_and_retried(backend, request, tmp_path, r
     assert len(retries) == 1
     assert retries[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
     assert retries[0].params == study.trials[killed].params
-    assert_exact(study, 8)
+    assert_exact(study, 8 + 2)  # and the two baselines
 
 
 def test_four_workers_share_one_postgres_job_and_never_repeat_a_configuration(postgres_url, tmp_path, roots,

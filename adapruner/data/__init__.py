@@ -15,12 +15,14 @@ from .windows import (
     eval_windows,
     parse_draw,
     pool_draws,
+    sample_windows,
     tokenize_windows,
     training_windows,
 )
 
 __all__ = [
     "BUILTIN_SOURCES", "SPLITS", "CalibrationPool", "TextSource", "build_pool", "check_heldout", "default_heldout",
-    "eval_windows", "load_source", "load_sources", "parse_draw", "pool_draws", "split_documents", "split_works",
+    "eval_windows", "load_source", "load_sources", "parse_draw", "pool_draws", "sample_windows", "split_documents",
+    "split_works",
     "tokenize_windows", "training_windows",
 ]

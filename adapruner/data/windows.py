@@ -82,6 +82,18 @@ def training_windows(tokenizer: PreTrainedTokenizerBase, sources: Sequence[TextS
     return torch.cat([tokenize_windows(tokenizer, source.pool, seq_len) for source in sources])
 
 
+def sample_windows(tokenizer: PreTrainedTokenizerBase, sources: Sequence[TextSource], seq_len: int,
+                   per_source: int, seed: int = 0) -> torch.Tensor:
+    """Up to ``per_source`` random windows of each source's *pool* part (all of them where it has fewer),
+    source after source; seeded, so the same sources and seed give the same windows."""
+    generator = torch.Generator().manual_seed(seed)
+    chunks = []
+    for source in sources:
+        windows = tokenize_windows(tokenizer, source.pool, seq_len)
+        chunks.append(windows[torch.randperm(windows.shape[0], generator=generator)[:per_source]])
+    return torch.cat(chunks)
+
+
 def parse_draw(spec: str, default_n: int) -> tuple[str, int]:
     """``SOURCE[:N]`` -> (source spec, N); e.g. ``builtin:books:10`` or ``hf:wikitext:raw:32``."""
     head, _, tail = spec.rpartition(":")

@@ -6,10 +6,11 @@ The one door into the search: the CLI, the service and the benches import from h
 from .artifacts import artifact_store
 from .baselines import BASELINES, DEFAULT_BASELINES, baseline_config
 from .best import best_trial, export_best
-from .job import EXPORT_DTYPES, SearchJob
+from .job import EXPORT_DTYPES, STARTS, SearchJob
 from .lock import StudyLock
 from .objective import Objective
 from .report import (
+    baseline_draws,
     baseline_trials,
     best_so_far,
     describe_config,
@@ -20,9 +21,11 @@ from .report import (
     write_report,
 )
 from .samplers import ESTIMATING_SAMPLERS, PRUNERS, SAMPLERS, make_pruner, make_sampler
+from .selection import SELECTION, record_selection, select
 from .space import (
     CALIBRATION_MODES,
     DEFAULT_METRICS,
+    SCORES,
     PoolClusters,
     SearchSpace,
     check_fixed,
@@ -41,12 +44,12 @@ from .study import SearchResult, create_study, open_session, run_search
 from .targets import run_targets, target_study_name, tradeoff_markdown, write_tradeoff_report
 
 __all__ = [
-    "BASELINES", "CALIBRATION_MODES", "DEFAULT_BASELINES", "DEFAULT_METRICS", "ESTIMATING_SAMPLERS", "EXPORT_DTYPES",
-    "PRUNERS",
-    "SAMPLERS", "SQLITE_BUSY_SECONDS", "Objective", "PoolClusters", "SearchJob", "SearchResult", "SearchSpace",
-    "StudyLock", "artifact_store", "baseline_config", "baseline_trials", "best_so_far", "best_trial", "check_fixed",
-    "close_storage", "cluster_pool", "count_trials", "create_study", "describe_config", "export_best",
-    "fail_dead_trials", "finished_trials", "load_line", "make_pruner", "make_sampler", "make_storage",
-    "margin_sentence", "open_session", "report_markdown", "run_search", "run_targets", "suggest_config",
-    "target_study_name", "tradeoff_markdown", "use_wal", "write_report", "write_tradeoff_report",
+    "BASELINES", "CALIBRATION_MODES", "DEFAULT_BASELINES", "DEFAULT_METRICS", "ESTIMATING_SAMPLERS",
+    "EXPORT_DTYPES", "PRUNERS", "SAMPLERS", "SCORES", "SELECTION", "SQLITE_BUSY_SECONDS", "STARTS", "artifact_store",
+    "baseline_config", "baseline_draws", "baseline_trials", "best_so_far", "best_trial", "check_fixed", "close_storage",
+    "cluster_pool", "count_trials", "create_study", "describe_config", "export_best", "fail_dead_trials",
+    "finished_trials", "load_line", "make_pruner", "make_sampler", "make_storage", "margin_sentence", "Objective",
+    "open_session", "PoolClusters", "record_selection", "report_markdown", "run_search", "run_targets", "SearchJob",
+    "SearchResult", "SearchSpace", "select", "StudyLock", "suggest_config", "target_study_name",
+    "tradeoff_markdown", "use_wal", "write_report", "write_tradeoff_report",
 ]

@@ -21,11 +21,17 @@ from ..session import PruneConfig, PruningSession
 from .artifacts import artifact_store
 from .baselines import baseline_config
 from .job import SearchJob
+from .selection import chosen_trial
 
 UNPRUNED = "unpruned"
 
 
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """The study's chosen trial once the finalists are re-scored (:mod:`.selection`), before that the best by
+    validation; ``None`` while no trial has completed."""
+    chosen = chosen_trial(study)
+    if chosen is not None:
+        return chosen
     try:
         return study.best_trial
     except ValueError:
@@ -37,8 +43,9 @@ def compared_models(study: optuna.Study, session: PruningSession,
     """What a search is judged on after it ends: the unpruned model, each baseline and the best
     configuration (as searched), each built only when called, so that one pruned copy exists at a time."""
     models: list[tuple[str, Callable[[], torch.nn.Module]]] = [(UNPRUNED, lambda: session.model)]
-    for name in job.baselines[: job.trials]:
-        models.append((name, lambda name=name: session.prune(baseline_config(name, session, job.seed), job.ratio)[0]))
+    for name in job.baselines:  # a baseline that draws its calibration: its first draw
+        models.append((name, lambda name=name: session.prune(baseline_config(name, session, job.seed, target=job.ratio),
+                                                             job.ratio)[0]))
     best = best_trial(study)
     if best is not None:
         config = PruneConfig.from_dict(best.user_attrs["config"])

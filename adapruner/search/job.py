@@ -9,12 +9,15 @@ from dataclasses import asdict, dataclass, field
 from ..data import check_heldout
 from ..errors import AdaPrunerError
 from ..finetune import LoRA
-from .baselines import BASELINES, DEFAULT_BASELINES
+from .baselines import BASELINES, DEFAULT_BASELINES, draws
 from .samplers import PRUNERS, SAMPLERS
 from .space import SearchSpace
 
 AFTER_THE_SEARCH = ("trials", "tasks", "task_limit", "export_dtype", "measure_cost")
 EXPORT_DTYPES = ("auto", "float32", "bfloat16", "float16")
+# How the first searched trials are chosen: by TPE's random start-up alone; from LLM-Pruner's and FLAP's own
+# configurations and the priors shipped with the package; and also from earlier studies in the same storage.
+STARTS = ("random", "informed", "warm")
 
 
 @dataclass(frozen=True)
@@ -27,7 +30,7 @@ class SearchJob:
     evaluation: tuple[str, ...] = ()  # default: the calibration sources
     heldout: tuple[str, ...] | None = None  # test only; None: the built-in sources not used above
     ratio: float | int = 0.2  # a share of all parameters, or a parameter count
-    trials: int = 30  # finished trials in the study, baselines included
+    trials: int = 30  # searched trials (finished: complete or stopped early); the baselines run besides them
     sampler: str = "tpe"
     pruner: str = "wilcoxon"
     seed: int = 0
@@ -36,7 +39,12 @@ class SearchJob:
     val_windows: int = 32  # per evaluation source
     test_windows: int = 64
     baselines: tuple[str, ...] = DEFAULT_BASELINES
+    baseline_draws: int = 3  # draws of each baseline that samples its calibration at random (llm-pruner)
     space: SearchSpace = field(default_factory=SearchSpace)
+    start: str = "warm"  # see STARTS
+    repair_windows: int = 256  # windows of each calibration source's pool part the repair's moments come from
+    finalists: int = 4  # the best trials by validation (baselines included) re-scored on more validation windows
+    selection_windows: int = 96  # validation windows per source added for that re-scoring
     channel_multiple: int | None = None  # kept MLP channels per layer in multiples of this; None: 64 on CUDA, else 1
     recover: LoRA | None = None  # fine-tune the best configuration after the search
     # lm-eval tasks scored after the search (unpruned, baselines, best); measured, never searched on.
@@ -60,7 +68,10 @@ class SearchJob:
         unknown = sorted(set(self.baselines) - set(BASELINES))
         if unknown:
             raise AdaPrunerError(f"unknown baseline {unknown[0]!r} (choose from {', '.join(BASELINES)})")
-        for name in ("pool_size", "seq_len", "val_windows", "test_windows"):
+        if self.start not in STARTS:
+            raise AdaPrunerError(f"unknown start {self.start!r} (choose from {', '.join(STARTS)})")
+        for name in ("pool_size", "seq_len", "val_windows", "test_windows", "baseline_draws", "repair_windows",
+                     "finalists"):
             if getattr(self, name) < (2 if name == "seq_len" else 1):
                 raise AdaPrunerError(f"{name} must be positive, got {getattr(self, name)}")
         if not self.calibration:
@@ -73,8 +84,20 @@ class SearchJob:
             raise AdaPrunerError(f"channel_multiple must be a whole number >= 1, got {self.channel_multiple!r}")
         if self.export_dtype not in EXPORT_DTYPES:
             raise AdaPrunerError(f"unknown export_dtype {self.export_dtype!r} (choose from {', '.join(EXPORT_DTYPES)})")
+        if self.selection_windows < 0:
+            raise AdaPrunerError(f"selection_windows must be >= 0, got {self.selection_windows}")
         if self.task_limit is not None and self.task_limit < 1:
             raise AdaPrunerError(f"task_limit must be positive, got {self.task_limit}")
+
+    @property
+    def baseline_runs(self) -> tuple[tuple[str, int], ...]:
+        """``(baseline, draw)`` of every baseline trial of the study."""
+        return tuple((name, d) for name in self.baselines for d in draws(name, self.baseline_draws))
+
+    @property
+    def total_trials(self) -> int:
+        """Trials the study finishes: the searched ``trials`` and one per baseline run."""
+        return self.trials + len(self.baseline_runs)
 
     def to_dict(self) -> dict:
         data = asdict(self)

@@ -92,6 +92,27 @@ def max_drop_layers(structure: ModelStructure, target: float | int) -> int:
     return fit
 
 
+def mean_perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 4) -> float:
+    losses = [nll for _, nll in window_losses(model, windows, batch_size)]
+    return math.exp(sum(losses) / len(losses))
+
+
+def test_scores(session: PruningSession, model: torch.nn.Module, batch_size: int = 4) -> dict:
+    """Test perplexity of each evaluation source and each held-out source, and their summaries.
+
+    ``test_ppl`` (in-domain) and ``heldout_ppl`` (out-of-domain) are geometric means over sources,
+    the per-source mean of log-perplexity, as validation is.
+    """
+    in_domain = {s.name: mean_perplexity(model, session.source_windows(s, "test"), batch_size)
+                 for s in session.eval_sources}
+    scores = {"test_ppl": geometric_mean(in_domain.values()), "test_ppl_by_source": in_domain}
+    if session.heldout_sources:
+        heldout = {s.name: mean_perplexity(model, session.source_windows(s, "test"), batch_size)
+                   for s in session.heldout_sources}
+        scores |= {"heldout_ppl": geometric_mean(heldout.values()), "heldout_ppl_by_source": heldout}
+    return scores
+
+
 class Objective:
     """Callable for ``study.optimize``; returns the pruned model's validation perplexity."""
 
@@ -101,7 +122,7 @@ class Objective:
         space: SearchSpace,
         clusters: PoolClusters,
         target: float | int,
-        baselines: Mapping[str, PruneConfig],
+        baselines: Mapping[tuple[str, int], PruneConfig],
         seed: int = 0,
         running_mean: bool = False,
         batch_size: int = 4,
@@ -128,7 +149,7 @@ class Objective:
     def config(self, trial: optuna.Trial) -> PruneConfig:
         baseline = trial.user_attrs.get("baseline")
         if baseline:
-            return self.baselines[baseline]
+            return self.baselines[(baseline, trial.user_attrs.get("draw", 0))]
         return suggest_config(trial, self.space, self.clusters, len(self.session.structure.layers), self.seed,
                               self.max_drop)
 
@@ -147,7 +168,7 @@ class Objective:
         try:
             with phase("importance"):
                 config = self.config(trial)
-                scores = self.session.importance(config)
+                scores = self.session.importance(config, self.target)
             with phase("plan"):
                 plan = self.session.plan(config, self.target, scores)
             with phase("prune"):
@@ -156,7 +177,7 @@ class Objective:
                 with phase("repair"):
                     pruned = self.session.repair(pruned, plan, config.repair)
             trial.set_user_attr("config", config.to_dict())
-            trial.set_user_attr("params_kept", plan.total_params - plan.removed_params)
+            trial.set_user_attr("params_kept", sum(p.numel() for p in pruned.parameters()))  # a repair's biases too
             trial.set_user_attr("ratio", round(plan.ratio, 6))
             trial.set_user_attr("sizes", [[s["num_key_value_heads"], s["intermediate_size"]] for s in plan.sizes()])
             trial.set_user_attr("dropped_layers", list(plan.dropped))
@@ -217,23 +238,8 @@ class Objective:
         return math.log(value) if self.intermediate_unit == PERPLEXITY else value
 
     def _test(self, trial: optuna.Trial, model: torch.nn.Module) -> None:
-        """Test perplexity of each evaluation source and each held-out source, and their summaries.
-
-        ``test_ppl`` (in-domain) and ``heldout_ppl`` (out-of-domain) are geometric means over sources,
-        the per-source mean of log-perplexity, as validation is.
-        """
-        session = self.session
-        in_domain = {s.name: self._ppl(model, session.source_windows(s, "test")) for s in session.eval_sources}
-        trial.set_user_attr("test_ppl", geometric_mean(in_domain.values()))
-        trial.set_user_attr("test_ppl_by_source", in_domain)
-        if session.heldout_sources:
-            heldout = {s.name: self._ppl(model, session.source_windows(s, "test")) for s in session.heldout_sources}
-            trial.set_user_attr("heldout_ppl", geometric_mean(heldout.values()))
-            trial.set_user_attr("heldout_ppl_by_source", heldout)
-
-    def _ppl(self, model: torch.nn.Module, windows: torch.Tensor) -> float:
-        losses = [nll for _, nll in window_losses(model, windows, self.batch_size)]
-        return math.exp(sum(losses) / len(losses))
+        for key, value in test_scores(self.session, model, self.batch_size).items():
+            trial.set_user_attr(key, value)
 
     @staticmethod
     def _is_new_best(trial: optuna.Trial, value: float) -> bool:

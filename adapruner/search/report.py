@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 from dataclasses import dataclass
@@ -13,8 +14,10 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ..export import load_instructions
 from .accuracy import accuracy_table
+from .best import best_trial
 from .cost import cost_table
 from .job import SearchJob
+from .selection import SELECTION
 
 
 @dataclass(frozen=True)
@@ -41,13 +44,45 @@ def best_so_far(study: optuna.Study) -> list[CurvePoint]:
     return points
 
 
-def baseline_trials(study: optuna.Study) -> dict[str, FrozenTrial]:
-    found = {}
+def baseline_draws(study: optuna.Study) -> dict[str, list[FrozenTrial]]:
+    """Each baseline's completed trials, one per draw (the first completed trial of each draw)."""
+    found: dict[str, dict[int, FrozenTrial]] = {}
     for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         name = trial.user_attrs.get("baseline")
-        if name and name not in found:
-            found[name] = trial
-    return found
+        if name:
+            found.setdefault(name, {}).setdefault(trial.user_attrs.get("draw", 0), trial)
+    return {name: [runs[d] for d in sorted(runs)] for name, runs in found.items()}
+
+
+MEANS = ("val_ppl", "test_ppl", "heldout_ppl")
+MEANS_BY_SOURCE = ("test_ppl_by_source", "heldout_ppl_by_source")
+
+
+def expected(draws: list[FrozenTrial]) -> FrozenTrial:
+    """What a baseline gives on average over its draws: a copy of the first draw's trial whose value and
+    perplexities are the means over the draws (arithmetic, per source too), with each draw's under ``draws``."""
+    if len(draws) == 1:
+        return draws[0]
+    trial = copy.copy(draws[0])
+    attrs = dict(trial.user_attrs)
+    for key in MEANS:
+        values = [t.user_attrs[key] for t in draws if t.user_attrs.get(key) is not None]
+        if values:
+            attrs[key] = statistics.mean(values)
+    for key in MEANS_BY_SOURCE:
+        tables = [t.user_attrs[key] for t in draws if t.user_attrs.get(key)]
+        if tables:
+            attrs[key] = {name: statistics.mean(table[name] for table in tables) for name in tables[0]}
+    attrs["draws"] = [{"trial": t.number, "draw": t.user_attrs.get("draw", 0), "val_ppl": t.value,
+                       **{k: t.user_attrs.get(k) for k in MEANS[1:] + MEANS_BY_SOURCE}} for t in draws]
+    trial.user_attrs = attrs
+    trial.value = statistics.mean(t.value for t in draws)
+    return trial
+
+
+def baseline_trials(study: optuna.Study) -> dict[str, FrozenTrial]:
+    """Each baseline's result: its trial, or for a baseline scored over several draws their mean (:func:`expected`)."""
+    return {name: expected(draws) for name, draws in baseline_draws(study).items()}
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -67,7 +102,9 @@ def describe_config(config: dict) -> str:
 
 def describe_repair(config: dict) -> str:
     repair = config.get("repair", {"mode": "off"})  # configs stored before repair existed were not repaired
-    return "off" if repair["mode"] == "off" else f"{repair['mode']}, ridge {repair['ridge']:.2g}"
+    if repair["mode"] in ("off", "bias"):
+        return repair["mode"]
+    return f"{repair['mode']}, ridge " + ("k/T" if repair["ridge"] is None else f"{repair['ridge']:.2g}")
 
 
 def plot_curve(study: optuna.Study, path: Path) -> Path | None:
@@ -134,6 +171,36 @@ def _repair_cell(item) -> str:
     return "—" if config is None else describe_repair(config)
 
 
+def _draw_lines(baselines: dict[str, FrozenTrial]) -> list[str]:
+    """Each drawn baseline's spread: its draws' validation and test perplexities."""
+    lines = []
+    for name, trial in baselines.items():
+        draws = trial.user_attrs.get("draws")
+        if not draws:
+            continue
+        key = "heldout_ppl" if trial.user_attrs.get("heldout_ppl") else "test_ppl"
+        values = [d[key] for d in draws if d.get(key) is not None]
+        spread = f" (sd {statistics.stdev(values):.2f})" if len(values) > 1 else ""
+        lines.append(f"- `{name}` over its {len(draws)} calibration draws: "
+                     f"{'held-out' if key == 'heldout_ppl' else 'test'} perplexity "
+                     + " / ".join(_fmt(v) for v in values) + f", mean {_fmt(statistics.mean(values))}{spread}; "
+                     "validation " + " / ".join(_fmt(d["val_ppl"]) for d in draws) + ".")
+    return [""] + lines if lines else []
+
+
+def _selection_lines(record: dict | None) -> list[str]:
+    """The finalists' two validation estimates and the choice between them."""
+    if not record:
+        return []
+    windows = ", ".join(f"{name} {n}" for name, n in record["windows"].items())
+    lines = ["", f"The {len(record['finalists'])} best trials by validation were re-scored on more validation "
+             f"windows ({windows}) and the best there chosen (trial {record['chosen']}):", "",
+             "| trial | validation | re-scored validation |", "|---:|---:|---:|"]
+    lines += [f"| {r['trial']}{' (chosen)' if r['trial'] == record['chosen'] else ''} | {_fmt(r['val_ppl'])} | "
+              f"{_fmt(r['selection_ppl'])} |" for r in record["finalists"]]
+    return lines
+
+
 def margin_sentence(best: FrozenTrial, reference: FrozenTrial) -> str:
     """How the best configuration compares with the LLM-Pruner baseline: out-of-domain when there is a
     held-out test, since in-domain text is what the search was tuned on."""
@@ -143,7 +210,9 @@ def margin_sentence(best: FrozenTrial, reference: FrozenTrial) -> str:
         return ""
     ratio = ours / theirs
     side = f"{1 - ratio:.1%} lower" if ratio <= 1 else f"{ratio - 1:.1%} higher"
-    return f"{where.capitalize()} test perplexity {ratio:.2f}x the LLM-Pruner default of this study ({side})."
+    draws = reference.user_attrs.get("draws")
+    which = f"the mean of its {len(draws)} calibration draws" if draws else "this study's draw"
+    return f"{where.capitalize()} test perplexity {ratio:.2f}x LLM-Pruner's default ({which}; {side})."
 
 
 def load_line(trial: FrozenTrial, folder: str = "model") -> str | None:
@@ -168,7 +237,9 @@ def report_markdown(study: optuna.Study, curve_png: str | None = None) -> str:
         f"- evaluation: {data.get('val_windows', '?')} validation / {data.get('test_windows', '?')} test windows; "
         + "; ".join(f"{name}: val {h['validation'][:12]}, test {h['test'][:12]}"
                     for name, h in data.get("sources", {}).items()),
-        f"- sampler `{job.sampler}`, pruner `{job.pruner}`, seed {job.seed}, budget {job.trials} trials "
+        f"- sampler `{job.sampler}`, pruner `{job.pruner}`, seed {job.seed}, budget {job.trials} searched trials "
+        f"and {len(job.baseline_runs)} baseline runs, {study.user_attrs.get('informed_start', 0)} of the searched "
+        f"trials informed (LLM-Pruner's and FLAP's configurations, priors, earlier studies) "
         f"({states[TrialState.COMPLETE] - estimated} complete, "
         f"{states[TrialState.PRUNED] + estimated} stopped early, {states[TrialState.FAIL]} failed)",
         "",
@@ -183,14 +254,16 @@ def report_markdown(study: optuna.Study, curve_png: str | None = None) -> str:
     heldout_names = list(data.get("heldout_sources", {}))
     rows = [("unpruned", dense, data.get("params"))]
     baselines = baseline_trials(study)
-    rows += [(f"baseline: {name}", trial, trial.user_attrs.get("params_kept")) for name, trial in baselines.items()]
-    try:
-        best = study.best_trial
-    except ValueError:
-        best = None
+    for name, trial in baselines.items():
+        draws = trial.user_attrs.get("draws")
+        label = f"baseline: {name}" + (f" (mean of {len(draws)} draws)" if draws else "")
+        rows.append((label, trial, trial.user_attrs.get("params_kept")))
+    best = best_trial(study)
     if best is not None:
         rows.append((f"**best: trial {best.number}**", best, best.user_attrs.get("params_kept")))
     lines += _results_table(rows, heldout_names)
+    lines += _draw_lines(baselines)
+    lines += _selection_lines(study.user_attrs.get(SELECTION))
     if best is not None:
         lines += ["", f"Best configuration (trial {best.number}"
                   + (f", baseline {best.user_attrs['baseline']}" if best.user_attrs.get("baseline") else "")

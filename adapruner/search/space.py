@@ -13,16 +13,21 @@ random subsets (``calibration="random"``: a size and a seed per trial).
 
 **Importance.** One weight in ``[0, 1]`` per metric (relative: the mixture divides by their sum) and the
 aggregation. The default metrics are those computed from cached statistics; ``taylor_first`` may be
-added but costs a backward pass per trial.
+added but costs a backward pass per trial. Or (``score`` ``flap``) FLAP's own standardised score of the
+subset instead of the mixture: it is not mixed (mean zero in every layer), and it is the one score here
+that ranks attention groups and MLP channels of different layers on one scale (see ``scope``).
 
 **Allocation.** One flat parameterisation of :class:`Allocation`: layers spared at the start and at
-the end, the adaptive strength, and the share of each layer's budget taken from attention. Flat (no
-conditional parameters), so every sampler — TPE, GP, BoTorch, QMC — handles it. With ``depth`` the
+the end, the adaptive strength, the share of each layer's budget taken from attention, and the scope:
+a budget per layer, or FLAP's one ranking of every unit of the pruned layers (``global``, where the
+strength and the attention share play no part). Flat (no conditional parameters), so every sampler —
+TPE, GP, BoTorch, QMC — handles it. With ``depth`` the
 number of whole layers dropped (0 .. a quarter of them, and never more than the target pays for) is
 searched too; fixing ``drop_layers`` sets it.
 
-**Repair.** Whether (and how) the kept o_proj/down_proj columns are re-fitted by least squares after
-the cut (:mod:`adapruner.repair`), and the ridge ``λ`` on a log scale.
+**Repair.** Whether (and how) the kept o_proj/down_proj columns are repaired after the cut
+(:mod:`adapruner.repair`: FLAP's bias compensation, or the ridge regression from the repair windows), and
+the ridge ``λ`` on a log scale.
 
 Any parameter can be fixed (``SearchSpace(fixed={"aggregation": "sum"})``): it is then not
 searched, and a study's trials record only what was searched.
@@ -40,13 +45,14 @@ import torch
 
 from ..errors import AdaPrunerError
 from ..importance import AGGREGATIONS, METRICS, Mixture
-from ..plan import Allocation
+from ..plan import SCOPES, Allocation
 from ..repair import REPAIR_MODES, Repair
 from ..session import PruneConfig
 
 DEFAULT_METRICS = ("magnitude_l1", "magnitude_l2", "taylor_first_persample", "taylor_second", "taylor_vector",
                    "wanda_sp", "flap_fluctuation")
 CALIBRATION_MODES = ("clusters", "random", "all")
+SCORES = ("mixture", "flap")  # a trial's importance: the weighted mixture of metrics, or FLAP's standardised score
 
 
 # What each parameter of a trial may be fixed to (see suggest_config): a range or a tuple of choices.
@@ -55,6 +61,7 @@ FIXABLE: dict[str, tuple] = {
     "calib_size": ("integer", 1, None), "calib_seed": ("integer", 0, 2**20), "aggregation": AGGREGATIONS,
     "layer_first": ("integer", 0, None), "layer_last": ("integer", 0, None), "strength": _UNIT, "attn_share": _UNIT,
     "repair": REPAIR_MODES, "ridge": ("positive number", 0.0, None), "drop_layers": ("integer", 0, None),
+    "scope": SCOPES, "score": SCORES,
     **{f"w_{m}": _UNIT for m in METRICS},
 }
 
@@ -90,14 +97,16 @@ def check_fixed(name: str, value: Any, n_clusters: int) -> None:
 @dataclass(frozen=True)
 class SearchSpace:
     metrics: tuple[str, ...] = DEFAULT_METRICS
+    scores: tuple[str, ...] = SCORES  # importance searched: the mixture of metrics, FLAP's score (one: fixed)
     aggregations: tuple[str, ...] = AGGREGATIONS
     calibration: str = "clusters"
     subset_size: tuple[int, int] = (4, 32)
     n_clusters: int = 8
     attn_share: bool = True  # search it; else the attention's proportional share
-    repairs: tuple[str, ...] = ("off", "pool")  # repair modes searched (one: fixed)
-    ridge: tuple[float, float] = (1e-4, 1.0)  # range of the repair's ridge, searched on a log scale
-    depth: bool = False  # search how many whole layers to drop (0 .. n_layers // 4)
+    scopes: tuple[str, ...] = SCOPES  # allocation scopes searched (one: fixed)
+    repairs: tuple[str, ...] = ("off", "bias", "pool")  # repair modes searched (one: fixed)
+    ridge: tuple[float, float] = (1e-3, 10.0)  # range of the repair's ridge, searched on a log scale
+    depth: bool = True  # search how many whole layers to drop (0 .. n_layers // 4, as far as the target pays)
     fixed: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -105,6 +114,9 @@ class SearchSpace:
         if unknown or not self.metrics:
             raise AdaPrunerError(f"unknown search metric {unknown[0] if unknown else None!r} "
                                  f"(choose from {', '.join(METRICS)})")
+        bad = sorted(set(self.scores) - set(SCORES))
+        if bad or not self.scores:
+            raise AdaPrunerError(f"unknown score {bad[0] if bad else None!r} (choose from {', '.join(SCORES)})")
         bad = sorted(set(self.aggregations) - set(AGGREGATIONS))
         if bad or not self.aggregations:
             raise AdaPrunerError(f"unknown aggregation {bad[0] if bad else None!r}")
@@ -116,6 +128,10 @@ class SearchSpace:
             raise AdaPrunerError(f"subset_size must be 1 <= min <= max, got {self.subset_size}")
         if self.n_clusters < 1:
             raise AdaPrunerError("n_clusters must be at least 1")
+        bad = sorted(set(self.scopes) - set(SCOPES))
+        if bad or not self.scopes:
+            raise AdaPrunerError(f"unknown allocation scope {bad[0] if bad else None!r} "
+                                 f"(choose from {', '.join(SCOPES)})")
         bad = sorted(set(self.repairs) - set(REPAIR_MODES))
         if bad or not self.repairs:
             raise AdaPrunerError(f"unknown repair mode {bad[0] if bad else None!r} "
@@ -143,7 +159,7 @@ class SearchSpace:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SearchSpace:
         data = dict(data)
-        for key in ("metrics", "aggregations", "subset_size", "repairs", "ridge"):
+        for key in ("metrics", "scores", "aggregations", "subset_size", "scopes", "repairs", "ridge"):
             if key in data:
                 data[key] = tuple(data[key])
         return cls(**data)
@@ -256,6 +272,9 @@ def suggest_config(trial: optuna.Trial, space: SearchSpace, clusters: PoolCluste
         if not any(w > 0 for w in weights.values()):  # all-zero weights mean "no preference"
             weights = {m: 1.0 for m in space.metrics}
     aggregation = p.categorical("aggregation", space.aggregations)
+    mixture = Mixture(weights, aggregation, seed)
+    if p.categorical("score", space.scores) == "flap":  # weights and aggregation are then not used
+        mixture = Mixture.single("flap", aggregation, seed)
     allocation = Allocation(
         first=p.int("layer_first", 0, n_layers // 4),
         last=-p.int("layer_last", 0, n_layers // 8),
@@ -263,10 +282,12 @@ def suggest_config(trial: optuna.Trial, space: SearchSpace, clusters: PoolCluste
         attn_share=p.float("attn_share", 0.0, 1.0) if space.attn_share else None,
         drop_layers=p.int("drop_layers", 0, min(n_layers // 4, n_layers if max_drop is None else max_drop))
         if space.depth or "drop_layers" in space.fixed else 0,
+        scope=p.categorical("scope", space.scopes),
     )
     mode = p.categorical("repair", space.repairs)
-    # Searched whenever a repair may be on, whatever this trial's mode: a flat space (no conditional
+    # Searched whenever a ridge may matter, whatever this trial's mode: a flat space (no conditional
     # parameter) suits every sampler.
-    may_repair = space.fixed.get("repair", "on") != "off" and space.repairs != ("off",)
+    ridged = ("pool", "sequential")
+    may_repair = space.fixed.get("repair", "pool") in ridged and any(m in ridged for m in space.repairs)
     ridge = p.float("ridge", *space.ridge, log=True) if may_repair else Repair.ridge
-    return PruneConfig(Mixture(weights, aggregation, seed), subset, allocation, Repair(mode, ridge))
+    return PruneConfig(mixture, subset, allocation, Repair(mode, ridge))

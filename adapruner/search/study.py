@@ -2,8 +2,9 @@
 
 A :class:`~adapruner.search.job.SearchJob` says everything that defines a search. :func:`run_search`
 opens the study (creating it, with its baselines enqueued, or resuming it), then claims and runs trials
-until the study holds ``job.trials`` finished (complete or stopped early) trials, however many
-processes share it; finally it rebuilds the best configuration's pruned model, saves it and uploads it
+until the study holds ``job.trials`` finished (complete or stopped early) searched trials and one per
+baseline run, however many processes share it; re-scores the finalists (:mod:`~adapruner.search.selection`);
+finally it rebuilds the best configuration's pruned model, saves it and uploads it
 as an Optuna artifact (:mod:`~adapruner.search.best`).
 
 Heartbeats (RDB storages) mark the trial of a process that died as failed, and
@@ -35,7 +36,9 @@ from .job import SearchJob
 from .lock import StudyLock
 from .objective import LOG_PERPLEXITY, PERPLEXITY, Objective, geometric_mean
 from .samplers import ESTIMATING_SAMPLERS, make_pruner, make_sampler, reports_running_mean
+from .selection import record_selection
 from .space import cluster_pool
+from .start import enqueue_informed
 from .storage import count_trials, fail_dead_trials, make_storage, mark_alive
 
 logger = logging.getLogger(__name__)
@@ -55,8 +58,10 @@ def open_session(job: SearchJob, device: str | None = None, dtype: str | None = 
     return PruningSession.open(
         job.model, job.calibration, job.evaluation or None, pool_size=job.pool_size, seq_len=job.seq_len,
         seed=job.seed, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-        max_eval_windows={"validation": job.val_windows, "test": job.test_windows}, progress=progress,
-        heldout=job.heldout, on_step=on_step, channel_multiple=job.channel_multiple,
+        max_eval_windows={"validation": job.val_windows, "test": job.test_windows,
+                          "selection": job.val_windows + job.selection_windows},
+        progress=progress, heldout=job.heldout, on_step=on_step, channel_multiple=job.channel_multiple,
+        repair_windows=job.repair_windows,
     )
 
 
@@ -84,8 +89,8 @@ def create_study(storage: optuna.storages.BaseStorage, name: str, job: SearchJob
     # that finds the version without the unit has an older study (log-perplexity).
     study.set_user_attr("intermediate_unit", PERPLEXITY)
     # Baselines first, before anyone else can ask for a trial.
-    for baseline in job.baselines[: job.trials]:
-        study.enqueue_trial({}, user_attrs={"baseline": baseline})
+    for name, draw in job.baseline_runs:
+        study.enqueue_trial({}, user_attrs={"baseline": name, "draw": draw})
     study.set_user_attr("job", job.to_dict())
     study.set_user_attr("adapruner_version", __version__)
     return study
@@ -103,14 +108,15 @@ BASELINE_ATTEMPTS = 3
 
 
 def requeue_failed_baselines(study: optuna.Study, job: SearchJob) -> None:
-    """Queue a baseline again whose every trial failed (a storage error, say), up to BASELINE_ATTEMPTS
+    """Queue a baseline run again whose every trial failed (a storage error, say), up to BASELINE_ATTEMPTS
     trials in all: the report exists for the comparison with it. Call it holding the study lock."""
     trials = study.get_trials(deepcopy=False)
-    for name in job.baselines[: job.trials]:
-        attempts = [t for t in trials if t.user_attrs.get("baseline") == name]
+    for name, draw in job.baseline_runs:
+        attempts = [t for t in trials if t.user_attrs.get("baseline") == name and t.user_attrs.get("draw", 0) == draw]
         if attempts and len(attempts) < BASELINE_ATTEMPTS and all(t.state == TrialState.FAIL for t in attempts):
-            logger.warning("baseline %s failed (%s): queued again", name, attempts[-1].user_attrs.get("fail_reason"))
-            study.enqueue_trial({}, user_attrs={"baseline": name})
+            logger.warning("baseline %s (draw %d) failed (%s): queued again", name, draw,
+                           attempts[-1].user_attrs.get("fail_reason"))
+            study.enqueue_trial({}, user_attrs={"baseline": name, "draw": draw})
 
 
 def describe_data(study: optuna.Study, session: PruningSession) -> None:
@@ -156,7 +162,7 @@ def run_search(
     poll_seconds: float = 5.0,
     storage: optuna.storages.BaseStorage | None = None,
 ) -> SearchResult:
-    """Run (or join, or resume) the study until it holds ``job.trials`` finished trials."""
+    """Run (or join, or resume) the study until it holds ``job.total_trials`` finished trials."""
     storage = storage or make_storage(storage_url)
     name = study_name or job.default_study_name
     study = create_study(storage, name, job)
@@ -166,12 +172,15 @@ def run_search(
         session.on_step("unpruned perplexity", 0, 1)
     describe_data(study, session)
     clusters = cluster_pool(session.statistics.embedding, job.space.n_clusters, job.seed)
-    baselines = {b: baseline_config(b, session, job.seed) for b in job.baselines}
+    baselines = {(name, draw): baseline_config(name, session, job.seed, draw, job.ratio)
+                 for name, draw in job.baseline_runs}
     objective = Objective(session, job.space, clusters, job.ratio, baselines, job.seed,
                           running_mean=reports_running_mean(job.pruner),
                           estimate_stopped=job.sampler in ESTIMATING_SAMPLERS,
                           intermediate_unit=intermediate_unit(study))
     lock = StudyLock(storage_url, name)
+    with lock:
+        enqueue_informed(study, job, session, clusters, objective.max_drop, storage)
 
     def claimed_trial(trial: optuna.Trial) -> float:
         mark_alive(storage, trial)  # before other processes may look at it (see fail_dead_trials)
@@ -179,7 +188,7 @@ def run_search(
         return objective(trial)
 
     finished, _ = count_trials(study)
-    bar = tqdm(total=job.trials, initial=finished, desc=f"search {name}", unit="trial", disable=not progress)
+    bar = tqdm(total=job.total_trials, initial=finished, desc=f"search {name}", unit="trial", disable=not progress)
     failures = 0
     while True:
         if should_stop is not None and should_stop():
@@ -189,9 +198,9 @@ def run_search(
             fail_dead_trials(study)
             requeue_failed_baselines(study, job)
             finished, running = count_trials(study)
-            if finished >= job.trials:
+            if finished >= job.total_trials:
                 break
-            full = finished + running >= job.trials
+            full = finished + running >= job.total_trials
             if not full:
                 before = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
                 study.optimize(claimed_trial, n_trials=1, catch=(Exception,), gc_after_trial=True)
@@ -208,9 +217,12 @@ def run_search(
             bar.set_postfix(best_val_ppl=f"{best.value:.3f}", refresh=False)
         bar.refresh()
     bar.close()
-    if count_trials(study)[0] < job.trials:  # stopped early (cancelled)
+    if count_trials(study)[0] < job.total_trials:  # stopped early (cancelled)
         return SearchResult(study, best_trial(study), None, None)
     with lock:
+        if session.on_step is not None:
+            session.on_step("selection", 0, 1)
+        record_selection(study, session, job)
         model_dir, artifact_id = export_best(study, storage, session, job, out_dir,
                                              artifact_dir or default_artifact_dir(storage_url))
         score_tasks(study, session, job)
