@@ -23,11 +23,13 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 # A short real search: SmolLM2-135M, 20% of its parameters, Jane Austen and Wikipedia as calibration and validation
-# text, news as the held-out test, 12 trials (4 baselines + 8 searched) on the CPU. The study is named after the
-# job (a hash), so a demo of an older version in runs/demo.db never blocks a newer one. Afterwards the unpruned
-# model, the baselines and the best answer 20 items of each built-in task (the report's downstream accuracy).
+# text, news as the held-out test, 12 searched trials beside the baselines (LLM-Pruner and LLM-Pruner+repair over
+# 3 calibration draws each, FLAP, Wanda-sp) on the CPU; the repair's moments from 64 windows of each source. The
+# study is named after the job (a hash), so a demo of an older version in runs/demo.db never blocks a newer one.
+# Afterwards the unpruned model, the baselines and the best answer 20 items of each built-in task (the report's
+# downstream accuracy).
 demo: install
-	$(BIN)/adapruner search --model smollm2-135m --ratio 0.2 --trials 12 --pool-size 24 \
+	$(BIN)/adapruner search --model smollm2-135m --ratio 0.2 --trials 12 --pool-size 24 --repair-windows 64 \
 		--val-windows 16 --test-windows 32 --storage sqlite:///runs/demo.db --out runs/demo \
 		--tasks books-cloze,books-lastword --task-limit 20
 

@@ -8,7 +8,7 @@ sources the study saw: a search never starts from a prior that saw one of its he
 study that leaves a built-in source out starts only from the pair's priors that exclude it. Nothing here
 reads a test part: the studies' choices are made by validation alone.
 
-    python bench/priors.py            # 3 studies, about 15 minutes each on 2 CPU cores
+    python bench/priors.py            # 3 studies, about 12 minutes each on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ def main() -> None:
     parser.add_argument("--per-study", type=int, default=3)
     parser.add_argument("--val-windows", type=int, default=16)
     parser.add_argument("--test-windows", type=int, default=32)
+    parser.add_argument("--baselines", default="",
+                        help="baselines each study runs besides its trials (none by default: the priors are searched "
+                             "trials, and the informed start already tries LLM-Pruner's and FLAP's configurations)")
     parser.add_argument("--storage", default="sqlite:///runs/bench-priors.db")
     args = parser.parse_args()
     if shipped_priors()["priors"]:
@@ -44,7 +47,8 @@ def main() -> None:
         calibration = tuple(f"builtin:{name}" for name in pair)
         job = SearchJob(model="smollm2-135m", calibration=calibration, heldout=(), ratio=args.ratio,
                         trials=args.trials, seed=args.seed, val_windows=args.val_windows,
-                        test_windows=args.test_windows, start="informed", measure_cost=False)
+                        test_windows=args.test_windows, start="informed", measure_cost=False,
+                        baselines=tuple(name for name in args.baselines.split(",") if name))
         with tempfile.TemporaryDirectory(prefix="adapruner-priors-") as artifacts:
             study = run_search(job, args.storage, f"priors-{'-'.join(pair)}-s{args.seed}", artifact_dir=artifacts,
                                progress=False).study
@@ -56,9 +60,10 @@ def main() -> None:
             priors.append({"params": trial.params, "seen": list(calibration), "study": study.study_name,
                            "trial": trial.number, "val_ppl": trial.value})
         print(f"{study.study_name}: {len(searched[: args.per_study])} priors", flush=True)
+    derivation = (f"python bench/priors.py --trials {args.trials} --ratio {args.ratio} --seed {args.seed} "
+                  f"--per-study {args.per_study} --val-windows {args.val_windows}")
     PRIORS.write_text(json.dumps({
-        "derivation": (f"python bench/priors.py --trials {args.trials} --ratio {args.ratio} --seed {args.seed} "
-                       f"--per-study {args.per_study}: for each pair of built-in sources, the best searched "
+        "derivation": (f"{derivation}: for each pair of built-in sources, the best searched "
                        "finalists (by re-scored validation) of one study of SmolLM2-135M calibrated and validated on "
                        "the pair; 'seen' lists the pair, so no study whose held-out sources include one of them "
                        "starts from it"),

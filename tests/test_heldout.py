@@ -28,7 +28,8 @@ def two_domain_session(tiny_tokenizer):
 @pytest.fixture(scope="module")
 def heldout_study(two_domain_session, tmp_path_factory):
     job = SearchJob(model="tiny", calibration=("big", "small"), trials=6, pool_size=16, seq_len=32,
-                    val_windows=12, test_windows=6, space=SearchSpace(subset_size=(2, 8), n_clusters=3))
+                    val_windows=12, test_windows=6, space=SearchSpace(subset_size=(2, 8), n_clusters=3),
+                    baselines=("llm-pruner", "flap"), baseline_draws=2, measure_cost=False)
     return run_search(job, None, "heldout", session=two_domain_session, progress=False,
                       artifact_dir=tmp_path_factory.mktemp("artifacts")).study
 

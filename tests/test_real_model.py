@@ -78,7 +78,7 @@ def test_a_gguf_file_converts_tensor_by_tensor_to_what_transformers_loads(smollm
 @pytest.mark.parametrize("name", ["books", "news", "wiki"])
 def test_perplexity_plausible_and_deterministic(smollm, name):
     model, tokenizer = smollm
-    windows = eval_windows(tokenizer, load_source(f"builtin:{name}"), "test", 128, max_windows=8)
+    windows = eval_windows(tokenizer, load_source(f"builtin:{name}"), "test", 128, max_windows=4)
     first = perplexity(model, windows, progress=False)
     assert 10 < first.ppl < 80
     assert perplexity(model, windows, progress=False).ppl == first.ppl
@@ -140,17 +140,18 @@ def test_gradient_and_activation_metrics_beat_random(session):
 
 @pytest.fixture(scope="module")
 def lastword(session):
-    """The built-in tasks, 40 items each: dense, and pruned at 20% by two metrics."""
+    """The built-in tasks, 40 items each: dense on both, and pruned at 20% by two metrics on the last word (the
+    cloze task asks 8 passes an item, the last word one: the pruned models' comparison is the cheaper one)."""
     from adapruner.tasks import evaluate_tasks
 
-    def score(model):
-        results = evaluate_tasks(model, session.tokenizer, ["books-lastword", "books-cloze"], limit=40, batch_size=16)
+    def score(model, tasks):
+        results = evaluate_tasks(model, session.tokenizer, tasks, limit=40, batch_size=16)
         return {f"{r.task} {metric}": value for r in results for metric, value in r.metrics.items()}
 
-    scores = {"dense": score(session.model)}
+    scores = {"dense": score(session.model, ["books-lastword", "books-cloze"])}
     for metric in ("random", "taylor_first"):
         config = PruneConfig(Mixture.single(metric), tuple(range(8)), Allocation.named("layer_range"))
-        scores[metric] = score(session.prune(config, 0.2)[0])
+        scores[metric] = score(session.prune(config, 0.2)[0], ["books-lastword"])
     print(scores)
     return scores
 
@@ -161,10 +162,6 @@ def test_the_dense_model_predicts_last_words_well_above_chance(lastword):
 
 def test_the_dense_model_picks_the_next_sentence_well_above_chance(lastword):
     assert lastword["dense"]["books-cloze acc_mutual_info"] >= 0.4  # chance: 0.25
-
-
-def test_a_random_cut_picks_the_next_sentence_less_often_than_a_taylor_cut(lastword):
-    assert lastword["random"]["books-cloze acc_mutual_info"] < lastword["taylor_first"]["books-cloze acc_mutual_info"]
 
 
 def test_a_random_cut_makes_the_last_word_far_less_likely_than_a_taylor_cut(lastword):

@@ -312,7 +312,8 @@ def test_a_search_with_repair_in_its_space_reports_it(tiny_tokenizer, tmp_path):
 
     space = SearchSpace(subset_size=(2, 6), n_clusters=3, repairs=("pool",))
     job = SearchJob(model="tiny", calibration=("toy",), trials=5, pool_size=16, seq_len=32, val_windows=6,
-                    test_windows=6, baselines=("llm-pruner", "llm-pruner+repair"), space=space)
+                    test_windows=6, baselines=("llm-pruner", "llm-pruner+repair"), baseline_draws=1, space=space,
+                    measure_cost=False)
     study = run_search(job, f"sqlite:///{tmp_path / 'runs.db'}", "r", session=toy_session(tiny_tokenizer),
                        artifact_dir=tmp_path / "a", progress=False).study
     searched = [t for t in study.trials if not t.user_attrs.get("baseline") and "config" in t.user_attrs]

@@ -83,7 +83,7 @@ def test_submit_answers_202_with_location_and_queued_baselines(client):
     assert response.status_code == 202
     assert response.headers["Location"] == f"/v1/jobs/{body['id']}"
     assert body["status"] == "queued"
-    assert body["progress"]["budget"] == 6
+    assert body["progress"]["budget"] == 8  # 6 searched trials and one run of each of 2 baselines
     assert body["progress"]["finished"] == 0
     assert body["links"]["dashboard"].startswith("http://127.0.0.1:8081/dashboard/studies/")
     assert body["spec"]["model"] == "tiny"
@@ -125,7 +125,7 @@ def test_the_job_list_shows_the_progress_the_job_shows(client, backend):
     assert listed == shown
     assert eta_listed == pytest.approx(eta_shown, abs=5)  # read a moment apart
     assert (listed["finished"], listed["pruned"], listed["failed"], listed["running"]) == (3, 1, 1, 1)
-    assert listed["phase"] == "trial 4/6"
+    assert listed["phase"] == "trial 4/8"  # 6 searched and 2 baseline runs
     assert eta_listed > 0
     engine.dispose()
     storage.remove_session()

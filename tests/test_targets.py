@@ -18,7 +18,8 @@ def targets(tiny_tokenizer, tmp_path_factory):
     patch = pytest.MonkeyPatch()
     patch.setattr(adapruner.session, "collect_statistics", lambda *a, **k: calls.append(1) or collect(*a, **k))
     try:
-        results = run_targets(tiny_job(trials=3, baselines=("llm-pruner",), measure_cost=True), (0.1, 0.3),
+        job = tiny_job(trials=3, baselines=("llm-pruner",), baseline_draws=1, measure_cost=True)
+        results = run_targets(job, (0.1, 0.3),
                               f"sqlite:///{folder / 'runs.db'}", "multi", session=session, out_dir=folder / "out",
                               artifact_dir=folder / "artifacts", progress=False)
     finally:
