@@ -49,6 +49,17 @@ def isolated_cache(tmp_path, monkeypatch, request):
         monkeypatch.setenv("ADAPRUNER_CACHE", str(tmp_path / "cache"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_shipped_priors():
+    """Searches in tests start from no shipped priors (what bench/priors.py derives changes when it is re-run;
+    a test of the priors gives its own: tests/test_start.py). Session-wide, so module fixtures' searches too."""
+    from adapruner.search import start
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(start, "shipped_priors", lambda: {"derivation": "none in the tests", "priors": []})
+        yield
+
+
 # -- the service's fixtures ------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")

@@ -1,11 +1,13 @@
 """A search's first trials: LLM-Pruner's and FLAP's configurations, the shipped priors, earlier studies."""
 
 import json
+from importlib import resources
 
 import optuna
 import pytest
 from test_search import tiny_job, tiny_session
 
+from adapruner.data import BUILTIN_SOURCES
 from adapruner.search import SearchJob, run_search
 from adapruner.search import start as start_module
 from adapruner.search.space import cluster_pool
@@ -30,8 +32,24 @@ PRIORS = {"derivation": "test", "priors": [
 
 @pytest.fixture
 def priors(monkeypatch):
-    start_module.shipped_priors.cache_clear()
     monkeypatch.setattr(start_module, "shipped_priors", lambda: PRIORS)
+
+
+def test_the_shipped_priors_say_how_they_were_derived_and_fit_the_default_space(session):
+    shipped = json.loads(resources.files("adapruner.search").joinpath("priors.json").read_text())
+    assert shipped["derivation"].startswith("python bench/priors.py")
+    assert shipped["priors"]
+    builtin = {f"builtin:{name}" for name in BUILTIN_SOURCES}
+    job = SearchJob()  # the default space, on SmolLM2-135M's 30 layers, able to drop 4
+    domains = search_domains(job, cluster_pool(session.statistics.embedding, job.space.n_clusters, 0), 30, 4)
+    for prior in shipped["priors"]:
+        assert set(prior["seen"]) < builtin, prior["seen"]  # each leaves a built-in source unseen
+        # nothing clamped, nothing dropped (the subset's size is bounded by the pool, the tiny one's here)
+        params = {k: v for k, v in prior["params"].items() if k != "calib_size"}
+        assert fit_to_space(params, domains) == params
+        assert 1 <= prior["params"]["calib_size"] <= job.pool_size
+    left_out = {source: [p for p in shipped["priors"] if source not in p["seen"]] for source in builtin}
+    assert all(left_out.values()), "every built-in source left out has priors that never saw it"
 
 
 def test_params_are_fitted_to_the_space(session, clusters):
