@@ -26,6 +26,7 @@ from adapruner.data import build_pool, split_documents
 from adapruner.export import load_pruned, save_pruned
 from adapruner.importance import Mixture
 from adapruner.plan import Allocation, global_counts, params_to_remove
+from adapruner.repair import first_layer_inputs
 from adapruner.search import baseline_config
 from adapruner.session import PruneConfig, PruningSession
 from adapruner.structure import decoder_layers, layer_linears, model_structure
@@ -55,21 +56,7 @@ def column_inputs(layer, hidden, kwargs):
 
 def layer_inputs(model, windows):
     """The first decoder layer's inputs (hidden states and keyword arguments), one window at a time."""
-    hidden, kwargs = [], []
-
-    def catch(_module, args, kw):
-        hidden.append(args[0] if args else kw.pop("hidden_states"))
-        kwargs.append({k: v for k, v in kw.items() if k != "hidden_states"})
-        raise StopIteration
-
-    handle = decoder_layers(model)[0].register_forward_pre_hook(catch, with_kwargs=True)
-    for w in windows:
-        try:
-            model(input_ids=w[None], use_cache=False)
-        except StopIteration:
-            pass
-    handle.remove()
-    return hidden, kwargs
+    return first_layer_inputs(model, [w[None] for w in windows])
 
 
 @torch.no_grad()
