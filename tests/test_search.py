@@ -204,12 +204,13 @@ def test_the_search_finishes_its_budget_besides_the_baselines(searched):
 
 def test_the_search_starts_from_llm_pruners_and_flaps_configurations(searched):
     result, _ = searched
-    first = [t for t in result.study.trials if "baseline" not in t.user_attrs][:2]
+    first = [t for t in result.study.trials if "baseline" not in t.user_attrs][:4]
     assert first[0].params["w_taylor_first_persample"] == 1.0 and first[0].params["repair"] == "off"
     assert first[0].params["layer_first"] == 1  # LLM-Pruner's 4 of 32 layers, a quarter of the tiny model's 4
     assert first[1].params["score"] == "flap" and first[1].params["scope"] == "global"
     assert first[1].params["repair"] == "bias"
-    assert result.study.user_attrs["informed_start"] == 2  # no priors for a model's own texts, no earlier study
+    assert [t.params["repair"] for t in first[2:]] == ["pool", "pool"]  # then both with the pool repair
+    assert result.study.user_attrs["informed_start"] == 4  # no priors for a model's own texts, no earlier study
 
 
 def test_baselines_are_never_stopped_early(searched):

@@ -11,7 +11,8 @@ from adapruner.data import BUILTIN_SOURCES
 from adapruner.search import SearchJob, run_search
 from adapruner.search import start as start_module
 from adapruner.search.space import cluster_pool
-from adapruner.search.start import fit_to_space, informed_params, prior_params, search_domains, unseen_sources
+from adapruner.search.start import (fit_to_space, informed_params, prior_params, rule_ridge, search_domains,
+                                    unseen_sources)
 
 
 @pytest.fixture
@@ -71,10 +72,15 @@ def test_a_prior_that_saw_a_heldout_source_is_never_used(priors):
 def test_the_informed_start_is_peers_then_priors_then_nothing_random(session, clusters, priors):
     job = tiny_job(calibration=("builtin:books", "builtin:wiki"), heldout=("builtin:news",))
     params = informed_params(job, session, clusters, max_drop=0)
-    assert len(params) == 3
+    assert len(params) == 5
     assert params[0]["w_taylor_first_persample"] == 1.0 and params[1]["scope"] == "global"
     assert params[1]["score"] == "flap" and params[1]["repair"] == "bias"
-    assert params[2] == {"aggregation": "max", "strength": 0.7, "layer_first": 1}  # the prior, clamped
+    for plain, repaired in zip(params[:2], params[2:4], strict=True):  # then each with the pool repair
+        assert repaired == {**plain, "repair": "pool", "ridge": repaired["ridge"]}
+    ridge = rule_ridge(job, session.structure)  # the widest projection's k / T: 96 channels, 256 windows of 32 tokens from 2 sources
+    assert ridge == pytest.approx(96 / (256 * 32 * 2))
+    assert params[2]["ridge"] == max(ridge, job.space.ridge[0])  # clamped into the space's range
+    assert params[4] == {"aggregation": "max", "strength": 0.7, "layer_first": 1}  # the prior, clamped
     assert informed_params(tiny_job(start="random"), session, clusters, max_drop=0) == []
     assert len(informed_params(tiny_job(trials=1), session, clusters, max_drop=0)) == 1  # never past the budget
 
@@ -97,8 +103,8 @@ def test_a_warm_start_takes_earlier_studies_that_never_saw_the_heldout_source(se
     job = tiny_job(trials=6, baselines=(), start="warm", heldout=("other",))
     clusters = cluster_pool(session.statistics.embedding, 3, 0)
     params = informed_params(job, session, clusters, max_drop=0, storage=storage, study_name="next")
-    assert len(params) == 3  # two peers, then the first study's choice; never the one that saw "other"
-    assert params[2] == {k: v for k, v in chosen.params.items()}
+    assert len(params) == 5  # four peers, then the first study's choice; never the one that saw "other"
+    assert params[4] == {k: v for k, v in chosen.params.items()}
     assert all(p.get("strength") != 0.123 for p in params)
 
 
@@ -108,6 +114,6 @@ def test_a_study_queues_its_informed_start_once(session, tmp_path):
     run_search(job, url, "s", session=session, progress=False, artifact_dir=tmp_path / "a")
     study = run_search(tiny_job(trials=6, baselines=()), url, "s", session=session, progress=False,
                        artifact_dir=tmp_path / "a").study
-    assert study.user_attrs["informed_start"] == 2
+    assert study.user_attrs["informed_start"] == 4  # the four peers, no more than the first budget
     searched = [t for t in study.trials if "baseline" not in t.user_attrs]
     assert [t.params for t in searched].count(searched[1].params) == 1  # FLAP's, queued once

@@ -6,7 +6,7 @@ random start-up, and a short search lost to LLM-Pruner. A study now also queues,
 trials that the sampler learns from (:data:`~.job.STARTS`):
 
 1. **peers** — LLM-Pruner's and FLAP's own configurations expressed in the search space (closest
-   decomposable metric, their layer ranges and structure, their repair);
+   decomposable metric, their layer ranges and structure, their repair), then each with the ``pool`` repair;
 2. **priors** — configurations shipped with the package (``priors.json``: the best of searches on the
    built-in texts, each recorded with the sources it saw; how they were derived is in the file and in
    docs/results.md);
@@ -90,8 +90,17 @@ def _metric_weights(metric: str, metrics: tuple[str, ...]) -> dict[str, float]:
     return {f"w_{m}": 1.0 if m == metric else 0.0 for m in metrics}
 
 
+def rule_ridge(job: SearchJob, structure: ModelStructure) -> float:
+    """The repair ridge's rule ``λ = k / T`` (:mod:`adapruner.repair`) for the widest repaired projection kept
+    whole: one number standing for the rule in a space that searches a single ``λ``."""
+    widest = max(max(s.n_channels, s.n_groups * s.n_rep * s.head_dim) for s in structure.layers)
+    return widest / (job.repair_windows * job.seq_len * len(job.calibration))
+
+
 def peer_params(job: SearchJob, structure: ModelStructure, n_clusters: int) -> list[dict[str, Any]]:
-    """LLM-Pruner's and FLAP's own configurations as points of the search space."""
+    """LLM-Pruner's and FLAP's own configurations as points of the search space, each as its tool gives it and
+    then with the ``pool`` repair (the ``llm-pruner+repair`` baseline's, ridge by its rule): the strongest
+    baseline is then a point the sampler learns from, not only a hidden yardstick."""
     n_layers = len(structure.layers)
     shape = structure.layers[0]
     even = {f"calib_c{c}": 1.0 for c in range(n_clusters)}
@@ -109,7 +118,8 @@ def peer_params(job: SearchJob, structure: ModelStructure, n_clusters: int) -> l
         "layer_first": 0, "layer_last": 0, "strength": 0.0, "attn_share": 0.0, "scope": "global",
         "repair": "bias", "drop_layers": 0,
     }
-    return [llm_pruner, flap]
+    repaired = {"repair": "pool", "ridge": rule_ridge(job, structure)}
+    return [llm_pruner, flap, {**llm_pruner, **repaired}, {**flap, **repaired}]
 
 
 @cache
