@@ -421,29 +421,29 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def print_result(result, out: Path, storage: str) -> None:
     """What one target's search found: the best, its margin over LLM-Pruner, tasks, recovery, where things are."""
-    from .search import baseline_trials, describe_config, load_line, margin_sentence, write_report
+    from .search import StudyKey, TrialKey, baseline_trials, describe_config, load_line, margin_sentence, write_report
 
     report = write_report(result.study, out)
     best = result.best_trial
     if best is not None:
-        heldout = best.user_attrs.get("heldout_ppl")
+        heldout = best.user_attrs.get(TrialKey.HELDOUT_PPL)
         print(f"best    trial {best.number}: validation ppl {best.value:.3f}, "
-              f"test ppl {best.user_attrs.get('test_ppl', float('nan')):.3f}"
+              f"test ppl {best.user_attrs.get(TrialKey.TEST_PPL, float('nan')):.3f}"
               + (f", held-out test ppl {heldout:.3f}" if heldout else ""))
-        print(f"config  {describe_config(best.user_attrs['config'])}")
+        print(f"config  {describe_config(best.user_attrs[TrialKey.CONFIG])}")
         reference = baseline_trials(result.study).get("llm-pruner")
         if reference is not None and margin_sentence(best, reference):
             print(f"margin  {margin_sentence(best, reference)}")
-        tasks = result.study.user_attrs.get("tasks")
+        tasks = result.study.user_attrs.get(StudyKey.TASKS)
         if tasks and tasks["best_retained"] is not None:
             print(f"tasks   mean accuracy {tasks['models']['best']['mean_acc']:.3f} on {', '.join(tasks['tasks'])}: "
                   f"{tasks['best_retained']:.1%} of the unpruned model's")
-        cost = result.study.user_attrs.get("inference_cost")
+        cost = result.study.user_attrs.get(StudyKey.INFERENCE_COST)
         if cost and "best" in cost["speedups"]:
             speed = cost["speedups"]["best"]
             print(f"speed   decode {cost['models']['best']['decode_tokens_per_s']:.1f} tokens/s, "
                   f"{speed['decode']:.2f}x the unpruned model's; peak memory {speed['peak_memory']:.2f}x")
-    recovery = result.study.user_attrs.get("recovery")
+    recovery = result.study.user_attrs.get(StudyKey.RECOVERY)
     if recovery:
         print(f"LoRA    {recovery['steps']} steps: test ppl {recovery['test_ppl_before']:.3f} -> "
               f"{recovery['test_ppl_after']:.3f} ({recovery['seconds']:.0f}s)")

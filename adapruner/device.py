@@ -1,8 +1,13 @@
-"""Which device and dtype a model runs on: what the user named, or the best the machine has."""
+"""Where and how a model runs: the device and dtype the user named or the best the machine has, and its
+evaluation mode for a block of work."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
+from torch import nn
 
 from .errors import AdaPrunerError
 
@@ -48,3 +53,14 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         return _DTYPES[dtype]
     except KeyError:
         raise AdaPrunerError(f"unknown dtype {dtype!r} (use {', '.join(sorted(_DTYPES))} or auto)") from None
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in evaluation mode (no dropout) for the block, then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

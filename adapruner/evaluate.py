@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .device import eval_mode
+
 
 @dataclass(frozen=True)
 class Perplexity:
@@ -39,11 +41,9 @@ def window_losses(
     order: Sequence[int] | None = None,
 ) -> Iterator[tuple[int, float]]:
     """Yield ``(window_index, mean_nll)`` for each window, in ``order`` (default: as given)."""
-    was_training = model.training
-    model.eval()
     device = _device_of(model)
     order = list(range(windows.shape[0])) if order is None else [int(i) for i in order]
-    try:
+    with eval_mode(model):
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             ids = windows[idx].to(device)
@@ -54,8 +54,6 @@ def window_losses(
                 logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
             ).view(ids.shape[0], -1).mean(dim=1)
             yield from zip(idx, nll.tolist(), strict=True)
-    finally:
-        model.train(was_training)
 
 
 def perplexity(

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from .device import eval_mode
 from .errors import AdaPrunerError
 from .models import checkpoint_folder, load_model
 
@@ -94,9 +95,7 @@ def measure_cost(
 
     prefill_ids = {f"{b}x{min(t, max_positions)}": random_ids(b, min(t, max_positions)) for b, t in prefill_shapes}
     prompt = random_ids(1, prompt_tokens)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         with torch.inference_mode():
             # all warmup first, outside the memory window: a process's first passes also page in kernels
             # and grow pools once, which would be charged to whichever model happens to come first
@@ -109,8 +108,6 @@ def measure_cost(
                        for shape, ids in prefill_ids.items()}
             decode_seconds = _median(partial(_decode_seconds, model, prompt, new_tokens), repeats)
             peak = memory.peak_bytes(weight_bytes)
-    finally:
-        model.train(was_training)
     return InferenceCost(
         device=str(device),
         dtype=str(dtype).removeprefix("torch."),

@@ -50,6 +50,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .cache import save_tensors
+from .device import eval_mode
 from .errors import AdaPrunerError, OnStep
 from .plan import PruningPlan
 from .structure import decoder_layers, group_index, layer_linears, model_structure, set_output_bias
@@ -243,17 +244,15 @@ def collect_moments(model: nn.Module, windows: torch.Tensor, batch_size: int = 8
     float64 and stored float32 on the CPU."""
     device = next(model.parameters()).device
     recorder = _MomentRecorder(dict(enumerate(decoder_layers(model))))
-    was_training = model.training
-    model.eval()
-    try:
-        starts = range(0, windows.shape[0], batch_size)
-        for start in tqdm(starts, desc="repair moments", unit="batch", disable=not progress, leave=False):
-            if on_step is not None:
-                on_step("repair moments", start, windows.shape[0])
-            model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
-    finally:
-        recorder.remove()
-        model.train(was_training)
+    with eval_mode(model):
+        try:
+            starts = range(0, windows.shape[0], batch_size)
+            for start in tqdm(starts, desc="repair moments", unit="batch", disable=not progress, leave=False):
+                if on_step is not None:
+                    on_step("repair moments", start, windows.shape[0])
+                model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
+        finally:
+            recorder.remove()
     moments = {key: recorder.moments(key) for key in recorder.grams}
     return InputMoments({k: m.float().cpu() for k, (m, _) in moments.items()},
                         {k: c.float().cpu() for k, (_, c) in moments.items()}, windows.numel())
@@ -281,9 +280,7 @@ def repair_sequential(pruned: nn.Module, dense: nn.Module, plan: PruningPlan, wi
     layers, dense_layers = decoder_layers(pruned), decoder_layers(dense)
     batches = [windows[s : s + batch_size].to(device) for s in range(0, windows.shape[0], batch_size)]
     hidden, kwargs = first_layer_inputs(pruned, batches)
-    was_training = pruned.training
-    pruned.eval()
-    try:
+    with eval_mode(pruned):
         for i, layer in zip(plan.kept_layers, layers, strict=True):  # i: the layer's index in the dense model
             for module, block in (("o_proj", "self_attn"), ("down_proj", "mlp")):
                 if (i, module) not in keep:
@@ -301,8 +298,6 @@ def repair_sequential(pruned: nn.Module, dense: nn.Module, plan: PruningPlan, wi
                 _refit(layer_linears(layer)[module], layer_linears(dense_layers[i])[module], mean, covariance,
                        keep[(i, module)], ridge, recorder.tokens[(i, module)])
             hidden = [layer_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs, strict=True)]
-    finally:
-        pruned.train(was_training)
     if keep:
         give_output_biases(pruned)
     return pruned

@@ -34,6 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm.auto import tqdm
 
 from .cache import save_tensors
+from .device import eval_mode
 from .errors import AdaPrunerError, OnStep
 from .structure import COLUMN_MODULES, decoder_layers, layer_linears, model_structure
 
@@ -233,33 +234,31 @@ def collect_statistics(model: nn.Module, windows: torch.Tensor, progress: bool =
     act_sq: dict[tuple[int, str], torch.Tensor] = {}
     layer_cos = torch.zeros(n, len(structure.layers))
     embedding = torch.zeros(n, structure.layers[0].hidden)
-    was_training = model.training
-    model.eval()  # no dropout: the statistics describe the model as it will be evaluated
-    before = _grad_only_on_projections(model)
-    recorder = _ActivationRecorder(model)
-    start = time.perf_counter()
-    try:
-        for s in tqdm(range(n), desc="pool statistics", unit="sample", disable=not progress, leave=False):
-            if on_step is not None:
-                on_step("pool statistics", s, n)
+    with eval_mode(model):
+        before = _grad_only_on_projections(model)
+        recorder = _ActivationRecorder(model)
+        start = time.perf_counter()
+        try:
+            for s in tqdm(range(n), desc="pool statistics", unit="sample", disable=not progress, leave=False):
+                if on_step is not None:
+                    on_step("pool statistics", s, n)
+                model.zero_grad(set_to_none=True)
+                ids = windows[s : s + 1].to(device)
+                model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+                for i, layer in enumerate(decoder_layers(model)):
+                    for m, linear in layer_linears(layer).items():
+                        taylor[(i, m)][s] = unit_taylor_terms(linear, m).cpu()
+                for key in recorder.sums:
+                    width = recorder.sums[key].numel()
+                    act_sum.setdefault(key, torch.zeros(n, width, dtype=dtype))[s] = recorder.sums[key].cpu()
+                    act_sq.setdefault(key, torch.zeros(n, width, dtype=dtype))[s] = recorder.squares[key].cpu()
+                layer_cos[s] = torch.stack([recorder.cos[i] for i in range(len(structure.layers))]).cpu()
+                embedding[s] = recorder.embedding.cpu()
+        finally:
+            recorder.remove()
             model.zero_grad(set_to_none=True)
-            ids = windows[s : s + 1].to(device)
-            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-            for i, layer in enumerate(decoder_layers(model)):
-                for m, linear in layer_linears(layer).items():
-                    taylor[(i, m)][s] = unit_taylor_terms(linear, m).cpu()
-            for key in recorder.sums:
-                width = recorder.sums[key].numel()
-                act_sum.setdefault(key, torch.zeros(n, width, dtype=dtype))[s] = recorder.sums[key].cpu()
-                act_sq.setdefault(key, torch.zeros(n, width, dtype=dtype))[s] = recorder.squares[key].cpu()
-            layer_cos[s] = torch.stack([recorder.cos[i] for i in range(len(structure.layers))]).cpu()
-            embedding[s] = recorder.embedding.cpu()
-    finally:
-        recorder.remove()
-        model.zero_grad(set_to_none=True)
-        for p, flag in before.items():
-            p.requires_grad_(flag)
-        model.train(was_training)
+            for p, flag in before.items():
+                p.requires_grad_(flag)
     meta = {"seconds": f"{time.perf_counter() - start:.1f}", "samples": str(n)}
     return PoolStatistics(taylor, act_sum, act_sq, layer_cos, embedding, tokens=windows.shape[1], meta=meta)
 
@@ -287,25 +286,23 @@ def taylor_first_exact(
 
 
 def _taylor_first_exact(model: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device):
-    was_training = model.training
-    model.eval()
-    before = _grad_only_on_projections(model)
-    n = windows.shape[0]
-    try:
-        model.zero_grad(set_to_none=True)
-        for start in range(0, n, batch_size):
-            ids = windows[start : start + batch_size].to(device)
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-            (loss * ids.shape[0] / n).backward()  # mean over the whole subset, as one batch would give
-        return {
-            (i, m): _unit_saliency(linear, m).cpu()
-            for i, layer in enumerate(decoder_layers(model)) for m, linear in layer_linears(layer).items()
-        }
-    finally:
-        model.zero_grad(set_to_none=True)
-        for p, flag in before.items():
-            p.requires_grad_(flag)
-        model.train(was_training)
+    with eval_mode(model):
+        before = _grad_only_on_projections(model)
+        n = windows.shape[0]
+        try:
+            model.zero_grad(set_to_none=True)
+            for start in range(0, n, batch_size):
+                ids = windows[start : start + batch_size].to(device)
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                (loss * ids.shape[0] / n).backward()  # mean over the whole subset, as one batch would give
+            return {
+                (i, m): _unit_saliency(linear, m).cpu()
+                for i, layer in enumerate(decoder_layers(model)) for m, linear in layer_linears(layer).items()
+            }
+        finally:
+            model.zero_grad(set_to_none=True)
+            for p, flag in before.items():
+                p.requires_grad_(flag)
 
 
 HALF_DTYPES = (torch.float16,)  # bfloat16 has native CPU kernels where it matters (AVX512-BF16, AMX)

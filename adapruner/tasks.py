@@ -37,6 +37,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .cache import cache_dir
 from .data.sources import load_source
+from .device import eval_mode
 from .errors import AdaPrunerError
 
 logger = logging.getLogger(__name__)
@@ -200,12 +201,10 @@ def evaluate_tasks(
     files = dict(local or {})
     if any(t in BUILTIN_TASKS for t in tasks):
         files.update({k: v for k, v in builtin_task_data().items() if k not in files})
-    was_training = model.training
-    model.eval()
     wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
                    device=str(next(model.parameters()).device))
     results = []
-    try:
+    with eval_mode(model):
         for name in tasks:
             if name in files:
                 kind = name if name in _CONFIGS else ("books-lastword" if name.endswith("lastword") else "books-cloze")
@@ -222,8 +221,6 @@ def evaluate_tasks(
                 results.append(TaskResult(name, {}, {}, error=f"{type(exc).__name__}: {exc}"[:300]))
                 continue
             results.append(_result(name, out, digest))
-    finally:
-        model.train(was_training)
     return results
 
 

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .device import eval_mode
 from .importance import GroupScores
 from .plan import lowest
 from .repair import first_layer_inputs, layer_output
@@ -73,10 +74,8 @@ def wanda_sp_sequential(model: nn.Module, shapes: Sequence[LayerShape], windows:
     with the same counts then removes exactly the units removed here. ``model`` is not modified."""
     device = next(model.parameters()).device
     batches = [windows[s : s + batch_size].to(device) for s in range(0, windows.shape[0], batch_size)]
-    was_training = model.training
-    model.eval()
     attn, mlp = [], []
-    try:
+    with eval_mode(model):
         hidden, kwargs = first_layer_inputs(model, batches)
         for layer, shape, (n_groups, n_channels) in zip(decoder_layers(model), shapes, counts, strict=True):
             recorder = _SquareSums(layer)
@@ -94,6 +93,4 @@ def wanda_sp_sequential(model: nn.Module, shapes: Sequence[LayerShape], windows:
             drop_channels = torch.tensor(sorted(lowest(mlp[-1], n_channels)), dtype=torch.long)
             masked = _mask_layer(layer, shape, drop_groups, drop_channels)
             hidden = [layer_output(masked(h, **kw)) for h, kw in zip(hidden, kwargs, strict=True)]
-    finally:
-        model.train(was_training)
     return GroupScores(attn, mlp)

@@ -39,6 +39,7 @@ from adapruner.data import BUILTIN_SOURCES
 from adapruner.repair import Repair
 from adapruner.search import SearchJob, baseline_trials, open_session, run_search, select
 from adapruner.search.objective import test_scores
+from adapruner.search.record import StudyKey, TrialKey
 from adapruner.search.selection import chosen_trial
 from adapruner.session import PruneConfig
 
@@ -54,12 +55,12 @@ def scores(attrs: dict) -> dict:
 def chosen_at(study: optuna.Study, session, job: SearchJob, budget: int) -> dict:
     """The choice a study of ``budget`` searched trials makes: its baselines and first ``budget`` searched trials."""
     trials = study.get_trials(deepcopy=False)
-    searched = [t for t in trials if "baseline" not in t.user_attrs][:budget]
-    known = {r["trial"]: r["selection_ppl"] for r in study.user_attrs["selection"]["finalists"]}
-    record = select(session, job, [t for t in trials if "baseline" in t.user_attrs] + searched, known)
+    searched = [t for t in trials if TrialKey.BASELINE not in t.user_attrs][:budget]
+    known = {r["trial"]: r["selection_ppl"] for r in study.user_attrs[StudyKey.SELECTION]["finalists"]}
+    record = select(session, job, [t for t in trials if TrialKey.BASELINE in t.user_attrs] + searched, known)
     trial = trials[record["chosen"]]
-    return {"trial": trial.number, "baseline": trial.user_attrs.get("baseline"), **scores(record["scores"]),
-            "config": trial.user_attrs["config"],
+    return {"trial": trial.number, "baseline": trial.user_attrs.get(TrialKey.BASELINE), **scores(record["scores"]),
+            "config": trial.user_attrs[TrialKey.CONFIG],
             "finalists": record["finalists"]}
 
 
@@ -76,16 +77,16 @@ def summarise(study: optuna.Study, session, job: SearchJob, budgets: list[int]) 
     baselines = baseline_trials(study)
     chosen = chosen_trial(study)
     best = {budget: chosen_at(study, session, job, budget) for budget in budgets if budget < job.trials}
-    best[job.trials] = {"trial": chosen.number, "baseline": chosen.user_attrs.get("baseline"),
-                        **scores(chosen.user_attrs), "config": chosen.user_attrs["config"],
-                        "finalists": study.user_attrs["selection"]["finalists"]}
-    dense = study.user_attrs["dense"]
+    best[job.trials] = {"trial": chosen.number, "baseline": chosen.user_attrs.get(TrialKey.BASELINE),
+                        **scores(chosen.user_attrs), "config": chosen.user_attrs[TrialKey.CONFIG],
+                        "finalists": study.user_attrs[StudyKey.SELECTION]["finalists"]}
+    dense = study.user_attrs[StudyKey.DENSE]
     reference = baselines[REFERENCE]
     return {
         "unpruned": {"in_domain": dense["test"], "out_of_domain": dense["heldout"]},
         "baselines": {name: scores(t.user_attrs) for name, t in baselines.items()},
         "llm_pruner_draws": [{"in_domain": d["test_ppl"], "out_of_domain": d["heldout_ppl"]}
-                             for d in reference.user_attrs["draws"]],
+                             for d in reference.user_attrs[TrialKey.DRAWS]],
         "best": {str(b): v for b, v in best.items()},
         "best_without_repair": without_repair(session, job, best[job.trials]["config"]),
     }
@@ -114,7 +115,7 @@ def run(args) -> list[dict]:
                     study = run_search(job, storage, f"{name}-{start}", session=session, artifact_dir=artifacts,
                                        progress=False).study
                 row = {"left_out": left_out, "seed": seed, "start": start,
-                       "informed": study.user_attrs.get("informed_start"),
+                       "informed": study.user_attrs.get(StudyKey.INFORMED_START),
                        **summarise(study, session, job, budgets), "seconds": round(time.perf_counter() - begin)}
                 rows.append(row)
                 print(f"{name}-{start}: {json.dumps(row['best'][str(max(budgets))]['out_of_domain'])}",

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import optuna  # noqa: E402
 from sqlalchemy import create_engine, select, text  # noqa: E402
 
+from adapruner.search.record import StudyKey, TrialKey
 from service.db import Job, make_engine, session_factory, upgrade, utcnow  # noqa: E402
 from service.jobs import StudyDigest, job_summary, load_study, study_digests  # noqa: E402
 from service.settings import Settings  # noqa: E402
@@ -40,12 +41,12 @@ def fill(url: str, n_jobs: int, n_trials: int, n_windows: int) -> None:
     for j in range(n_jobs):
         name = f"bench-{j:03d}"
         study = optuna.create_study(storage=storage, study_name=name)
-        study.set_user_attr("job", {"trials": n_trials})
+        study.set_user_attr(StudyKey.JOB, {"trials": n_trials})
         for t in range(n_trials):
             trial = study.ask()
             trial.suggest_float("x", 0, 1)
-            trial.set_user_attr("config", {"metric": "taylor_first", "subset": list(range(16))})
-            trial.set_user_attr("seconds", {"importance": 0.1, "validation": 2.0})
+            trial.set_user_attr(TrialKey.CONFIG, {"metric": "taylor_first", "subset": list(range(16))})
+            trial.set_user_attr(TrialKey.SECONDS, {"importance": 0.1, "validation": 2.0})
             for step in range(n_windows):
                 trial.report(100.0 + step, step)
             study.tell(trial, 100.0 + t)

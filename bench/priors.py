@@ -21,6 +21,7 @@ from pathlib import Path
 
 from adapruner.data import BUILTIN_SOURCES
 from adapruner.search import SearchJob, run_search
+from adapruner.search.record import StudyKey, baseline_of
 from adapruner.search.start import shipped_priors
 
 PRIORS = Path(__file__).resolve().parents[1] / "adapruner" / "search" / "priors.json"
@@ -52,10 +53,10 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="adapruner-priors-") as artifacts:
             study = run_search(job, args.storage, f"priors-{'-'.join(pair)}-s{args.seed}", artifact_dir=artifacts,
                                progress=False).study
-        record = study.user_attrs["selection"]
+        record = study.user_attrs[StudyKey.SELECTION]
         trials = study.get_trials(deepcopy=False)
         ranked = sorted(record["finalists"], key=lambda r: r["selection_ppl"])
-        searched = [trials[r["trial"]] for r in ranked if "baseline" not in trials[r["trial"]].user_attrs]
+        searched = [trials[r["trial"]] for r in ranked if baseline_of(trials[r["trial"]]) is None]
         for trial in searched[: args.per_study]:
             priors.append({"params": trial.params, "seen": list(calibration), "study": study.study_name,
                            "trial": trial.number, "val_ppl": trial.value})

@@ -27,6 +27,7 @@ from pathlib import Path
 import optuna
 
 from adapruner.search import SearchJob, SearchSpace, baseline_trials, run_search
+from adapruner.search.record import StudyKey, TrialKey, baseline_of
 
 SOURCES = ("books", "wiki", "news")
 ROWS = (("unpruned", "unpruned"), ("LLM-Pruner", "llm_pruner"), ("LLM-Pruner + repair", "llm_pruner_repair"),
@@ -40,11 +41,11 @@ def by_source(attrs: dict) -> dict[str, float]:
 def trial_cost(study: optuna.Study) -> float | None:
     """Mean over searched trials that saw every validation window: trial seconds (test scoring left out)
     over the seconds of its validation pass."""
-    full = study.user_attrs["data"]["val_windows"]
+    full = study.user_attrs[StudyKey.DATA]["val_windows"]
     ratios = []
     for t in study.trials:
-        seconds = t.user_attrs.get("seconds", {})
-        if t.user_attrs.get("baseline") or t.user_attrs.get("windows") != full or not seconds.get("validation"):
+        seconds = t.user_attrs.get(TrialKey.SECONDS, {})
+        if baseline_of(t) or t.user_attrs.get(TrialKey.WINDOWS) != full or not seconds.get("validation"):
             continue
         ratios.append(sum(v for k, v in seconds.items() if k != "test") / seconds["validation"])
     return statistics.mean(ratios) if ratios else None
@@ -66,7 +67,7 @@ def run_pair(args, ratio: float, seed: int) -> dict:
             studies[kind] = run_search(job, args.storage, name, artifact_dir=artifacts, progress=False).study
     plain, repaired = studies["plain"], studies["repaired"]
     baselines = baseline_trials(repaired)
-    dense = plain.user_attrs["dense"]
+    dense = plain.user_attrs[StudyKey.DENSE]
     return {
         "ratio": ratio, "seed": seed,
         "unpruned": {"books": dense["test"], **dense.get("heldout_by_source", {})},
@@ -74,8 +75,8 @@ def run_pair(args, ratio: float, seed: int) -> dict:
         "llm_pruner_repair": by_source(baselines["llm-pruner+repair"].user_attrs),
         "best_plain": by_source(plain.best_trial.user_attrs),
         "best_repaired": by_source(repaired.best_trial.user_attrs),
-        "best_configs": {"plain": plain.best_trial.user_attrs["config"],
-                         "repaired": repaired.best_trial.user_attrs["config"]},
+        "best_configs": {"plain": plain.best_trial.user_attrs[TrialKey.CONFIG],
+                         "repaired": repaired.best_trial.user_attrs[TrialKey.CONFIG]},
         "cost": {"plain": trial_cost(plain), "repaired": trial_cost(repaired)},
     }
 

@@ -45,6 +45,7 @@ from adapruner.search import (
     open_session,
     run_search,
 )
+from adapruner.search.record import StudyKey, TrialKey
 
 
 def copy_reference(source: optuna.Study, target: optuna.Study) -> None:
@@ -74,35 +75,35 @@ def run_one(job: SearchJob, name: str, storage: str, session, reference: optuna.
 def summarise(study: optuna.Study, checkpoints: list[int]) -> dict:
     curve = best_so_far(study)
     at = {n: next((p for p in reversed(curve) if p.finished <= n), None) for n in checkpoints}
-    baselines = {name: t.user_attrs.get("test_ppl") for name, t in baseline_trials(study).items()}
-    searched = [t for t in finished_trials(study) if not t.user_attrs.get("baseline")]
+    baselines = {name: t.user_attrs.get(TrialKey.TEST_PPL) for name, t in baseline_trials(study).items()}
+    searched = [t for t in finished_trials(study) if not t.user_attrs.get(TrialKey.BASELINE)]
     complete = [t for t in searched if t.state == TrialState.COMPLETE]
-    data = study.user_attrs["data"]
+    data = study.user_attrs[StudyKey.DATA]
 
     def wall(t):  # everything the trial took, sampler and storage included, not just the timed phases
         return (t.datetime_complete - t.datetime_start).total_seconds()
 
     # A full pass: the validation phase of a trial that saw every window (GP/BoTorch complete stopped
     # trials with an estimate, so "complete" alone does not mean that).
-    full = [t for t in complete if t.user_attrs.get("windows") == data["val_windows"]]
+    full = [t for t in complete if t.user_attrs.get(TrialKey.WINDOWS) == data["val_windows"]]
     # A new best is also scored on the test windows, for the report only: that is not search cost.
-    ratios = [(wall(t) - t.user_attrs["seconds"].get("test", 0.0)) / t.user_attrs["seconds"]["validation"]
+    ratios = [(wall(t) - t.user_attrs[TrialKey.SECONDS].get("test", 0.0)) / t.user_attrs[TrialKey.SECONDS]["validation"]
               for t in full]
-    full_pass = statistics.mean(t.user_attrs["seconds"]["validation"] for t in full) if full else None
+    full_pass = statistics.mean(t.user_attrs[TrialKey.SECONDS]["validation"] for t in full) if full else None
     return {
         "study": study.study_name,
         "best_test": {n: (p.test_ppl if p else None) for n, p in at.items()},
         "best_val": {n: (p.val_ppl if p else None) for n, p in at.items()},
         "baselines": baselines,
-        "dense": study.user_attrs["dense"],
-        "windows_mean": statistics.mean(t.user_attrs.get("windows", 0) for t in searched) if searched else None,
+        "dense": study.user_attrs[StudyKey.DENSE],
+        "windows_mean": statistics.mean(t.user_attrs.get(TrialKey.WINDOWS, 0) for t in searched) if searched else None,
         "windows_full": data["val_windows"],
-        "seconds": {phase: statistics.mean(t.user_attrs.get("seconds", {}).get(phase, 0.0) for t in searched)
+        "seconds": {phase: statistics.mean(t.user_attrs.get(TrialKey.SECONDS, {}).get(phase, 0.0) for t in searched)
                     for phase in ("importance", "plan", "prune", "validation", "test")} if searched else {},
         "complete_ratio": statistics.mean(ratios) if ratios else None,
         "mean_trial_over_pass": (statistics.mean(wall(t) for t in searched) / full_pass
                                  if full_pass else None),
-        "pruned": sum(t.state == TrialState.PRUNED or bool(t.user_attrs.get("estimated")) for t in searched),
+        "pruned": sum(t.state == TrialState.PRUNED or bool(t.user_attrs.get(TrialKey.ESTIMATED)) for t in searched),
         "searched": len(searched),
     }
 

@@ -18,6 +18,7 @@ import optuna
 
 from adapruner.search import SearchJob, baseline_config, open_session
 from adapruner.search.accuracy import accuracy_table
+from adapruner.search.record import StudyKey, TrialKey
 from adapruner.session import PruneConfig
 from adapruner.tasks import evaluate_tasks, headline, mean_accuracy
 
@@ -30,13 +31,14 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=200)
     args = parser.parse_args()
     study = optuna.load_study(study_name=args.study, storage=args.storage)
-    job = SearchJob.from_dict(study.user_attrs["job"])
+    job = SearchJob.from_dict(study.user_attrs[StudyKey.JOB])
     session = open_session(job, progress=False)
     tasks = args.tasks.split(",")
+    best_config = PruneConfig.from_dict(study.best_trial.user_attrs[TrialKey.CONFIG])
     models = {"unpruned": lambda: session.model,
               "llm-pruner": lambda: session.prune(baseline_config("llm-pruner", session, job.seed), job.ratio)[0],
               f"best searched (trial {study.best_trial.number})":
-                  lambda: session.prune(PruneConfig.from_dict(study.best_trial.user_attrs["config"]), job.ratio)[0]}
+                  lambda: session.prune(best_config, job.ratio)[0]}
     scores = {}
     for label, build in models.items():
         start = time.perf_counter()

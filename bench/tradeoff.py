@@ -32,6 +32,7 @@ import torch
 from adapruner.inference_cost import measure_cost
 from adapruner.search import SearchJob, SearchSpace, baseline_trials, open_session, run_search
 from adapruner.search.objective import max_drop_layers
+from adapruner.search.record import StudyKey, TrialKey
 from adapruner.session import PruneConfig
 
 
@@ -74,15 +75,15 @@ def main() -> None:
             print(f"{name}: best val ppl {study.best_value:.2f} ({time.perf_counter() - start:.0f}s)", flush=True)
             studies[(ratio, kind)] = study
             best = study.best_trial
-            config = PruneConfig.from_dict(best.user_attrs["config"])
+            config = PruneConfig.from_dict(best.user_attrs[TrialKey.CONFIG])
             rows[f"{ratio:.0%} best {kind}"] = {"ratio": ratio, **quality(best.user_attrs),
                                               "model": lambda c=config, r=ratio: session.prune(c, r)[0]}
             if kind == "width":
                 reference = baseline_trials(study)["llm-pruner"]
-                config = PruneConfig.from_dict(reference.user_attrs["config"])
+                config = PruneConfig.from_dict(reference.user_attrs[TrialKey.CONFIG])
                 rows[f"{ratio:.0%} LLM-Pruner default"] = {"ratio": ratio, **quality(reference.user_attrs),
                                                           "model": lambda c=config, r=ratio: session.prune(c, r)[0]}
-    dense = next(iter(studies.values())).user_attrs["dense"]
+    dense = next(iter(studies.values())).user_attrs[StudyKey.DENSE]
     rows["unpruned"] |= {"val_ppl": dense["validation"], "test_ppl": dense["test"], "heldout_ppl": dense.get("heldout")}
     print(f"measuring {len(rows)} models one after another ({args.threads} threads, {args.repeats} repeats)",
           flush=True)

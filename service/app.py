@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from adapruner import __version__
 from adapruner.errors import AdaPrunerError
-from adapruner.search import artifact_store, close_storage, make_storage
+from adapruner.search import StudyKey, artifact_store, close_storage, make_storage
 
 from . import jobs
 from .db import JobStatus, check_schema, make_engine, session_factory
@@ -148,7 +148,8 @@ def get_report(job_id: str, reader: Reader, db: DB, storage: Storage) -> PlainTe
     """The study's markdown report: baselines beside the best configuration, cost, importances."""
     from adapruner.search import report_markdown, tradeoff_markdown
 
-    studies = [s for _, s in jobs.load_studies(storage, jobs.get_job(db, job_id, reader)) if "job" in s.user_attrs]
+    job = jobs.get_job(db, job_id, reader)
+    studies = [s for _, s in jobs.load_studies(storage, job) if StudyKey.JOB in s.user_attrs]
     if not studies:
         raise jobs.NotFound(f"job {job_id} has no study")
     if len(studies) == 1:

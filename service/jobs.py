@@ -20,8 +20,12 @@ from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, Text,
 from sqlalchemy.orm import Session
 
 from adapruner.search import (
+    FINISHED,
+    StudyKey,
     StudyLock,
+    TrialKey,
     baseline_draws,
+    baseline_of,
     best_trial,
     count_trials,
     create_study,
@@ -137,11 +141,11 @@ def trial_summary(trial: FrozenTrial, target: float | int | None = None) -> Tria
     return TrialSummary(
         number=trial.number, target=target, state=trial.state.name.lower(),
         value=trial.value if trial.state == TrialState.COMPLETE else None,
-        test_ppl=attrs.get("test_ppl"), heldout_ppl=attrs.get("heldout_ppl"), baseline=attrs.get("baseline"),
-        draw=attrs.get("draw"),
+        test_ppl=attrs.get(TrialKey.TEST_PPL), heldout_ppl=attrs.get(TrialKey.HELDOUT_PPL), baseline=baseline_of(trial),
+        draw=attrs.get(TrialKey.DRAW),
         params=trial.params,
-        windows=attrs.get("windows"), ratio=attrs.get("ratio"), seconds=attrs.get("seconds"),
-        worker=attrs.get("worker"), fail_reason=attrs.get("fail_reason"),
+        windows=attrs.get(TrialKey.WINDOWS), ratio=attrs.get(TrialKey.RATIO), seconds=attrs.get(TrialKey.SECONDS),
+        worker=attrs.get(TrialKey.WORKER), fail_reason=attrs.get(TrialKey.FAIL_REASON),
         started=trial.datetime_start, completed=trial.datetime_complete,
     )
 
@@ -178,7 +182,6 @@ def load_studies(storage: optuna.storages.BaseStorage, job: Job) -> list[tuple[f
     return [(ratio, study) for ratio, study in found if study is not None]
 
 
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 @dataclass(frozen=True)
@@ -195,7 +198,7 @@ class StudyDigest:
     def of(cls, storage: optuna.storages.BaseStorage, study: optuna.Study, trials: list[FrozenTrial]) -> StudyDigest:
         starts = [t.datetime_start for t in trials if t.datetime_start is not None]
         return cls(storage.get_study_id_from_name(study.study_name), Counter(t.state for t in trials),
-                   min(starts, default=None), study.user_attrs.get("phase"))
+                   min(starts, default=None), study.user_attrs.get(StudyKey.PHASE))
 
     @classmethod
     def combine(cls, digests: list[StudyDigest]) -> StudyDigest | None:
@@ -280,12 +283,12 @@ def job_view(job: Job, storage: optuna.storages.BaseStorage, settings: Settings)
     several = len(job_targets(job)) > 1
     out.targets = [target_view(ratio, study, trials, out.links.model, several) for ratio, study, trials in studies]
     first = studies[0][1]
-    out.dense = first.user_attrs.get("dense")
+    out.dense = first.user_attrs.get(StudyKey.DENSE)
     if not several:
         target = out.targets[0]
         out.best, out.baselines, out.tasks = target.best, target.baselines, target.tasks
         out.inference_cost = target.inference_cost
-        out.recovery = first.user_attrs.get("recovery")
+        out.recovery = first.user_attrs.get(StudyKey.RECOVERY)
         if job.best_trial is not None:
             out.load = load_line(first.trials[job.best_trial])
     return out
@@ -298,9 +301,9 @@ def target_view(ratio: float | int, study: optuna.Study, trials: list[FrozenTria
     return TargetOut(
         ratio=ratio, study_name=study.study_name, finished=sum(t.state in FINISHED for t in trials),
         best=trial_summary(best) if best is not None else None, baselines=baselines,
-        tasks=study.user_attrs.get("tasks"), inference_cost=study.user_attrs.get("inference_cost"),
+        tasks=study.user_attrs.get(StudyKey.TASKS), inference_cost=study.user_attrs.get(StudyKey.INFERENCE_COST),
         model=f"{model_link}?target={ratio:g}" if several else model_link,
-        has_model="best_model" in study.user_attrs,
+        has_model=StudyKey.BEST_MODEL in study.user_attrs,
     )
 
 
@@ -334,7 +337,7 @@ def target_artifact(job: Job, storage: optuna.storages.BaseStorage, target: floa
         raise InvalidTarget(f"job {job.id} has no target {target:g} (its targets: "
                             f"{', '.join(f'{r:g}' for r, _ in targets)})")
     study = load_study(storage, job, names[0])
-    recorded = study.user_attrs.get("best_model") if study is not None else None
+    recorded = study.user_attrs.get(StudyKey.BEST_MODEL) if study is not None else None
     if not recorded:
         raise Conflict(f"job {job.id} has no model for target {target:g} yet (status {job.status})")
     return recorded["artifact_id"]

@@ -18,7 +18,14 @@ import optuna
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from adapruner.errors import Stopped
-from adapruner.search import make_storage, open_session, run_targets, write_report, write_tradeoff_report
+from adapruner.search import (
+    StudyKey,
+    make_storage,
+    open_session,
+    run_targets,
+    write_report,
+    write_tradeoff_report,
+)
 
 from . import jobs
 from .db import JobStatus, check_schema, make_engine, session_factory
@@ -101,7 +108,7 @@ class Worker:
             if now - last[0] >= PHASE_SECONDS or done == 0:
                 last[0] = now
                 study = optuna.load_study(study_name=jobs.job_targets(job)[0][1], storage=self.storage)
-                study.set_user_attr("phase", {"phase": phase, "done": done, "total": total})
+                study.set_user_attr(StudyKey.PHASE, {"phase": phase, "done": done, "total": total})
 
         return on_step
 

@@ -47,6 +47,7 @@ LAYERS = (
     "adapruner.data",
     "adapruner.tasks",  # lm-eval is imported where it is used: importing it costs seconds
     "adapruner.session",
+    "adapruner.search.record",
     "adapruner.search.artifacts",
     "adapruner.search.lock",
     "adapruner.search.samplers",

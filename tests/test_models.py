@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from adapruner.device import resolve_device, resolve_dtype
+from adapruner.device import eval_mode, resolve_device, resolve_dtype
 from adapruner.errors import AdaPrunerError, UnsupportedModelError
 from adapruner.models import load_model
 
@@ -51,3 +51,14 @@ def test_device_and_dtype_choice():
     if not torch.cuda.is_available():
         with pytest.raises(AdaPrunerError, match="CUDA is not available"):
             resolve_device("cuda:0")
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_eval_mode_restores_the_mode_the_model_was_in(training):
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5)).train(training)
+    with eval_mode(model) as inside:
+        assert inside is model and not model.training and not model[1].training
+    assert model.training == training and model[1].training == training
+    with pytest.raises(RuntimeError), eval_mode(model):  # restored when the block fails too
+        raise RuntimeError
+    assert model.training == training

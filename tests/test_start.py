@@ -11,8 +11,14 @@ from adapruner.data import BUILTIN_SOURCES
 from adapruner.search import SearchJob, run_search
 from adapruner.search import start as start_module
 from adapruner.search.space import cluster_pool
-from adapruner.search.start import (fit_to_space, informed_params, prior_params, rule_ridge, search_domains,
-                                    unseen_sources)
+from adapruner.search.start import (
+    fit_to_space,
+    informed_params,
+    prior_params,
+    rule_ridge,
+    search_domains,
+    unseen_sources,
+)
 
 
 @pytest.fixture
@@ -77,7 +83,7 @@ def test_the_informed_start_is_peers_then_priors_then_nothing_random(session, cl
     assert params[1]["score"] == "flap" and params[1]["repair"] == "bias"
     for plain, repaired in zip(params[:2], params[2:4], strict=True):  # then each with the pool repair
         assert repaired == {**plain, "repair": "pool", "ridge": repaired["ridge"]}
-    ridge = rule_ridge(job, session.structure)  # the widest projection's k / T: 96 channels, 256 windows of 32 tokens from 2 sources
+    ridge = rule_ridge(job, session.structure)  # the widest projection's k / T: 96 channels, 256×32 tokens×2 sources
     assert ridge == pytest.approx(96 / (256 * 32 * 2))
     assert params[2]["ridge"] == max(ridge, job.space.ridge[0])  # clamped into the space's range
     assert params[4] == {"aggregation": "max", "strength": 0.7, "layer_first": 1}  # the prior, clamped

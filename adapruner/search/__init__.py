@@ -9,6 +9,7 @@ from .best import best_trial, export_best
 from .job import EXPORT_DTYPES, STARTS, SearchJob
 from .lock import StudyLock
 from .objective import Objective
+from .record import FINISHED, StudyKey, TrialKey, baseline_of, draw_of
 from .report import (
     baseline_draws,
     baseline_trials,
@@ -21,7 +22,7 @@ from .report import (
     write_report,
 )
 from .samplers import ESTIMATING_SAMPLERS, PRUNERS, SAMPLERS, make_pruner, make_sampler
-from .selection import SELECTION, record_selection, select
+from .selection import record_selection, select
 from .space import (
     CALIBRATION_MODES,
     DEFAULT_METRICS,
@@ -44,8 +45,9 @@ from .study import SearchResult, create_study, open_session, run_search
 from .targets import run_targets, target_study_name, tradeoff_markdown, write_tradeoff_report
 
 __all__ = [
-    "BASELINES", "CALIBRATION_MODES", "DEFAULT_BASELINES", "DEFAULT_METRICS", "ESTIMATING_SAMPLERS",
-    "EXPORT_DTYPES", "PRUNERS", "SAMPLERS", "SCORES", "SELECTION", "SQLITE_BUSY_SECONDS", "STARTS", "artifact_store",
+    "BASELINES", "CALIBRATION_MODES", "FINISHED", "DEFAULT_BASELINES", "DEFAULT_METRICS", "ESTIMATING_SAMPLERS",
+    "EXPORT_DTYPES", "PRUNERS", "SAMPLERS", "SCORES", "SQLITE_BUSY_SECONDS", "STARTS", "StudyKey", "TrialKey",
+    "artifact_store", "baseline_of", "draw_of",
     "baseline_config", "baseline_draws", "baseline_trials", "best_so_far", "best_trial", "check_fixed", "close_storage",
     "cluster_pool", "count_trials", "create_study", "describe_config", "export_best", "fail_dead_trials",
     "finished_trials", "load_line", "make_pruner", "make_sampler", "make_storage", "margin_sentence", "Objective",

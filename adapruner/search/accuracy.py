@@ -10,6 +10,7 @@ from ..session import PruningSession
 from ..tasks import evaluate_tasks, headline_metric, mean_accuracy
 from .best import UNPRUNED, compared_models
 from .job import SearchJob
+from .record import StudyKey
 
 
 def score_tasks(study: optuna.Study, session: PruningSession, job: SearchJob, batch_size: int = 8) -> dict | None:
@@ -17,8 +18,8 @@ def score_tasks(study: optuna.Study, session: PruningSession, job: SearchJob, ba
     resume) did it. The best configuration is scored as searched, before any LoRA recovery."""
     if not job.tasks:
         return None
-    if "tasks" in study.user_attrs:
-        return study.user_attrs["tasks"]
+    if StudyKey.TASKS in study.user_attrs:
+        return study.user_attrs[StudyKey.TASKS]
     models = compared_models(study, session, job)
     scores = {}
     for done, (label, build) in enumerate(models):
@@ -29,7 +30,7 @@ def score_tasks(study: optuna.Study, session: PruningSession, job: SearchJob, ba
     dense, searched = scores[UNPRUNED]["mean_acc"], scores.get("best", {}).get("mean_acc")
     summary = {"tasks": list(job.tasks), "limit": job.task_limit, "models": scores,
                "best_retained": searched / dense if dense and searched is not None else None}
-    study.set_user_attr("tasks", summary)
+    study.set_user_attr(StudyKey.TASKS, summary)
     return summary
 
 

@@ -21,6 +21,7 @@ from ..session import PruneConfig, PruningSession
 from .artifacts import artifact_store
 from .baselines import baseline_config
 from .job import SearchJob
+from .record import StudyKey, TrialKey, stored_sizes
 from .selection import chosen_trial
 
 UNPRUNED = "unpruned"
@@ -48,7 +49,7 @@ def compared_models(study: optuna.Study, session: PruningSession,
                                                              job.ratio)[0]))
     best = best_trial(study)
     if best is not None:
-        config = PruneConfig.from_dict(best.user_attrs["config"])
+        config = PruneConfig.from_dict(best.user_attrs[TrialKey.CONFIG])
         models.append(("best", lambda: session.prune(config, job.ratio)[0]))
     return models
 
@@ -76,19 +77,19 @@ def export_best(
     best = best_trial(study)
     if best is None:
         return None, None
-    recorded = study.user_attrs.get("best_model")
+    recorded = study.user_attrs.get(StudyKey.BEST_MODEL)
     if recorded and recorded.get("trial") == best.number and out_dir is None:
         return None, recorded["artifact_id"]  # another process exported it already
-    config = PruneConfig.from_dict(best.user_attrs["config"])
+    config = PruneConfig.from_dict(best.user_attrs[TrialKey.CONFIG])
     pruned, plan = session.prune(config, job.ratio)
-    sizes = [[s["num_key_value_heads"], s["intermediate_size"]] for s in plan.sizes()]
-    if sizes != best.user_attrs["sizes"] or list(plan.dropped) != best.user_attrs.get("dropped_layers", []):
+    recorded_drop = best.user_attrs.get(TrialKey.DROPPED_LAYERS, [])
+    if stored_sizes(plan.sizes()) != best.user_attrs[TrialKey.SIZES] or list(plan.dropped) != recorded_drop:
         raise AdaPrunerError(f"rebuilding trial {best.number} gave other layer sizes than the trial recorded")
     info = {"base_model": job.model, "study": study.study_name, "trial": best.number, "config": config.to_dict(),
-            "ratio": plan.ratio, "val_ppl": best.value, "test_ppl": best.user_attrs.get("test_ppl")}
+            "ratio": plan.ratio, "val_ppl": best.value, "test_ppl": best.user_attrs.get(TrialKey.TEST_PPL)}
     if job.recover is not None and job.recover.steps:
-        pruned, info["recovery"] = recover(pruned, session, job.recover, best.user_attrs.get("test_ppl"))
-        study.set_user_attr("recovery", info["recovery"])
+        pruned, info["recovery"] = recover(pruned, session, job.recover, best.user_attrs.get(TrialKey.TEST_PPL))
+        study.set_user_attr(StudyKey.RECOVERY, info["recovery"])
     model_dir, dtype = None, export_dtype(job.export_dtype, job.model, pruned)
     if out_dir is not None:
         model_dir = save_pruned(pruned, session.tokenizer, Path(out_dir) / "model", info=info, dtype=dtype)
@@ -102,7 +103,7 @@ def export_best(
             tar.add(folder, arcname="model")
         artifact_id = upload_artifact(artifact_store=store, file_path=str(archive), study_or_trial=study,
                                       mimetype="application/x-tar")
-    study.set_user_attr("best_model", {"trial": best.number, "artifact_id": artifact_id,
+    study.set_user_attr(StudyKey.BEST_MODEL, {"trial": best.number, "artifact_id": artifact_id,
                                        "artifact_store": str(artifact_dir)})
     return model_dir, artifact_id
 

@@ -14,6 +14,7 @@ from ..models import checkpoint_folder
 from ..session import PruningSession
 from .best import UNPRUNED, compared_models
 from .job import SearchJob
+from .record import StudyKey
 
 
 def measure_models(study: optuna.Study, session: PruningSession, job: SearchJob, model_dir: Path | None = None,
@@ -23,8 +24,8 @@ def measure_models(study: optuna.Study, session: PruningSession, job: SearchJob,
     checkpoint and of the best's export in ``model_dir`` (the baselines are not written)."""
     if not job.measure_cost:
         return None
-    if "inference_cost" in study.user_attrs:
-        return study.user_attrs["inference_cost"]
+    if StudyKey.INFERENCE_COST in study.user_attrs:
+        return study.user_attrs[StudyKey.INFERENCE_COST]
     models = compared_models(study, session, job)
     folders = {UNPRUNED: checkpoint_folder(session.model_name), "best": model_dir}
     costs: dict[str, InferenceCost] = {}
@@ -36,7 +37,7 @@ def measure_models(study: optuna.Study, session: PruningSession, job: SearchJob,
         del model  # one pruned copy at a time
     summary = {"models": {label: cost.to_dict() for label, cost in costs.items()},
                "speedups": speedups(costs, UNPRUNED)}
-    study.set_user_attr("inference_cost", summary)
+    study.set_user_attr(StudyKey.INFERENCE_COST, summary)
     return summary
 
 

@@ -27,6 +27,7 @@ from ..plan import params_to_remove
 from ..prune import prune_model
 from ..session import PruneConfig, PruningSession
 from ..structure import ModelStructure
+from .record import TrialKey, stored_sizes
 from .space import PoolClusters, SearchSpace, suggest_config
 
 logger = logging.getLogger(__name__)
@@ -105,11 +106,11 @@ def test_scores(session: PruningSession, model: torch.nn.Module, batch_size: int
     """
     in_domain = {s.name: mean_perplexity(model, session.source_windows(s, "test"), batch_size)
                  for s in session.eval_sources}
-    scores = {"test_ppl": geometric_mean(in_domain.values()), "test_ppl_by_source": in_domain}
+    scores = {TrialKey.TEST_PPL: geometric_mean(in_domain.values()), TrialKey.TEST_PPL_BY_SOURCE: in_domain}
     if session.heldout_sources:
         heldout = {s.name: mean_perplexity(model, session.source_windows(s, "test"), batch_size)
                    for s in session.heldout_sources}
-        scores |= {"heldout_ppl": geometric_mean(heldout.values()), "heldout_ppl_by_source": heldout}
+        scores |= {TrialKey.HELDOUT_PPL: geometric_mean(heldout.values()), TrialKey.HELDOUT_PPL_BY_SOURCE: heldout}
     return scores
 
 
@@ -147,9 +148,9 @@ class Objective:
         self.order = torch.randperm(n_val, generator=torch.Generator().manual_seed(seed)).tolist()
 
     def config(self, trial: optuna.Trial) -> PruneConfig:
-        baseline = trial.user_attrs.get("baseline")
+        baseline = trial.user_attrs.get(TrialKey.BASELINE)
         if baseline:
-            return self.baselines[(baseline, trial.user_attrs.get("draw", 0))]
+            return self.baselines[(baseline, trial.user_attrs.get(TrialKey.DRAW, 0))]
         return suggest_config(trial, self.space, self.clusters, len(self.session.structure.layers), self.seed,
                               self.max_drop)
 
@@ -163,7 +164,7 @@ class Objective:
                 yield
             finally:  # a trial stopped early (or failing) records the time it spent too
                 seconds[name] = round(seconds.get(name, 0.0) + time.perf_counter() - start, 3)
-                trial.set_user_attr("seconds", seconds)
+                trial.set_user_attr(TrialKey.SECONDS, seconds)
 
         try:
             with phase("importance"):
@@ -176,19 +177,20 @@ class Objective:
             if config.repair.enabled:
                 with phase("repair"):
                     pruned = self.session.repair(pruned, plan, config.repair)
-            trial.set_user_attr("config", config.to_dict())
-            trial.set_user_attr("params_kept", sum(p.numel() for p in pruned.parameters()))  # a repair's biases too
-            trial.set_user_attr("ratio", round(plan.ratio, 6))
-            trial.set_user_attr("sizes", [[s["num_key_value_heads"], s["intermediate_size"]] for s in plan.sizes()])
-            trial.set_user_attr("dropped_layers", list(plan.dropped))
+            trial.set_user_attr(TrialKey.CONFIG, config.to_dict())
+            # a repair's biases count too
+            trial.set_user_attr(TrialKey.PARAMS_KEPT, sum(p.numel() for p in pruned.parameters()))
+            trial.set_user_attr(TrialKey.RATIO, round(plan.ratio, 6))
+            trial.set_user_attr(TrialKey.SIZES, stored_sizes(plan.sizes()))
+            trial.set_user_attr(TrialKey.DROPPED_LAYERS, list(plan.dropped))
             with phase("validation"):
-                baseline = bool(trial.user_attrs.get("baseline"))  # baselines are never stopped early
+                baseline = bool(trial.user_attrs.get(TrialKey.BASELINE))  # baselines are never stopped early
                 val_nll, stopped = self._validate(trial, pruned, may_stop_early=not baseline)
             if stopped is not None:
                 return stopped
             val_ppl = math.exp(val_nll)
-            trial.set_user_attr("val_ppl", val_ppl)
-            if trial.user_attrs.get("baseline") or self._is_new_best(trial, val_ppl):
+            trial.set_user_attr(TrialKey.VAL_PPL, val_ppl)
+            if trial.user_attrs.get(TrialKey.BASELINE) or self._is_new_best(trial, val_ppl):
                 with phase("test"):
                     self._test(trial, pruned)
             return val_ppl
@@ -197,10 +199,10 @@ class Objective:
         except torch.OutOfMemoryError as exc:  # this trial's copy did not fit: fail it, free it, go on
             pruned = scores = None  # noqa: F841  (drop the references before the cache is emptied)
             free_device_memory()
-            trial.set_user_attr("fail_reason", f"out of memory: {exc}"[:500])
+            trial.set_user_attr(TrialKey.FAIL_REASON, f"out of memory: {exc}"[:500])
             raise
         except Exception as exc:  # recorded on the trial, which Optuna then marks FAIL
-            trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}"[:500])
+            trial.set_user_attr(TrialKey.FAIL_REASON, f"{type(exc).__name__}: {exc}"[:500])
             raise
 
     def _validate(self, trial: optuna.Trial, model: torch.nn.Module,
@@ -219,16 +221,16 @@ class Objective:
                 trial.report(self._in_unit(nll), step=index)
             # A trial that has seen every window is finished, not stopped: nothing is left to save.
             if may_stop_early and len(losses) < windows.shape[0] and trial.should_prune():
-                trial.set_user_attr("windows", len(losses))
-                trial.set_user_attr("partial_val_ppl", math.exp(mean))
+                trial.set_user_attr(TrialKey.WINDOWS, len(losses))
+                trial.set_user_attr(TrialKey.PARTIAL_VAL_PPL, math.exp(mean))
                 message = f"stopped after {len(losses)} of {windows.shape[0]} validation windows"
                 if not self.estimate_stopped:
                     raise optuna.TrialPruned(message)
                 best = trial.study.best_trial
-                trial.set_user_attr("estimated", True)
+                trial.set_user_attr(TrialKey.ESTIMATED, True)
                 best_losses = {i: self._as_loss(v) for i, v in best.intermediate_values.items()}
                 return mean, paired_estimate(losses, best_losses, best.value, self.weights)
-        trial.set_user_attr("windows", len(losses))
+        trial.set_user_attr(TrialKey.WINDOWS, len(losses))
         return weighted_mean(losses, self.weights), None
 
     def _in_unit(self, nll: float) -> float:

@@ -17,7 +17,7 @@ from .accuracy import accuracy_table
 from .best import best_trial
 from .cost import cost_table
 from .job import SearchJob
-from .selection import SELECTION
+from .record import StudyKey, TrialKey, baseline_of, draw_of
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ def best_so_far(study: optuna.Study) -> list[CurvePoint]:
         if trial.state == TrialState.COMPLETE and (best is None or trial.value < best.value):
             best = trial
         if best is not None:
-            points.append(CurvePoint(n, best.number, best.value, best.user_attrs.get("test_ppl")))
+            points.append(CurvePoint(n, best.number, best.value, best.user_attrs.get(TrialKey.TEST_PPL)))
     return points
 
 
@@ -48,14 +48,14 @@ def baseline_draws(study: optuna.Study) -> dict[str, list[FrozenTrial]]:
     """Each baseline's completed trials, one per draw (the first completed trial of each draw)."""
     found: dict[str, dict[int, FrozenTrial]] = {}
     for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        name = trial.user_attrs.get("baseline")
+        name = trial.user_attrs.get(TrialKey.BASELINE)
         if name:
-            found.setdefault(name, {}).setdefault(trial.user_attrs.get("draw", 0), trial)
+            found.setdefault(name, {}).setdefault(trial.user_attrs.get(TrialKey.DRAW, 0), trial)
     return {name: [runs[d] for d in sorted(runs)] for name, runs in found.items()}
 
 
-MEANS = ("val_ppl", "test_ppl", "heldout_ppl")
-MEANS_BY_SOURCE = ("test_ppl_by_source", "heldout_ppl_by_source")
+MEANS = (TrialKey.VAL_PPL, TrialKey.TEST_PPL, TrialKey.HELDOUT_PPL)
+MEANS_BY_SOURCE = (TrialKey.TEST_PPL_BY_SOURCE, TrialKey.HELDOUT_PPL_BY_SOURCE)
 
 
 def expected(draws: list[FrozenTrial]) -> FrozenTrial:
@@ -73,7 +73,7 @@ def expected(draws: list[FrozenTrial]) -> FrozenTrial:
         tables = [t.user_attrs[key] for t in draws if t.user_attrs.get(key)]
         if tables:
             attrs[key] = {name: statistics.mean(table[name] for table in tables) for name in tables[0]}
-    attrs["draws"] = [{"trial": t.number, "draw": t.user_attrs.get("draw", 0), "val_ppl": t.value,
+    attrs[TrialKey.DRAWS] = [{"trial": t.number, "draw": draw_of(t), "val_ppl": t.value,
                        **{k: t.user_attrs.get(k) for k in MEANS[1:] + MEANS_BY_SOURCE}} for t in draws]
     trial.user_attrs = attrs
     trial.value = statistics.mean(t.value for t in draws)
@@ -121,8 +121,8 @@ def plot_curve(study: optuna.Study, path: Path) -> Path | None:
     tests = [(p.finished, p.test_ppl) for p in points if p.test_ppl is not None]
     if tests:
         ax.step(*zip(*tests, strict=True), where="post", linestyle="--", label="its test ppl")
-    references = {f"{name} (test)": t.user_attrs.get("test_ppl") for name, t in baseline_trials(study).items()}
-    references["unpruned (test)"] = study.user_attrs.get("dense", {}).get("test")
+    references = {f"{name} (test)": t.user_attrs.get(TrialKey.TEST_PPL) for name, t in baseline_trials(study).items()}
+    references["unpruned (test)"] = study.user_attrs.get(StudyKey.DENSE, {}).get("test")
     for label, value in references.items():
         if value:
             ax.axhline(value, linewidth=0.8, color="grey", linestyle=":")
@@ -144,8 +144,8 @@ def _scores(item) -> dict:
         return {"val": item.get("validation"), "test": item.get("test"), "heldout": item.get("heldout"),
                 "by_source": item.get("heldout_by_source", {})}
     attrs = item.user_attrs
-    return {"val": item.value, "test": attrs.get("test_ppl"), "heldout": attrs.get("heldout_ppl"),
-            "by_source": attrs.get("heldout_ppl_by_source", {})}
+    return {"val": item.value, "test": attrs.get(TrialKey.TEST_PPL), "heldout": attrs.get(TrialKey.HELDOUT_PPL),
+            "by_source": attrs.get(TrialKey.HELDOUT_PPL_BY_SOURCE, {})}
 
 
 def _results_table(rows, heldout_names: list[str]) -> list[str]:
@@ -167,7 +167,7 @@ def _results_table(rows, heldout_names: list[str]) -> list[str]:
 
 def _repair_cell(item) -> str:
     """How a trial's kept weights were re-fitted (``—`` for the unpruned model)."""
-    config = item.user_attrs.get("config") if isinstance(item, FrozenTrial) else None
+    config = item.user_attrs.get(TrialKey.CONFIG) if isinstance(item, FrozenTrial) else None
     return "—" if config is None else describe_repair(config)
 
 
@@ -175,10 +175,10 @@ def _draw_lines(baselines: dict[str, FrozenTrial]) -> list[str]:
     """Each drawn baseline's spread: its draws' validation and test perplexities."""
     lines = []
     for name, trial in baselines.items():
-        draws = trial.user_attrs.get("draws")
+        draws = trial.user_attrs.get(TrialKey.DRAWS)
         if not draws:
             continue
-        key = "heldout_ppl" if trial.user_attrs.get("heldout_ppl") else "test_ppl"
+        key = TrialKey.HELDOUT_PPL if trial.user_attrs.get(TrialKey.HELDOUT_PPL) else TrialKey.TEST_PPL
         values = [d[key] for d in draws if d.get(key) is not None]
         spread = f" (sd {statistics.stdev(values):.2f})" if len(values) > 1 else ""
         lines.append(f"- `{name}` over its {len(draws)} calibration draws: "
@@ -204,30 +204,31 @@ def _selection_lines(record: dict | None) -> list[str]:
 def margin_sentence(best: FrozenTrial, reference: FrozenTrial) -> str:
     """How the best configuration compares with the LLM-Pruner baseline: out-of-domain when there is a
     held-out test, since in-domain text is what the search was tuned on."""
-    key, where = ("heldout_ppl", "held-out") if best.user_attrs.get("heldout_ppl") else ("test_ppl", "in-domain")
+    heldout = bool(best.user_attrs.get(TrialKey.HELDOUT_PPL))
+    key, where = (TrialKey.HELDOUT_PPL, "held-out") if heldout else (TrialKey.TEST_PPL, "in-domain")
     ours, theirs = best.user_attrs.get(key), reference.user_attrs.get(key)
     if not ours or not theirs:
         return ""
     ratio = ours / theirs
     side = f"{1 - ratio:.1%} lower" if ratio <= 1 else f"{ratio - 1:.1%} higher"
-    draws = reference.user_attrs.get("draws")
+    draws = reference.user_attrs.get(TrialKey.DRAWS)
     which = f"the mean of its {len(draws)} calibration draws" if draws else "this study's draw"
     return f"{where.capitalize()} test perplexity {ratio:.2f}x LLM-Pruner's default ({which}; {side})."
 
 
 def load_line(trial: FrozenTrial, folder: str = "model") -> str | None:
     """The line of code that loads the model exported from ``trial`` (a folder named ``folder``)."""
-    sizes = trial.user_attrs.get("sizes")
+    sizes = trial.user_attrs.get(TrialKey.SIZES)
     return load_instructions(folder, all(s == sizes[0] for s in sizes)) if sizes else None
 
 
 def report_markdown(study: optuna.Study, curve_png: str | None = None) -> str:
-    job = SearchJob.from_dict(study.user_attrs["job"])
-    data, dense = study.user_attrs.get("data", {}), study.user_attrs.get("dense", {})
+    job = SearchJob.from_dict(study.user_attrs[StudyKey.JOB])
+    data, dense = study.user_attrs.get(StudyKey.DATA, {}), study.user_attrs.get(StudyKey.DENSE, {})
     trials = study.get_trials(deepcopy=False)
     states = {s: sum(t.state == s for t in trials) for s in TrialState}
-    searched = [t for t in finished_trials(study) if not t.user_attrs.get("baseline")]
-    estimated = sum(bool(t.user_attrs.get("estimated")) for t in trials)
+    searched = [t for t in finished_trials(study) if not t.user_attrs.get(TrialKey.BASELINE)]
+    estimated = sum(bool(t.user_attrs.get(TrialKey.ESTIMATED)) for t in trials)
     lines = [f"# AdaPruner search `{study.study_name}`", ""]
     lines += [
         f"- model: `{job.model}` ({_fmt(data.get('params'), 0)} parameters), target: remove "
@@ -238,7 +239,8 @@ def report_markdown(study: optuna.Study, curve_png: str | None = None) -> str:
         + "; ".join(f"{name}: val {h['validation'][:12]}, test {h['test'][:12]}"
                     for name, h in data.get("sources", {}).items()),
         f"- sampler `{job.sampler}`, pruner `{job.pruner}`, seed {job.seed}, budget {job.trials} searched trials "
-        f"and {len(job.baseline_runs)} baseline runs, {study.user_attrs.get('informed_start', 0)} of the searched "
+        f"and {len(job.baseline_runs)} baseline runs, {study.user_attrs.get(StudyKey.INFORMED_START, 0)} of the "
+        f"searched "
         f"trials informed (LLM-Pruner's and FLAP's configurations, priors, earlier studies) "
         f"({states[TrialState.COMPLETE] - estimated} complete, "
         f"{states[TrialState.PRUNED] + estimated} stopped early, {states[TrialState.FAIL]} failed)",
@@ -255,45 +257,45 @@ def report_markdown(study: optuna.Study, curve_png: str | None = None) -> str:
     rows = [("unpruned", dense, data.get("params"))]
     baselines = baseline_trials(study)
     for name, trial in baselines.items():
-        draws = trial.user_attrs.get("draws")
+        draws = trial.user_attrs.get(TrialKey.DRAWS)
         label = f"baseline: {name}" + (f" (mean of {len(draws)} draws)" if draws else "")
-        rows.append((label, trial, trial.user_attrs.get("params_kept")))
+        rows.append((label, trial, trial.user_attrs.get(TrialKey.PARAMS_KEPT)))
     best = best_trial(study)
     if best is not None:
-        rows.append((f"**best: trial {best.number}**", best, best.user_attrs.get("params_kept")))
+        rows.append((f"**best: trial {best.number}**", best, best.user_attrs.get(TrialKey.PARAMS_KEPT)))
     lines += _results_table(rows, heldout_names)
     lines += _draw_lines(baselines)
-    lines += _selection_lines(study.user_attrs.get(SELECTION))
+    lines += _selection_lines(study.user_attrs.get(StudyKey.SELECTION))
     if best is not None:
         lines += ["", f"Best configuration (trial {best.number}"
-                  + (f", baseline {best.user_attrs['baseline']}" if best.user_attrs.get("baseline") else "")
-                  + f"): {describe_config(best.user_attrs['config'])}."]
+                  + (f", baseline {baseline_of(best)}" if baseline_of(best) else "")
+                  + f"): {describe_config(best.user_attrs[TrialKey.CONFIG])}."]
         reference = baselines.get("llm-pruner")
         if reference is not None:
             lines += [margin_sentence(best, reference)]
         if load_line(best):
             lines += ["", f"Load the exported model (the `model` folder beside this report) with transformers alone: "
                       f"`{load_line(best)}`."]
-    recovery = study.user_attrs.get("recovery")
+    recovery = study.user_attrs.get(StudyKey.RECOVERY)
     if recovery:
         lines += ["", f"Recovery of the best configuration: LoRA r={recovery['r']}, {recovery['steps']} steps of "
                   f"{recovery['batch_size']} windows, lr {recovery['lr']:g} ({recovery['seconds']:.0f}s): test "
                   f"perplexity {_fmt(recovery['test_ppl_before'])} -> **{_fmt(recovery['test_ppl_after'])}** "
                   "(the exported model is the fine-tuned one)."]
-    tasks = study.user_attrs.get("tasks")
+    tasks = study.user_attrs.get(StudyKey.TASKS)
     if tasks:
         limit = f", at most {tasks['limit']} items per task" if tasks.get("limit") else ""
         lines += ["", f"## Downstream accuracy (lm-evaluation-harness{limit}; higher is better)", "",
                   *accuracy_table(tasks)]
-    cost = study.user_attrs.get("inference_cost")
+    cost = study.user_attrs.get(StudyKey.INFERENCE_COST)
     if cost:
         lines += ["", "## What the pruned models buy (measured)", "", *cost_table(cost)]
     if curve_png:
         lines += ["", f"![best so far]({curve_png})"]
     if searched:
-        windows = [t.user_attrs.get("windows", 0) for t in searched]
+        windows = [t.user_attrs.get(TrialKey.WINDOWS, 0) for t in searched]
         full = data.get("val_windows") or max(windows)
-        seconds = [t.user_attrs.get("seconds", {}) for t in searched]
+        seconds = [t.user_attrs.get(TrialKey.SECONDS, {}) for t in searched]
         phases = sorted({k for s in seconds for k in s})
         lines += ["", "## Cost", "",
                   f"Searched trials evaluated {statistics.mean(windows):.1f} of {full} validation windows on average "

@@ -11,6 +11,7 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from ..errors import AdaPrunerError
+from .record import TrialKey
 
 SAMPLERS = ("tpe", "gp", "botorch", "random", "qmc")
 PRUNERS = ("wilcoxon", "median", "sha", "hyperband", "none")
@@ -38,7 +39,7 @@ class _SearchedTrials:
 
     def _get_trials(self, deepcopy: bool = True, states=None, use_cache: bool = False) -> list[FrozenTrial]:
         trials = self._study._get_trials(deepcopy=deepcopy, states=states, use_cache=use_cache)
-        return [t for t in trials if "baseline" not in t.user_attrs]
+        return [t for t in trials if TrialKey.BASELINE not in t.user_attrs]
 
     def get_trials(self, deepcopy: bool = True, states=None) -> list[FrozenTrial]:
         return self._get_trials(deepcopy=deepcopy, states=states)

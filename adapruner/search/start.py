@@ -32,12 +32,12 @@ from ..data import check_heldout, parse_draw
 from ..session import PruningSession
 from ..structure import ModelStructure
 from .job import SearchJob
-from .selection import SELECTION, chosen_trial
+from .record import StudyKey, TrialKey
+from .selection import chosen_trial
 from .space import PoolClusters, suggest_config
 
 logger = logging.getLogger(__name__)
 
-INFORMED = "informed_start"  # study attribute: what was queued (once)
 WARM_STUDIES = 4  # earlier studies a warm start takes one configuration from, the most recent first
 
 
@@ -153,13 +153,13 @@ def warm_params(storage: optuna.storages.BaseStorage, job: SearchJob, study_name
     the most recent first, each of which never saw one of the job's held-out sources."""
     unseen = unseen_sources(job)
     summaries = [s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
-                 if s.study_name != study_name and SELECTION in s.user_attrs and "job" in s.user_attrs]
+                 if s.study_name != study_name and StudyKey.SELECTION in s.user_attrs and StudyKey.JOB in s.user_attrs]
     found = []
     for summary in sorted(summaries, key=lambda s: s.datetime_start or 0, reverse=True):
-        if unseen & seen_sources(SearchJob.from_dict(summary.user_attrs["job"])):
+        if unseen & seen_sources(SearchJob.from_dict(summary.user_attrs[StudyKey.JOB])):
             continue
         chosen = chosen_trial(optuna.load_study(study_name=summary.study_name, storage=storage))
-        if chosen is not None and chosen.params and not chosen.user_attrs.get("baseline"):
+        if chosen is not None and chosen.params and not chosen.user_attrs.get(TrialKey.BASELINE):
             found.append(dict(chosen.params))
         if len(found) == WARM_STUDIES:
             break
@@ -187,10 +187,10 @@ def informed_params(job: SearchJob, session: PruningSession, clusters: PoolClust
 def enqueue_informed(study: optuna.Study, job: SearchJob, session: PruningSession, clusters: PoolClusters,
                      max_drop: int, storage: optuna.storages.BaseStorage | None = None) -> None:
     """Queue the informed start once per study (call it holding the study lock)."""
-    if INFORMED in study.user_attrs:
+    if StudyKey.INFORMED_START in study.user_attrs:
         return
     params = informed_params(job, session, clusters, max_drop, storage, study.study_name)
     for p in params:
         study.enqueue_trial(p, skip_if_exists=True)
-    study.set_user_attr(INFORMED, len(params))
+    study.set_user_attr(StudyKey.INFORMED_START, len(params))
     logger.info("study %s starts with %d informed trials", study.study_name, len(params))

@@ -19,6 +19,7 @@ from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
 from .lock import StudyLock
+from .record import FINISHED, TrialKey
 from .samplers import chosen_experimental_features
 
 logger = logging.getLogger(__name__)
@@ -26,7 +27,6 @@ logger = logging.getLogger(__name__)
 # A worker beats every HEARTBEAT seconds; one silent for GRACE seconds is taken for dead.
 HEARTBEAT_SECONDS = int(os.environ.get("ADAPRUNER_HEARTBEAT_SECONDS", 15))
 GRACE_SECONDS = int(os.environ.get("ADAPRUNER_GRACE_SECONDS", 45))
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # How long a process waits for SQLite's write lock before it gives up with "database is locked".
 SQLITE_BUSY_SECONDS = 60
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
@@ -97,7 +97,7 @@ def fail_dead_trials(study: optuna.Study) -> None:
         return
     retry = storage.get_heartbeat_stale_trial_callback()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if "worker" in trial.user_attrs:
+        if TrialKey.WORKER in trial.user_attrs:
             continue
         logger.warning("trial %d was left running by a process that died before its first heartbeat: "
                        "failing it", trial.number)
@@ -120,4 +120,4 @@ def mark_alive(storage: optuna.storages.BaseStorage, trial: optuna.Trial) -> Non
     """Record a first heartbeat and this process as the trial's ``worker`` (see :func:`fail_dead_trials`)."""
     if has_heartbeats(storage):
         storage.record_heartbeat(trial._trial_id)
-    trial.set_user_attr("worker", WORKER)
+    trial.set_user_attr(TrialKey.WORKER, WORKER)

@@ -35,6 +35,7 @@ from .cost import measure_models
 from .job import SearchJob
 from .lock import StudyLock
 from .objective import LOG_PERPLEXITY, PERPLEXITY, Objective, geometric_mean
+from .record import StudyKey, TrialKey, baseline_attrs, baseline_of, draw_of
 from .samplers import ESTIMATING_SAMPLERS, make_pruner, make_sampler, reports_running_mean
 from .selection import record_selection
 from .space import cluster_pool
@@ -74,7 +75,7 @@ def create_study(storage: optuna.storages.BaseStorage, name: str, job: SearchJob
                                     pruner=pruner, load_if_exists=False)
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
-        stored, wanted = study.user_attrs.get("job"), job.identity()
+        stored, wanted = study.user_attrs.get(StudyKey.JOB), job.identity()
         # Read the stored job back through the dataclass, so fields added since it was stored take
         # their defaults and an older study still resumes.
         known = SearchJob.from_dict(stored).identity() if stored is not None else None
@@ -83,25 +84,25 @@ def create_study(storage: optuna.storages.BaseStorage, name: str, job: SearchJob
             raise AdaPrunerError(f"study {name!r} exists with a different job ({', '.join(changed)} differ); "
                                  "use another --study name") from None
         if stored is not None and stored.get("trials") != job.trials:
-            study.set_user_attr("job", job.to_dict())  # the budget grew or shrank: record the new one
+            study.set_user_attr(StudyKey.JOB, job.to_dict())  # the budget grew or shrank: record the new one
         return study
     # The unit first: a process that finds the study without it reads it as new (perplexity), and one
     # that finds the version without the unit has an older study (log-perplexity).
-    study.set_user_attr("intermediate_unit", PERPLEXITY)
+    study.set_user_attr(StudyKey.INTERMEDIATE_UNIT, PERPLEXITY)
     # Baselines first, before anyone else can ask for a trial.
     for name, draw in job.baseline_runs:
-        study.enqueue_trial({}, user_attrs={"baseline": name, "draw": draw})
-    study.set_user_attr("job", job.to_dict())
-    study.set_user_attr("adapruner_version", __version__)
+        study.enqueue_trial({}, user_attrs=baseline_attrs(name, draw))
+    study.set_user_attr(StudyKey.JOB, job.to_dict())
+    study.set_user_attr(StudyKey.VERSION, __version__)
     return study
 
 
 def intermediate_unit(study: optuna.Study) -> str:
     """The unit of the study's intermediate values (see :data:`objective.PERPLEXITY`)."""
     attrs = study.user_attrs
-    if "intermediate_unit" in attrs:
-        return attrs["intermediate_unit"]
-    return LOG_PERPLEXITY if "adapruner_version" in attrs else PERPLEXITY
+    if StudyKey.INTERMEDIATE_UNIT in attrs:
+        return attrs[StudyKey.INTERMEDIATE_UNIT]
+    return LOG_PERPLEXITY if StudyKey.VERSION in attrs else PERPLEXITY
 
 
 BASELINE_ATTEMPTS = 3
@@ -112,18 +113,18 @@ def requeue_failed_baselines(study: optuna.Study, job: SearchJob) -> None:
     trials in all: the report exists for the comparison with it. Call it holding the study lock."""
     trials = study.get_trials(deepcopy=False)
     for name, draw in job.baseline_runs:
-        attempts = [t for t in trials if t.user_attrs.get("baseline") == name and t.user_attrs.get("draw", 0) == draw]
+        attempts = [t for t in trials if baseline_of(t) == name and draw_of(t) == draw]
         if attempts and len(attempts) < BASELINE_ATTEMPTS and all(t.state == TrialState.FAIL for t in attempts):
             logger.warning("baseline %s (draw %d) failed (%s): queued again", name, draw,
-                           attempts[-1].user_attrs.get("fail_reason"))
-            study.enqueue_trial({}, user_attrs={"baseline": name, "draw": draw})
+                           attempts[-1].user_attrs.get(TrialKey.FAIL_REASON))
+            study.enqueue_trial({}, user_attrs=baseline_attrs(name, draw))
 
 
 def describe_data(study: optuna.Study, session: PruningSession) -> None:
     """Record the texts' content hashes and the unpruned model's perplexities with the study (once)."""
-    if "dense" in study.user_attrs:
+    if StudyKey.DENSE in study.user_attrs:
         return
-    study.set_user_attr("data", {
+    study.set_user_attr(StudyKey.DATA, {
         "pool_hash": session.pool.content_hash,
         "pool_sources": sorted(set(session.pool.source_of)),
         "sources": {s.name: s.hashes for s in session.eval_sources},
@@ -144,7 +145,7 @@ def describe_data(study: optuna.Study, session: PruningSession) -> None:
     if heldout:
         dense["heldout"] = geometric_mean(heldout.values())
         dense["heldout_by_source"] = heldout
-    study.set_user_attr("dense", dense)
+    study.set_user_attr(StudyKey.DENSE, dense)
 
 
 def run_search(

@@ -27,6 +27,7 @@ import optuna
 from ..session import PruningSession
 from .best import UNPRUNED, best_trial
 from .job import SearchJob
+from .record import StudyKey, TrialKey
 from .report import baseline_trials
 from .study import SearchResult, open_session, run_search
 
@@ -65,11 +66,12 @@ def tradeoff_points(studies: Sequence[optuna.Study]) -> list[dict]:
     parameters kept, test and held-out perplexity and measured decode tokens/s (None where not measured)."""
     rows: list[dict] = []
     for study in studies:
-        cost = study.user_attrs.get("inference_cost", {}).get("models", {})
-        ratio = SearchJob.from_dict(study.user_attrs["job"]).ratio
+        cost = study.user_attrs.get(StudyKey.INFERENCE_COST, {}).get("models", {})
+        ratio = SearchJob.from_dict(study.user_attrs[StudyKey.JOB]).ratio
         if not rows:
-            dense = study.user_attrs.get("dense", {})
-            rows.append({"model": UNPRUNED, "ratio": 0.0, "params": study.user_attrs.get("data", {}).get("params"),
+            dense = study.user_attrs.get(StudyKey.DENSE, {})
+            data = study.user_attrs.get(StudyKey.DATA, {})
+            rows.append({"model": UNPRUNED, "ratio": 0.0, "params": data.get("params"),
                          "test_ppl": dense.get("test"), "heldout_ppl": dense.get("heldout"),
                          "decode": cost.get(UNPRUNED, {}).get("decode_tokens_per_s")})
         trials = [("best", best_trial(study)),
@@ -78,8 +80,8 @@ def tradeoff_points(studies: Sequence[optuna.Study]) -> list[dict]:
             if trial is None:
                 continue
             attrs = trial.user_attrs
-            rows.append({"model": label, "ratio": ratio, "params": attrs.get("params_kept"),
-                         "test_ppl": attrs.get("test_ppl"), "heldout_ppl": attrs.get("heldout_ppl"),
+            rows.append({"model": label, "ratio": ratio, "params": attrs.get(TrialKey.PARAMS_KEPT),
+                         "test_ppl": attrs.get(TrialKey.TEST_PPL), "heldout_ppl": attrs.get(TrialKey.HELDOUT_PPL),
                          "decode": cost.get(label, {}).get("decode_tokens_per_s")})
     return rows
 
