@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -40,6 +41,10 @@ from .structure import ModelStructure, model_structure
 from .wanda_sp import wanda_sp_sequential
 
 logger = logging.getLogger(__name__)
+
+
+def _no_phase(name: str) -> AbstractContextManager:
+    return nullcontext()
 
 
 @dataclass(frozen=True)
@@ -271,9 +276,23 @@ class PruningSession:
         scores = scores if scores is not None else self.importance(config, target)
         return make_plan(self.structure, scores, target, config.allocation, self._layer_cos(config), self.channel_step)
 
-    def prune(self, config: PruneConfig, target: float | int) -> tuple[nn.Module, PruningPlan]:
-        plan = self.plan(config, target)
-        return self.repair(prune_model(self.model, plan), plan, config.repair), plan
+    def prune(self, config: PruneConfig, target: float | int, share_unchanged: bool = False,
+              phase: Callable[[str], AbstractContextManager] = _no_phase) -> tuple[nn.Module, PruningPlan]:
+        """The one pruning pipeline: importance -> plan -> pruned copy -> repair, for a search trial, a baseline,
+        an export and ``adapruner prune`` alike. ``share_unchanged``: the copy shares every tensor the plan does
+        not cut with the session's model (a trial's copy, scored and dropped; see
+        :func:`~adapruner.prune.prune_model`); ``phase(name)``: a context manager around each step (the search
+        times them)."""
+        with phase("importance"):
+            scores = self.importance(config, target)
+        with phase("plan"):
+            plan = self.plan(config, target, scores)
+        with phase("prune"):
+            pruned = prune_model(self.model, plan, share_unchanged=share_unchanged)
+        if config.repair.enabled:
+            with phase("repair"):
+                pruned = self.repair(pruned, plan, config.repair)
+        return pruned, plan
 
     def repair(self, pruned: nn.Module, plan: PruningPlan, repair: Repair) -> nn.Module:
         """Re-fit ``pruned``'s cut projections as ``repair`` says (in place; see :mod:`adapruner.repair`)."""

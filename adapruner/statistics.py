@@ -99,21 +99,29 @@ class PoolStatistics:
     embedding: torch.Tensor
     tokens: int
     meta: dict[str, str] = field(default_factory=dict)
+    _last: tuple[tuple[int, ...], SubsetStatistics] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def n_samples(self) -> int:
         return self.layer_cos.shape[0]
 
     def subset(self, indices: Sequence[int]) -> SubsetStatistics:
-        """The statistics of a subset of the pool: sums over its samples."""
+        """The statistics of a subset of the pool: sums over its samples. The last subset's sums are kept (a
+        trial asks for them twice: its importance, then its allocation's layer similarities); treat them as
+        read-only."""
         idx = check_subset(indices, self.n_samples)
+        key = tuple(idx.tolist())
+        if self._last is not None and self._last[0] == key:
+            return self._last[1]
         # rows as stored (possibly 16-bit), summed in fp32
         pick = lambda table: {k: v.index_select(0, idx).sum(0, dtype=torch.float32) for k, v in table.items()}  # noqa: E731
-        return SubsetStatistics(
+        summed = SubsetStatistics(
             taylor=pick(self.taylor), act_sum=pick(self.act_sum), act_sq=pick(self.act_sq),
             layer_cos=self.layer_cos.index_select(0, idx).sum(0, dtype=torch.float32) / (idx.numel() * self.tokens),
             tokens=idx.numel() * self.tokens,
         )
+        self._last = (key, summed)
+        return summed
 
     # -- storage --------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:

@@ -338,3 +338,14 @@ def test_embedding_is_mean_final_hidden_state(setup):
     with torch.no_grad():
         hidden = model.model(input_ids=windows[3:4]).last_hidden_state
     torch.testing.assert_close(stats.embedding[3], hidden[0].mean(0))
+
+
+def test_a_subset_is_summed_once_for_consecutive_asks(setup):
+    _, _, stats = setup
+    first = stats.subset(SUBSET)
+    assert stats.subset(list(SUBSET)) is first  # a trial's importance and its layer similarities share one sum
+    other = stats.subset([0, 1])
+    assert other is not first and other.tokens != first.tokens
+    fresh = stats.subset(SUBSET)
+    assert fresh is not first  # only the last subset is kept
+    torch.testing.assert_close(fresh.layer_cos, first.layer_cos, rtol=0, atol=0)

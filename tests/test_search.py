@@ -492,9 +492,10 @@ def test_failing_trials_are_recorded_not_fatal(session, tmp_path, monkeypatch):
 def one_trial_out_of_memory(session, tmp_path, monkeypatch):
     """A search whose third trial runs out of device memory while building its pruned copy."""
     import adapruner.search.objective as objective
+    import adapruner.session as session_module
 
     calls, freed = {"n": 0}, []
-    original = objective.prune_model
+    original = session_module.prune_model
 
     def prune(model, plan, **kwargs):
         calls["n"] += 1
@@ -502,7 +503,7 @@ def one_trial_out_of_memory(session, tmp_path, monkeypatch):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return original(model, plan, **kwargs)
 
-    monkeypatch.setattr(objective, "prune_model", prune)
+    monkeypatch.setattr(session_module, "prune_model", prune)
     monkeypatch.setattr(objective, "free_device_memory", lambda: freed.append(calls["n"]))
     result = run_search(tiny_job(trials=5, baselines=("magnitude",)), f"sqlite:///{tmp_path / 'm.db'}", "m",
                         session=session, progress=False, artifact_dir=tmp_path / "a")

@@ -24,7 +24,6 @@ import torch
 
 from ..evaluate import window_losses
 from ..plan import params_to_remove
-from ..prune import prune_model
 from ..session import PruneConfig, PruningSession
 from ..structure import ModelStructure
 from .record import TrialKey, stored_sizes
@@ -167,16 +166,9 @@ class Objective:
                 trial.set_user_attr(TrialKey.SECONDS, seconds)
 
         try:
-            with phase("importance"):
+            with phase("importance"):  # a searched trial's configuration is suggested here: sampling counts too
                 config = self.config(trial)
-                scores = self.session.importance(config, self.target)
-            with phase("plan"):
-                plan = self.session.plan(config, self.target, scores)
-            with phase("prune"):
-                pruned = prune_model(self.session.model, plan, share_unchanged=True)  # scored, then dropped
-            if config.repair.enabled:
-                with phase("repair"):
-                    pruned = self.session.repair(pruned, plan, config.repair)
+            pruned, plan = self.session.prune(config, self.target, share_unchanged=True, phase=phase)  # then dropped
             trial.set_user_attr(TrialKey.CONFIG, config.to_dict())
             # a repair's biases count too
             trial.set_user_attr(TrialKey.PARAMS_KEPT, sum(p.numel() for p in pruned.parameters()))
@@ -197,7 +189,7 @@ class Objective:
         except optuna.TrialPruned:
             raise
         except torch.OutOfMemoryError as exc:  # this trial's copy did not fit: fail it, free it, go on
-            pruned = scores = None  # noqa: F841  (drop the references before the cache is emptied)
+            pruned = None  # noqa: F841  (drop the reference before the cache is emptied)
             free_device_memory()
             trial.set_user_attr(TrialKey.FAIL_REASON, f"out of memory: {exc}"[:500])
             raise
