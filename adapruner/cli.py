@@ -691,10 +691,3 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> i
         print("adapruner: interrupted", file=sys.stderr)
         return 130
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    return run(build_parser(), argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -121,34 +121,3 @@ def drop_layers(model: nn.Module, dropped: tuple[int, ...]) -> None:
     config.num_hidden_layers = len(layers)
     config.adapruner = {**getattr(config, "adapruner", {}),
                         "dropped_layers": sorted([*before, *(original[i] for i in dropped)])}
-
-
-def mask_model(model: nn.Module, plan: PruningPlan) -> nn.Module:
-    """A copy with the removed groups' weights set to zero instead of sliced out (for checking)."""
-    structure = model_structure(model)
-    check_plan(structure, plan)
-    masked = copy.deepcopy(model)
-    with torch.no_grad():
-        for i, (layer, shape, lp) in enumerate(zip(decoder_layers(masked), structure.layers, plan.layers,
-                                                   strict=True)):
-            linears = layer_linears(layer)
-            if i in plan.dropped:  # no output into the residual stream: the layer passes its input on
-                for name in COLUMN_MODULES:
-                    linears[name].weight.zero_()
-                    if linears[name].bias is not None:
-                        linears[name].bias.zero_()
-                continue
-            dropped_groups = torch.tensor(sorted(set(range(shape.n_groups)) - set(lp.keep_groups)), dtype=torch.long)
-            dropped_channels = torch.tensor(sorted(set(range(shape.n_channels)) - set(lp.keep_channels)),
-                                            dtype=torch.long)
-            for names, dropped in ((ATTN_MODULES, dropped_groups), (MLP_MODULES, dropped_channels)):
-                for name in names:
-                    idx = group_index(shape, name, dropped)
-                    linear = linears[name]
-                    if name in COLUMN_MODULES:
-                        linear.weight[:, idx] = 0
-                    else:
-                        linear.weight[idx] = 0
-                        if linear.bias is not None:
-                            linear.bias[idx] = 0
-    return masked

@@ -5,6 +5,7 @@ Fixtures live in ``conftest.py``; this module holds plain functions and constant
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -23,7 +24,19 @@ import pytest
 import torch
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
+
+from adapruner.plan import PruningPlan, check_plan
+from adapruner.structure import (
+    ATTN_MODULES,
+    COLUMN_MODULES,
+    MLP_MODULES,
+    decoder_layers,
+    group_index,
+    layer_linears,
+    model_structure,
+)
 
 WORDS = (
     "the a of and to in was she he it that her his with for had not on be as at by but which you all "
@@ -198,3 +211,34 @@ def wait_for_job(base: str, job_id: str, seconds: float = 300) -> dict:
         if job["status"] not in ("queued", "running") or time.time() > deadline:
             return job
         time.sleep(0.5)
+
+
+def mask_model(model: nn.Module, plan: PruningPlan) -> nn.Module:
+    """A copy with the removed groups' weights set to zero instead of sliced out (for checking)."""
+    structure = model_structure(model)
+    check_plan(structure, plan)
+    masked = copy.deepcopy(model)
+    with torch.no_grad():
+        for i, (layer, shape, lp) in enumerate(zip(decoder_layers(masked), structure.layers, plan.layers,
+                                                   strict=True)):
+            linears = layer_linears(layer)
+            if i in plan.dropped:  # no output into the residual stream: the layer passes its input on
+                for name in COLUMN_MODULES:
+                    linears[name].weight.zero_()
+                    if linears[name].bias is not None:
+                        linears[name].bias.zero_()
+                continue
+            dropped_groups = torch.tensor(sorted(set(range(shape.n_groups)) - set(lp.keep_groups)), dtype=torch.long)
+            dropped_channels = torch.tensor(sorted(set(range(shape.n_channels)) - set(lp.keep_channels)),
+                                            dtype=torch.long)
+            for names, dropped in ((ATTN_MODULES, dropped_groups), (MLP_MODULES, dropped_channels)):
+                for name in names:
+                    idx = group_index(shape, name, dropped)
+                    linear = linears[name]
+                    if name in COLUMN_MODULES:
+                        linear.weight[:, idx] = 0
+                    else:
+                        linear.weight[idx] = 0
+                        if linear.bias is not None:
+                            linear.bias[idx] = 0
+    return masked

@@ -2,14 +2,14 @@
 
 import pytest
 import torch
-from helpers import make_tiny_model
+from helpers import make_tiny_model, mask_model
 from transformers import AutoModelForCausalLM
 
 from adapruner.errors import AdaPrunerError
 from adapruner.export import load_pruned, save_pruned
 from adapruner.importance import GroupScores
 from adapruner.plan import Allocation, LayerPlan, PruningPlan, make_plan
-from adapruner.prune import mask_model, prune_model
+from adapruner.prune import prune_model
 from adapruner.repair import Repair, collect_moments, kept_columns, repair_pruned
 from adapruner.structure import decoder_layers, model_structure
 

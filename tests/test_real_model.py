@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import mask_model
 
 from adapruner.cache import cache_dir
-from adapruner.cli import main
 from adapruner.data import eval_windows, load_source
 from adapruner.evaluate import perplexity
 from adapruner.export import load_pruned, save_pruned
@@ -17,8 +17,9 @@ from adapruner.fetch import wheel_member
 from adapruner.importance import ACTIVATION_METRICS, GRADIENT_METRICS, Mixture
 from adapruner.models import BUILTIN_MODELS, builtin_checkpoint, load_model
 from adapruner.plan import Allocation
-from adapruner.prune import mask_model, prune_model
+from adapruner.prune import prune_model
 from adapruner.session import PruneConfig, PruningSession
+from service.cli import main
 
 pytestmark = pytest.mark.real
 

@@ -7,14 +7,14 @@ import sys
 
 import pytest
 import torch
-from helpers import make_tiny_model
+from helpers import make_tiny_model, mask_model
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from adapruner.errors import AdaPrunerError, UnsupportedModelError
 from adapruner.export import load_pruned, save_pruned
 from adapruner.models import load_model
 from adapruner.plan import LayerPlan, PruningPlan
-from adapruner.prune import mask_model, prune_model
+from adapruner.prune import prune_model
 from adapruner.structure import decoder_layers, layer_linears, model_structure
 
 ARCHS = {

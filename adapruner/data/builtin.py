@@ -143,9 +143,3 @@ def builtin_corpus(name: str) -> Corpus:
     with atomic_path(path) as partial:
         partial.write_text(json.dumps(corpus, ensure_ascii=False), encoding="utf-8")
     return corpus
-
-
-def builtin_documents(name: str) -> list[str]:
-    """The documents of built-in corpus ``name`` as one flat list, work after work for ``books``."""
-    corpus = builtin_corpus(name)
-    return [doc for docs in corpus.values() for doc in docs] if isinstance(corpus, dict) else corpus
