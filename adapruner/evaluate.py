@@ -22,6 +22,8 @@ from .device import eval_mode
 
 @dataclass(frozen=True)
 class Perplexity:
+    """A perplexity measurement: the mean token cross-entropy over ``windows`` token windows and its exponential."""
+
     ppl: float
     nll: float  # mean token cross-entropy (nats)
     windows: int

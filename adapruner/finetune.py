@@ -46,6 +46,8 @@ class LoRA:
 
 @dataclass
 class FinetuneResult:
+    """A fine-tuned model (LoRA merged in), the loss of every step and the seconds it took."""
+
     model: nn.Module
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0

@@ -27,6 +27,8 @@ from .structure import model_structure
 
 @dataclass
 class StepRecord:
+    """One step of the incremental schedule: where it brought the model and what it cost."""
+
     target_ratio: float  # cumulative share of the original parameters removed after this step
     removed: int  # parameters removed by this step
     params: int  # parameters left
@@ -36,6 +38,8 @@ class StepRecord:
 
 @dataclass
 class IncrementalResult:
+    """The model after the whole schedule, with each step's plan and record."""
+
     model: nn.Module
     plans: list[PruningPlan] = field(default_factory=list)
     steps: list[StepRecord] = field(default_factory=list)

@@ -45,6 +45,8 @@ from .models import checkpoint_folder, load_model
 
 @dataclass(frozen=True)
 class InferenceCost:
+    """Speed and memory of one model on one device: prefill and decode throughput, weights, disk, peak memory."""
+
     device: str
     dtype: str
     threads: int

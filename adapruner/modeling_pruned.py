@@ -55,19 +55,19 @@ class PerLayerSizes:
 
 
 class PrunedLlamaForCausalLM(PerLayerSizes, LlamaForCausalLM):
-    pass
+    """Llama with per-layer sizes: what an export with cut or dropped layers loads as."""
 
 
 class PrunedMistralForCausalLM(PerLayerSizes, MistralForCausalLM):
-    pass
+    """Mistral with per-layer sizes: what an export with cut or dropped layers loads as."""
 
 
 class PrunedQwen2ForCausalLM(PerLayerSizes, Qwen2ForCausalLM):
-    pass
+    """Qwen2 with per-layer sizes: what an export with cut or dropped layers loads as."""
 
 
 class PrunedQwen3ForCausalLM(PerLayerSizes, Qwen3ForCausalLM):
-    pass
+    """Qwen3 with per-layer sizes: what an export with cut or dropped layers loads as."""
 
 
 PRUNED_CLASSES = {"llama": PrunedLlamaForCausalLM, "mistral": PrunedMistralForCausalLM,

@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BuiltinModel:
+    """A model shipped as a GGUF inside a package of the package index: which package, which version, which file."""
+
     package: str
     version: str
     gguf_member: str  # path of the .gguf inside the wheel

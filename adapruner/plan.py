@@ -144,6 +144,8 @@ class Allocation:
 
 @dataclass(frozen=True)
 class LayerPlan:
+    """What one layer keeps: the indices of its attention groups (KV heads) and of its MLP channels."""
+
     keep_groups: tuple[int, ...]
     keep_channels: tuple[int, ...]
 

@@ -34,6 +34,8 @@ COLUMN_MODULES = ("o_proj", "down_proj")
 
 @dataclass(frozen=True)
 class LayerShape:
+    """The prunable shape of one decoder layer: attention groups and their heads, MLP channels, biases."""
+
     n_groups: int  # attention groups (KV heads)
     n_rep: int  # query heads per KV head
     head_dim: int
@@ -71,6 +73,8 @@ class LayerShape:
 
 @dataclass(frozen=True)
 class ModelStructure:
+    """A model's architecture as pruning sees it: one :class:`LayerShape` per decoder layer, and its size."""
+
     model_type: str
     layers: tuple[LayerShape, ...]
     total_params: int

@@ -31,6 +31,8 @@ LEGACY_VERSION_TABLE = "adapruner_schema"  # the hand-written versioning before 
 
 
 class JobStatus(enum.StrEnum):
+    """Where a job is in its life: queued, running, then succeeded, failed or cancelled."""
+
     queued = "queued"
     running = "running"
     succeeded = "succeeded"
@@ -47,10 +49,12 @@ def utcnow() -> datetime:
 
 
 class Base(DeclarativeBase):
-    pass
+    """The service's declarative base: its own tables, apart from Optuna's."""
 
 
 class Job(Base):
+    """A submitted search job: its spec, owner, status and times; its studies live in Optuna's tables."""
+
     __tablename__ = "jobs"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: uuid.uuid4().hex)
@@ -68,7 +72,7 @@ class Job(Base):
 
 
 class SchemaError(RuntimeError):
-    pass
+    """The database's tables differ from what this version of the service expects."""
 
 
 def make_engine(url: str) -> Engine:

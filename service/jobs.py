@@ -40,15 +40,15 @@ from .settings import Settings
 
 
 class NotFound(Exception):
-    pass
+    """No such job, or one the caller may not see (HTTP 404)."""
 
 
 class Conflict(Exception):
-    pass
+    """The job is not in a state that allows this (HTTP 409)."""
 
 
 class Forbidden(Exception):
-    pass
+    """The caller may see the job but not cancel it: it belongs to another token (HTTP 403)."""
 
 
 class InvalidTarget(Exception):

@@ -155,6 +155,8 @@ class JobCreate(BaseModel):
 
 
 class Links(BaseModel):
+    """Where to find the job's parts: itself, its trials, its model, its report and the dashboard."""
+
     self: str
     trials: str
     model: str
@@ -163,6 +165,8 @@ class Links(BaseModel):
 
 
 class Progress(BaseModel):
+    """A job's trials by state against its budget, with an estimate of the time left."""
+
     finished: int
     running: int
     pruned: int
@@ -173,6 +177,8 @@ class Progress(BaseModel):
 
 
 class TrialSummary(BaseModel):
+    """One trial as served: its state, perplexities, configuration parameters, size and timings."""
+
     number: int
     target: float | int | None = Field(default=None, description="the ratio of the target whose study it is in")
     state: str
@@ -248,6 +254,8 @@ class JobOut(BaseModel):
 
 
 class JobList(BaseModel):
+    """One page of jobs."""
+
     items: list[JobOut]
     total: int
     offset: int
@@ -255,6 +263,8 @@ class JobList(BaseModel):
 
 
 class TrialList(BaseModel):
+    """A job's trials."""
+
     items: list[TrialSummary]
 
 

@@ -13,6 +13,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
+    """The service's settings, in one place: from ``ADAPRUNER_*`` environment variables or ``.env``."""
+
     model_config = SettingsConfigDict(env_prefix="ADAPRUNER_", env_file=".env", extra="ignore")
 
     # Where everything lives. The database defaults to SQLite inside the data folder.

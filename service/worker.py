@@ -39,6 +39,8 @@ PHASE_SECONDS = 2.0  # record a job's phase at most this often
 
 
 class Worker:
+    """Claims queued jobs one at a time and runs each (statistics, search, export) in this process."""
+
     def __init__(self, settings: Settings, device: str | None = None, dtype: str | None = None,
                  progress: bool = False):
         self.settings, self.device, self.dtype, self.progress = settings, device, dtype, progress

@@ -1,3 +1,4 @@
+import ast
 import shutil
 import subprocess
 import sys
@@ -15,3 +16,17 @@ def test_ruff_finds_nothing():
     result = subprocess.run([ruff, "check", "adapruner", "service", "tests", "bench"], cwd=ROOT,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def undocumented_classes(source: str) -> list[str]:
+    """The public top-level classes of ``source`` without a docstring."""
+    return [node.name for node in ast.parse(source).body
+            if isinstance(node, ast.ClassDef) and not node.name.startswith("_") and not ast.get_docstring(node)]
+
+
+def test_every_public_class_says_what_it_is():
+    assert undocumented_classes("class A:\n    pass\nclass _B:\n    pass\nclass C:\n    '''C.'''\n") == ["A"]
+    missing = [f"{path.relative_to(ROOT)}: {name}" for folder in ("adapruner", "service")
+               for path in sorted((ROOT / folder).rglob("*.py")) if "migrations" not in path.parts
+               for name in undocumented_classes(path.read_text())]
+    assert missing == []

@@ -27,6 +27,9 @@ _local_locks: dict[str, threading.Lock] = {}
 
 
 class StudyLock:
+    """The mutex of one study (see the module docstring): a context manager, held while a trial is claimed and
+    while the study is set up."""
+
     def __init__(self, storage_url: str | None, study_name: str):
         self.study_name = study_name
         self.url = make_url(storage_url) if storage_url else None

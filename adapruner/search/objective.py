@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """A pruned model's loss came out NaN or infinite: its trial fails with this reason."""
 
 
 #: The unit of a trial's intermediate values. Studies made before it was recorded hold log-perplexity;

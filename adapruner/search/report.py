@@ -22,6 +22,8 @@ from .record import StudyKey, TrialKey, baseline_of, draw_of
 
 @dataclass(frozen=True)
 class CurvePoint:
+    """One point of the search curve: after ``finished`` trials, the best trial so far and its perplexities."""
+
     finished: int  # how many trials had finished
     trial: int  # the best trial at that point
     val_ppl: float

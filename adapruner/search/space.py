@@ -96,6 +96,9 @@ def check_fixed(name: str, value: Any, n_clusters: int) -> None:
 
 @dataclass(frozen=True)
 class SearchSpace:
+    """What a search may vary, and over which ranges: importance metrics and their mixture, the
+    calibration subset, the allocation across layers and modules, depth, and the repair (see the module docstring)."""
+
     metrics: tuple[str, ...] = DEFAULT_METRICS
     scores: tuple[str, ...] = SCORES  # importance searched: the mixture of metrics, FLAP's score (one: fixed)
     aggregations: tuple[str, ...] = AGGREGATIONS

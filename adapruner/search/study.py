@@ -47,6 +47,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class SearchResult:
+    """A finished search: its study, the chosen trial, and where its exported model went."""
+
     study: optuna.Study
     best_trial: optuna.trial.FrozenTrial | None
     model_dir: Path | None
