@@ -248,18 +248,20 @@ def print_sizes(plan_sizes: list[dict[str, int]], dense: list[dict[str, int]]) -
               f"{size['intermediate_size']:6d}/{base['intermediate_size']}")
 
 
-def add_lora_args(p: argparse.ArgumentParser, old_steps_flag: str, steps_default: int | None = None) -> None:
+def add_lora_args(p: argparse.ArgumentParser, old_steps_flag: str, steps_default: int | None = None,
+                  help_steps: str = "LoRA steps", old_prefix: str | None = None) -> None:
     """LoRA's flags, named alike in every command (``--lora-steps``, ``--lora-r``, ``--lora-lr``, ...);
-    each command's older name for the step count stays as an alias."""
+    each command's older name for the step count (and, with ``old_prefix``, for r and lr) stays as an alias."""
     from .finetune import LoRA
 
+    old = (lambda name: [f"{old_prefix}-{name}"]) if old_prefix else (lambda name: [])
     p.add_argument("--lora-steps", old_steps_flag, type=not_negative(int, "--lora-steps"),
                    default=LoRA.steps if steps_default is None else steps_default, dest="lora_steps",
-                   help=f"LoRA steps (default: %(default)s; {old_steps_flag} is the same)")
-    p.add_argument("--lora-r", type=positive(int, "--lora-r"), default=LoRA.r)
+                   help=f"{help_steps} (default: %(default)s; {old_steps_flag} is the same)")
+    p.add_argument("--lora-r", *old("r"), type=positive(int, "--lora-r"), default=LoRA.r)
     p.add_argument("--lora-alpha", type=positive(int, "--lora-alpha"), default=LoRA.alpha)
     p.add_argument("--lora-dropout", type=float, default=LoRA.dropout)
-    p.add_argument("--lora-lr", "--lr", type=positive(float, "--lora-lr"), default=LoRA.lr, dest="lr")
+    p.add_argument("--lora-lr", "--lr", *old("lr"), type=positive(float, "--lora-lr"), default=LoRA.lr, dest="lr")
     p.add_argument("--train-batch-size", type=positive(int, "--train-batch-size"), default=4)
     p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
 
@@ -379,19 +381,28 @@ def parse_fixed(text: str) -> tuple[str, object]:
     return name, value
 
 
-def cmd_search(args: argparse.Namespace) -> int:
-    from .finetune import LoRA
-    from .search import SearchJob, SearchSpace, run_targets, write_tradeoff_report
-    from .tasks import check_tasks
+# The search command's flags whose names differ from the job's fields (``space.*`` and ``recover.*`` for the
+# search space's and the recovery's); every other field ``f`` is the flag ``--f`` with ``-`` for ``_``. The HTTP
+# API takes the fields by their own names; tests/test_cli.py checks that both take every field, with one default.
+SEARCH_FLAGS = {
+    "calibration": "--calib", "evaluation": "--eval", "space.n_clusters": "--clusters", "space.fixed": "--fix",
+    "recover.steps": "--lora-steps", "recover.lr": "--lora-lr", "recover.r": "--lora-r",
+    "recover.alpha": "--lora-alpha", "recover.batch_size": "--train-batch-size", "measure_cost": "--no-measure",
+}
+
+
+def search_job(args: argparse.Namespace):
+    """The :class:`~adapruner.search.SearchJob` of a parsed ``search`` command (its first target's)."""
+    from .search import SearchJob, SearchSpace
 
     space = SearchSpace(
         metrics=tuple(args.metrics.split(",")) if args.metrics else SearchSpace.metrics,
         calibration=args.calibration, subset_size=args.subset_size, n_clusters=args.clusters,
         repairs=tuple(args.repairs.split(",")), scopes=tuple(args.scopes.split(",")),
-        scores=tuple(args.scores.split(",")), depth=args.depth,
-        fixed=dict(args.fix or []),
+        scores=tuple(args.scores.split(",")), depth=args.depth, aggregations=tuple(args.aggregations.split(",")),
+        ridge=args.ridge, attn_share=args.attn_share, fixed=dict(args.fix or []),
     )
-    job = SearchJob(
+    return SearchJob(
         model=args.model, calibration=tuple(args.calib or SearchJob.calibration), evaluation=tuple(args.eval or ()),
         heldout=parse_heldout(args.heldout),
         ratio=args.ratio[0], trials=args.trials, sampler=args.sampler, pruner=args.pruner, seed=args.seed,
@@ -400,10 +411,17 @@ def cmd_search(args: argparse.Namespace) -> int:
         start=args.start, repair_windows=args.repair_windows, finalists=args.finalists,
         selection_windows=args.selection_windows,
         channel_multiple=args.channel_multiple,
-        recover=LoRA(steps=args.lora_steps, r=args.lora_r, lr=args.lr, seed=args.seed) if args.lora_steps else None,
+        recover=lora_from(args) if args.lora_steps else None,
         tasks=tuple(args.tasks or ()), task_limit=args.task_limit, export_dtype=args.export_dtype,
         measure_cost=args.measure_cost,
     )
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from .search import run_targets, write_tradeoff_report
+    from .tasks import check_tasks
+
+    job = search_job(args)
     check_tasks(job.tasks)  # before the model loads
     name = args.study or job.default_study_name
     out = Path(args.out or Path("runs") / name)
@@ -467,6 +485,17 @@ def subset_range(text: str) -> tuple[int, int]:
         return int(lo), int(hi or lo)
     except ValueError:
         raise argparse.ArgumentTypeError(f"--subset-size takes MIN:MAX, got {text!r}") from None
+
+
+def ridge_range(text: str) -> tuple[float, float]:
+    lo, _, hi = text.partition(":")
+    try:
+        low, high = float(lo), float(hi or lo)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--ridge takes MIN:MAX, got {text!r}") from None
+    if not 0 < low <= high < float("inf"):
+        raise argparse.ArgumentTypeError(f"--ridge takes MIN:MAX with 0 < MIN <= MAX, got {text!r}")
+    return low, high
 
 
 def cmd_bench_model(args: argparse.Namespace) -> int:
@@ -557,7 +586,7 @@ def build_parser(add_commands: Callable[[argparse._SubParsersAction], None] | No
     p.add_argument("--out", default=None, help="output folder (default: MODEL-lora)")
     p.set_defaults(func=cmd_finetune)
 
-    from .finetune import LoRA
+    from .importance import AGGREGATIONS
     from .plan import SCOPES
     from .repair import REPAIR_MODES
     from .search import (
@@ -626,6 +655,13 @@ def build_parser(add_commands: Callable[[argparse._SubParsersAction], None] | No
     p.add_argument("--scores", default=",".join(SearchSpace.scores),
                    help="importance the search may choose, comma-separated: mixture (of --metrics), flap (FLAP's "
                    "standardised score) (default: %(default)s)")
+    p.add_argument("--aggregations", default=",".join(SearchSpace.aggregations),
+                   help=f"how the mixture may aggregate a group's unit scores, comma-separated, from "
+                   f"{', '.join(AGGREGATIONS)} (default: %(default)s)")
+    p.add_argument("--ridge", type=ridge_range, default=SearchSpace.ridge, metavar="MIN:MAX",
+                   help="range of the repair's ridge, searched on a log scale (default: %(default)s)")
+    p.add_argument("--attn-share", action=argparse.BooleanOptionalAction, default=SearchSpace.attn_share,
+                   help="search the attention's share of the cut (else proportional to its size)")
     p.add_argument("--scopes", default=",".join(SearchSpace.scopes),
                    help=f"allocation scopes the search may choose, comma-separated, from {', '.join(SCOPES)}: a budget "
                    "per layer, or one ranking of every unit (FLAP's) (default: %(default)s)")
@@ -642,11 +678,8 @@ def build_parser(add_commands: Callable[[argparse._SubParsersAction], None] | No
     add_export_dtype_arg(p)
     p.add_argument("--artifacts", default=None,
                    help="Optuna artifact store: a folder or s3://BUCKET (default: beside the database)")
-    p.add_argument("--lora-steps", "--recover-steps", type=not_negative(int, "--lora-steps"), default=0,
-                   dest="lora_steps", help="LoRA steps to fine-tune the best configuration after the search "
-                   "(default: none; --recover-steps is the same)")
-    p.add_argument("--lora-lr", "--recover-lr", type=positive(float, "--lora-lr"), default=LoRA.lr, dest="lr")
-    p.add_argument("--lora-r", "--recover-r", type=positive(int, "--lora-r"), default=LoRA.r)
+    add_lora_args(p, "--recover-steps", 0, "LoRA steps to fine-tune the best configuration after the search",
+                  old_prefix="--recover")
     p.add_argument("--tasks", type=task_list, default=None, metavar="TASK[,TASK...]",
                    help="lm-eval tasks to score the unpruned model, the baselines and the best on after the search "
                    "(e.g. books-cloze,books-lastword; `adapruner eval --list-tasks`)")

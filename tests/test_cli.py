@@ -264,3 +264,49 @@ def test_bad_worker_devices_exit_2_with_one_line(capsys, argv, message, monkeypa
     code = service_main(argv)
     err = capsys.readouterr().err
     assert (code, message in err, err.count("\n")) == (2, True, 1)
+
+
+def _search_options() -> dict[str, object]:
+    """The search command's flags and the argparse actions behind them."""
+    search = next(a for a in build_parser()._subparsers._group_actions).choices["search"]
+    return {flag: action for action in search._actions for flag in action.option_strings}
+
+
+def _http_fields(model, prefix: str = "") -> list[str]:
+    """Every field of a pydantic request body, ``space.*``/``recover.*`` for the nested ones."""
+    from pydantic import BaseModel
+
+    fields = []
+    for name, info in model.model_fields.items():
+        nested = [t for t in getattr(info.annotation, "__args__", (info.annotation,))
+                  if isinstance(t, type) and issubclass(t, BaseModel)]
+        fields += _http_fields(nested[0], f"{prefix}{name}.") if nested else [f"{prefix}{name}"]
+    return fields
+
+
+def test_the_search_flags_and_the_http_spec_take_the_same_fields_with_the_same_defaults():
+    from adapruner.cli import SEARCH_FLAGS, search_job
+    from service.schemas import JobCreate
+
+    options = _search_options()
+    service_only = {"name", "trust_remote_code"}  # the job's label and the operator's permission: HTTP only
+    missing = [field for field in _http_fields(JobCreate) if field not in service_only
+               and SEARCH_FLAGS.get(field, "--" + field.split(".")[-1].replace("_", "-")) not in options]
+    assert missing == []
+    args = build_parser().parse_args(["search"])
+    assert search_job(args).to_dict() == JobCreate().to_search_job().to_dict()
+    # and a value given to a flag reaches the field the HTTP API names alike
+    args = build_parser().parse_args(["search", "--aggregations", "sum", "--ridge", "0.01:1", "--no-attn-share",
+                                      "--lora-steps", "3", "--lora-alpha", "8", "--train-batch-size", "2"])
+    http = JobCreate(space={"aggregations": ["sum"], "ridge": [0.01, 1], "attn_share": False},
+                     recover={"steps": 3, "alpha": 8, "batch_size": 2})
+    assert search_job(args).to_dict() == http.to_search_job().to_dict()
+
+
+@pytest.mark.parametrize("ridge", ["1:0.1", "0:1", "a:b"])
+def test_a_bad_ridge_range_is_one_line_and_exit_2(capsys, ridge):
+    with pytest.raises(SystemExit) as exited:
+        main(["search", "--ridge", ridge])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--ridge takes MIN:MAX" in err
