@@ -81,11 +81,15 @@ def check_before_loading(args: argparse.Namespace) -> None:
     config = read_model_config(str(args.model))
     layers = getattr(args, "layers", None) if getattr(args, "allocation", None) == "layer_range" else None
     if config is not None and layers is not None and "num_hidden_layers" in config:
+        from .plan import Allocation
+
         n_layers, (first, last) = config["num_hidden_layers"], layers
-        end = last if last > 0 else n_layers + last  # LAST <= 0 counts from the end
-        if not 0 <= first < end <= n_layers:
+        try:
+            Allocation(first, last).layer_range(n_layers)
+        except AdaPrunerError:
             raise AdaPrunerError(f"--layers {first}:{last} does not fit the model's {n_layers} layers "
-                                 f"(FIRST:LAST with 0 <= FIRST < LAST <= {n_layers}; a LAST <= 0 counts from the end)")
+                                 f"(FIRST:LAST with 0 <= FIRST < LAST <= {n_layers}; a LAST <= 0 counts from the end)"
+                                 ) from None
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -356,7 +360,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     result = finetune(model, train, lora)
     after = perplexity(result.model, test, batch_size(args), desc=f"{args.split} after")
     print(f"LoRA    {lora.steps} steps x {lora.batch_size} windows in {result.seconds:.0f}s, "
-          f"loss {result.losses[0]:.3f} -> {sum(result.losses[-10:]) / len(result.losses[-10:]):.3f}")
+          f"loss {result.losses[0]:.3f} -> {result.final_loss:.3f}")
     print(f"after   {args.split} ppl {after.ppl:.4f}")
     out = args.out or str(args.model).rstrip("/") + "-lora"
     save_pruned(result.model, tokenizer, out, info={"recovery": {

@@ -52,6 +52,12 @@ class FinetuneResult:
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
 
+    @property
+    def final_loss(self) -> float:
+        """The mean loss of the last 10 steps (one step's loss is noisy)."""
+        last = self.losses[-10:]
+        return sum(last) / len(last)
+
 
 def finetune(model: nn.Module, windows: torch.Tensor, lora: LoRA, progress: bool = True) -> FinetuneResult:
     """Train LoRA adapters on ``windows`` (``[n, seq_len]`` training tokens) and merge them.

@@ -99,7 +99,7 @@ def prune_incrementally(
                 raise AdaPrunerError("fine-tuning between steps needs training windows")
             tuned = finetune(current, train_windows, lora, progress=progress)
             current = tuned.model
-            record.finetune_loss = sum(tuned.losses[-10:]) / len(tuned.losses[-10:])
+            record.finetune_loss = tuned.final_loss
         record.seconds = time.perf_counter() - start
         result.plans.append(plan)
         result.steps.append(record)

@@ -126,7 +126,7 @@ def cancel_job(db: Session, job_id: str, caller: Caller, reader: Caller | None) 
         raise Forbidden(f"job {job_id} belongs to another token; only its owner (or an admin token) may cancel it")
     if not JobStatus(job.status).active:
         raise Conflict(f"job {job_id} is already {job.status}")
-    db.execute(update(Job).where(Job.id == job_id, Job.status.in_(["queued", "running"]))
+    db.execute(update(Job).where(Job.id == job_id, Job.status.in_([JobStatus.queued, JobStatus.running]))
                .values(status=JobStatus.cancelled.value, finished_at=utcnow()))
     db.commit()
     db.refresh(job)
@@ -356,7 +356,7 @@ def claim_job(db: Session, storage: optuna.storages.BaseStorage, settings: Setti
     # Before the claim transaction: Optuna writes through its own connection, which SQLite's write
     # lock, once the claim holds it, would block.
     with db.begin():
-        running_jobs = db.scalars(select(Job).where(Job.status == "running")).all()
+        running_jobs = db.scalars(select(Job).where(Job.status == JobStatus.running)).all()
         running_studies = [name for job in running_jobs for _, name in job_targets(job)]
     for study_name in running_studies:
         reclaim_dead_trials(storage, settings.db_url, study_name)
@@ -366,13 +366,13 @@ def claim_job(db: Session, storage: optuna.storages.BaseStorage, settings: Setti
             db.execute(text("SELECT pg_advisory_xact_lock(727274)"))
         else:
             db.connection(execution_options={"sqlite_immediate": True})
-        running = db.scalars(select(Job).where(Job.status == "running").order_by(Job.started_at)).all()
+        running = db.scalars(select(Job).where(Job.status == JobStatus.running).order_by(Job.started_at)).all()
         for job in running:
             if has_open_slots(storage, job):
                 return job
         if len(running) >= settings.max_concurrent_jobs:
             return None
-        query = select(Job).where(Job.status == "queued").order_by(Job.created_at).limit(1)
+        query = select(Job).where(Job.status == JobStatus.queued).order_by(Job.created_at).limit(1)
         if postgres:
             query = query.with_for_update(skip_locked=True)
         job = db.scalar(query)
@@ -414,7 +414,7 @@ def finish_job(db: Session, job_id: str, status: JobStatus, error: str | None = 
     if best_trial is not None:
         values |= {"best_trial": best_trial, "artifact_id": artifact_id}
     with db.begin():
-        result = db.execute(update(Job).where(Job.id == job_id, Job.status == "running").values(**values))
+        result = db.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.running).values(**values))
     return result.rowcount == 1
 
 

@@ -118,4 +118,4 @@ def recover(model, session: PruningSession, lora: LoRA, test_before: float | Non
     return result.model, {"steps": lora.steps, "r": lora.r, "lr": lora.lr, "batch_size": lora.batch_size,
                           "seconds": round(result.seconds, 1), "test_ppl_before": test_before,
                           "test_ppl_after": after, "loss_first": result.losses[0],
-                          "loss_last": sum(result.losses[-10:]) / len(result.losses[-10:])}
+                          "loss_last": result.final_loss}
