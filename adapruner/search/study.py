@@ -184,52 +184,82 @@ def run_search(
     lock = StudyLock(storage_url, name)
     with lock:
         enqueue_informed(study, job, session, clusters, objective.max_drop, storage)
+    with tqdm(total=job.total_trials, initial=count_trials(study)[0], desc=f"search {name}", unit="trial",
+              disable=not progress) as bar:
+        run_trials(study, job, objective, lock, storage, bar, should_stop, poll_seconds)
+    if count_trials(study)[0] < job.total_trials:  # stopped early (cancelled)
+        return SearchResult(study, best_trial(study), None, None)
+    with lock:
+        model_dir, artifact_id = conclude(study, storage, session, job, out_dir,
+                                          artifact_dir or default_artifact_dir(storage_url))
+    return SearchResult(study, best_trial(study), model_dir, artifact_id)
+
+
+def run_trials(study: optuna.Study, job: SearchJob, objective: Objective, lock: StudyLock,
+               storage: optuna.storages.BaseStorage, bar: tqdm, should_stop: Callable[[], bool] | None = None,
+               poll_seconds: float = 5.0) -> None:
+    """Claim and run trials until the study holds ``job.total_trials`` finished ones or ``should_stop`` says
+    stop; wait while other processes hold the last slots; give up when more trials failed than the budget."""
+    failures = 0
+    while should_stop is None or not should_stop():
+        claimed = claim_and_run(study, job, objective, lock, storage)
+        if claimed is None:
+            return  # the budget is finished
+        if claimed < 0:  # other processes hold the last slots: wait for them (or their heartbeat to lapse)
+            time.sleep(poll_seconds)
+        failures += max(claimed, 0)
+        if failures > job.trials:
+            raise AdaPrunerError(f"{failures} trials failed; see their fail_reason attribute in the study")
+        show_progress(bar, study)
+
+
+def claim_and_run(study: optuna.Study, job: SearchJob, objective: Objective, lock: StudyLock,
+                  storage: optuna.storages.BaseStorage) -> int | None:
+    """One turn: under the study lock, fail dead trials, queue failed baselines again, and claim one trial if
+    the budget has room (the lock is released as soon as the trial exists), then run it. Returns how many
+    trials failed in the turn; -1 when every remaining slot is held by another process; ``None`` when the
+    budget is finished."""
 
     def claimed_trial(trial: optuna.Trial) -> float:
         mark_alive(storage, trial)  # before other processes may look at it (see fail_dead_trials)
         lock.release()  # the trial exists now: other processes may claim theirs
         return objective(trial)
 
-    finished, _ = count_trials(study)
-    bar = tqdm(total=job.total_trials, initial=finished, desc=f"search {name}", unit="trial", disable=not progress)
-    failures = 0
-    while True:
-        if should_stop is not None and should_stop():
-            break
-        lock.acquire()
-        try:
-            fail_dead_trials(study)
-            requeue_failed_baselines(study, job)
-            finished, running = count_trials(study)
-            if finished >= job.total_trials:
-                break
-            full = finished + running >= job.total_trials
-            if not full:
-                before = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
-                study.optimize(claimed_trial, n_trials=1, catch=(Exception,), gc_after_trial=True)
-                failures += len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,))) - before
-        finally:
-            lock.release()
-        if full:  # other processes hold the last slots: wait for them (or their heartbeat to lapse)
-            time.sleep(poll_seconds)
-        elif failures > job.trials:
-            raise AdaPrunerError(f"{failures} trials failed; see their fail_reason attribute in the study")
-        bar.n = count_trials(study)[0]
-        best = best_trial(study)
-        if best is not None:
-            bar.set_postfix(best_val_ppl=f"{best.value:.3f}", refresh=False)
-        bar.refresh()
-    bar.close()
-    if count_trials(study)[0] < job.total_trials:  # stopped early (cancelled)
-        return SearchResult(study, best_trial(study), None, None)
-    with lock:
-        if session.on_step is not None:
-            session.on_step("selection", 0, 1)
-        record_selection(study, session, job)
-        model_dir, artifact_id = export_best(study, storage, session, job, out_dir,
-                                             artifact_dir or default_artifact_dir(storage_url))
-        score_tasks(study, session, job)
-        measure_models(study, session, job, model_dir)
-    return SearchResult(study, best_trial(study), model_dir, artifact_id)
+    lock.acquire()
+    try:
+        fail_dead_trials(study)
+        requeue_failed_baselines(study, job)
+        finished, running = count_trials(study)
+        if finished >= job.total_trials:
+            return None
+        if finished + running >= job.total_trials:
+            return -1
+        before = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
+        study.optimize(claimed_trial, n_trials=1, catch=(Exception,), gc_after_trial=True)
+        return len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,))) - before
+    finally:
+        lock.release()
+
+
+def show_progress(bar: tqdm, study: optuna.Study) -> None:
+    """The progress bar at the study's finished trials, with the best validation perplexity so far."""
+    bar.n = count_trials(study)[0]
+    best = best_trial(study)
+    if best is not None:
+        bar.set_postfix(best_val_ppl=f"{best.value:.3f}", refresh=False)
+    bar.refresh()
+
+
+def conclude(study: optuna.Study, storage: optuna.storages.BaseStorage, session: PruningSession, job: SearchJob,
+             out_dir: str | Path | None, artifact_dir: str | Path) -> tuple[Path | None, str | None]:
+    """After the last trial (call it holding the study lock): choose among the finalists, export the choice,
+    score the tasks and measure the models' cost. Returns the exported folder and artifact."""
+    if session.on_step is not None:
+        session.on_step("selection", 0, 1)
+    record_selection(study, session, job)
+    model_dir, artifact_id = export_best(study, storage, session, job, out_dir, artifact_dir)
+    score_tasks(study, session, job)
+    measure_models(study, session, job, model_dir)
+    return model_dir, artifact_id
 
 
