@@ -27,8 +27,9 @@ from sqlalchemy import create_engine, select, text  # noqa: E402
 
 from adapruner.search.record import StudyKey, TrialKey
 from service.db import Job, make_engine, session_factory, upgrade, utcnow  # noqa: E402
-from service.jobs import StudyDigest, job_summary, load_study, study_digests  # noqa: E402
+from service.jobs import load_study  # noqa: E402
 from service.settings import Settings  # noqa: E402
+from service.views import StudyDigest, job_summary, study_digests  # noqa: E402
 
 PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 

@@ -1,6 +1,7 @@
 """The HTTP API (FastAPI): submit search jobs, follow them, fetch the best pruned model.
 
-Routes are thin: they check access, call :mod:`service.jobs`, and shape the answer. Writes need
+Routes are thin: they check access, call :mod:`service.jobs` (the life cycle) and :mod:`service.views` (what
+is shown), and shape the answer. Writes need
 ``Authorization: Bearer <token>``; reads too unless ``ADAPRUNER_PUBLIC_READS`` is on.
 """
 
@@ -25,7 +26,7 @@ from adapruner import __version__
 from adapruner.errors import AdaPrunerError
 from adapruner.search import StudyKey, artifact_store, close_storage, make_storage
 
-from . import jobs
+from . import jobs, views
 from .db import JobStatus, check_schema, make_engine, session_factory
 from .policy import InvalidField, PolicyError, check_spec
 from .schemas import SAFE_NAME, ErrorOut, JobCreate, JobList, JobOut, TrialList
@@ -93,7 +94,7 @@ def submit_job(spec: JobCreate, response: Response, caller: Writer, db: DB, stor
     """Queue a search job. Answers 202 with the job and a Location header to follow it."""
     job = jobs.create_job(db, storage, check_spec(spec, settings), caller.owner)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return jobs.job_view(job, storage, settings)
+    return views.job_view(job, storage, settings)
 
 
 @router.get("/jobs", response_model=JobList)
@@ -101,21 +102,21 @@ def list_jobs(reader: Reader, db: DB, settings: Config,
               status: JobStatus | None = None, offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
               limit: Annotated[int, Query(ge=1, le=100)] = 20) -> JobList:
     items, total = jobs.list_jobs(db, status, offset, limit, reader)
-    digests = jobs.study_digests(db, [name for j in items for _, name in jobs.job_targets(j)])
-    views = [jobs.job_summary(j, settings, jobs.job_digest(j, digests)) for j in items]
-    return JobList(items=views, total=total, offset=offset, limit=limit)
+    digests = views.study_digests(db, [name for j in items for _, name in jobs.job_targets(j)])
+    shown = [views.job_summary(j, settings, views.job_digest(j, digests)) for j in items]
+    return JobList(items=shown, total=total, offset=offset, limit=limit)
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut)
 def get_job(job_id: str, reader: Reader, db: DB, storage: Storage, settings: Config) -> JobOut:
     """Status, progress (n/N, ETA), best configuration so far, baselines, and links."""
-    return jobs.job_view(jobs.get_job(db, job_id, reader), storage, settings)
+    return views.job_view(jobs.get_job(db, job_id, reader), storage, settings)
 
 
 @router.get("/jobs/{job_id}/trials", response_model=TrialList)
 def get_trials(job_id: str, reader: Reader, db: DB, storage: Storage) -> TrialList:
     studies = jobs.load_studies(storage, jobs.get_job(db, job_id, reader))
-    return TrialList(items=[jobs.trial_summary(t, ratio) for ratio, study in studies
+    return TrialList(items=[views.trial_summary(t, ratio) for ratio, study in studies
                             for t in study.get_trials(deepcopy=False)])
 
 
@@ -123,7 +124,7 @@ def get_trials(job_id: str, reader: Reader, db: DB, storage: Storage) -> TrialLi
 def cancel_job(job_id: str, caller: Writer, reader: Reader, db: DB, storage: Storage,
                settings: Config) -> JobOut:
     """Stop the job: no trial is handed out any more, and its workers leave it within seconds."""
-    return jobs.job_view(jobs.cancel_job(db, job_id, caller, reader), storage, settings)
+    return views.job_view(jobs.cancel_job(db, job_id, caller, reader), storage, settings)
 
 
 @router.get("/jobs/{job_id}/model")
