@@ -201,10 +201,10 @@ def evaluate_tasks(
     files = dict(local or {})
     if any(t in BUILTIN_TASKS for t in tasks):
         files.update({k: v for k, v in builtin_task_data().items() if k not in files})
-    wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
-                   device=str(next(model.parameters()).device))
     results = []
-    with eval_mode(model):
+    with eval_mode(model):  # lm-eval's wrapper puts the model in eval mode too: inside, so it is undone
+        wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+                       device=str(next(model.parameters()).device))
         for name in tasks:
             if name in files:
                 kind = name if name in _CONFIGS else ("books-lastword" if name.endswith("lastword") else "books-cloze")

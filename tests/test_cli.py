@@ -199,7 +199,7 @@ def test_a_heldout_source_that_also_calibrates_exits_2_before_anything_is_stored
 @pytest.mark.parametrize(("argv", "heldout"), [([], None), (["--heldout", "none"], ()),
                                                  (["--heldout", "a.txt", "--heldout", "b.txt"], ("a.txt", "b.txt"))])
 def test_heldout_flag(argv, heldout):
-    from adapruner.cli import parse_heldout
+    from adapruner.cli.args import parse_heldout
 
     assert parse_heldout(build_parser().parse_args(["search", *argv]).heldout) == heldout
 
@@ -285,7 +285,7 @@ def _http_fields(model, prefix: str = "") -> list[str]:
 
 
 def test_the_search_flags_and_the_http_spec_take_the_same_fields_with_the_same_defaults():
-    from adapruner.cli import SEARCH_FLAGS, search_job
+    from adapruner.cli.search import SEARCH_FLAGS, search_job
     from service.schemas import JobCreate
 
     options = _search_options()

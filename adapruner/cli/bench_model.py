@@ -1,0 +1,71 @@
+"""``adapruner bench-model``: measured inference cost of models side by side."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..errors import AdaPrunerError
+from .args import positive
+
+
+def cmd_bench_model(args: argparse.Namespace) -> int:
+    from ..device import resolve_device, resolve_dtype
+    from ..inference_cost import measure_folder, speedups
+    from ..models import read_model_config
+
+    # every refusal before the first load: a bad last model should not cost the first one's measurement
+    if args.new_tokens < 2:
+        raise AdaPrunerError(f"--new-tokens must be at least 2 (the first comes from the prompt's forward pass), "
+                             f"got {args.new_tokens}")
+    repeated = sorted({name for name in args.models if args.models.count(name) > 1})
+    if repeated:
+        raise AdaPrunerError(f"--model {repeated[0]} is given more than once")
+    resolve_dtype(args.dtype, resolve_device(args.device))
+    for name in args.models:
+        read_model_config(name)
+    costs = {}
+    for i, name in enumerate(args.models, 1):
+        print(f"bench   {i}/{len(args.models)} {name}", file=sys.stderr, flush=True)
+        costs[name] = measure_folder(name, device=args.device, dtype=args.dtype, new_tokens=args.new_tokens,
+                                     repeats=args.repeats)
+    reference = args.models[0]
+    ratios = speedups(costs, reference)
+    if args.json:
+        print(json.dumps({"reference": reference, "models": {name: cost.to_dict() for name, cost in costs.items()},
+                          "speedups": ratios}, indent=1))
+        return 0
+    shapes = list(dict.fromkeys(shape for cost in costs.values() for shape in cost.prefill_tokens_per_s))
+    width = max(len("model"), *(len(name) for name in costs))
+    print(f"{'model':<{width}}  {'params':>8}  {'disk MB':>8}  "
+          + "".join(f"{'prefill ' + shape:>14}  " for shape in shapes)
+          + f"{'decode tok/s':>12}  {'peak MB':>8}  decode x")
+    for name, cost in costs.items():
+        disk = f"{cost.disk_bytes / 2**20:.1f}" if cost.disk_bytes is not None else "-"
+        prefill = "".join(f"{cost.prefill_tokens_per_s[shape]:>14.1f}  " if shape in cost.prefill_tokens_per_s
+                          else f"{'-':>14}  " for shape in shapes)
+        print(f"{name:<{width}}  {cost.parameters / 1e6:>7.2f}M  {disk:>8}  {prefill}"
+              f"{cost.decode_tokens_per_s:>12.1f}  {cost.peak_memory_bytes / 2**20:>8.1f}  "
+              f"{ratios[name]['decode']:.2f}")
+    first = costs[reference]
+    print(f"({first.device}, {first.dtype}, {first.threads} threads; prefill and decode in tokens/s, "
+          f"decode x relative to {reference})")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """The ``bench-model`` command's flags."""
+    p = sub.add_parser("bench-model", help="measured inference cost of models side by side: prefill and decode "
+                       "tokens/s, peak memory")
+    p.add_argument("--model", action="append", dest="models", required=True, metavar="MODEL",
+                   help="built-in name, hub id, local folder, GGUF file or pruned folder; repeatable, measured in "
+                   "the order given, speed-ups relative to the first")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N (default: CUDA when present)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--new-tokens", type=positive(int, "--new-tokens"), default=128,
+                   help="greedy tokens generated per decode run (default: %(default)s)")
+    p.add_argument("--repeats", type=positive(int, "--repeats"), default=3,
+                   help="timed runs per measurement; the median is reported (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the measurements as JSON")
+    p.set_defaults(func=cmd_bench_model)

@@ -1,0 +1,106 @@
+"""``adapruner prune``: prune a model once with a fixed configuration (or incrementally), repair, save."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import AdaPrunerError
+from .args import (
+    add_config_args,
+    add_export_dtype_arg,
+    add_lora_args,
+    add_model_args,
+    lora_from,
+    parse_mixture,
+    positive,
+)
+
+
+def print_sizes(plan_sizes: list[dict[str, int]], dense: list[dict[str, int]]) -> None:
+    print("layer  kv_heads  mlp_channels")
+    for i, (size, base) in enumerate(zip(plan_sizes, dense, strict=True)):
+        print(f"{i:5d}  {size['num_key_value_heads']:3d}/{base['num_key_value_heads']:<4d} "
+              f"{size['intermediate_size']:6d}/{base['intermediate_size']}")
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from ..export import load_instructions, save_pruned
+    from ..importance import Mixture
+    from ..models import export_dtype
+    from ..plan import Allocation
+    from ..repair import Repair
+    from ..session import PruneConfig, PruningSession
+
+    mixture = Mixture(args.metric, args.aggregation, args.seed)
+    repair = Repair(args.repair, args.ridge)  # checked before the slow model load
+    if args.incremental and repair.enabled:
+        raise AdaPrunerError("--repair is not applied by --incremental; leave it off")
+    allocation = replace(Allocation.named(args.allocation, *args.layers, strength=args.strength,
+                                          attn_share=args.attn_share), drop_layers=args.drop_layers, scope=args.scope)
+    if args.incremental and allocation.drop_layers:
+        raise AdaPrunerError("--drop-layers is not applied by --incremental; leave it off")
+    calib = args.calib or ["builtin:books:10"]
+    session = PruningSession.open(args.model, calib, args.eval, pool_size=args.pool_size, seq_len=args.seq_len,
+                                  seed=args.seed, device=args.device, dtype=args.dtype,
+                                  trust_remote_code=args.trust_remote_code, max_eval_windows=args.max_windows or None,
+                                  batch_size=args.batch_size, channel_multiple=args.channel_multiple,
+                                  repair_windows=args.repair_windows)
+    config = PruneConfig(mixture, tuple(range(len(session.pool))), allocation, repair)
+    before = session.structure.total_params
+    if args.incremental:
+        from ..data import training_windows
+        from ..incremental import prune_incrementally
+
+        if not isinstance(args.ratio, float):
+            raise AdaPrunerError("--incremental takes --ratio as a fraction")
+        train = training_windows(session.tokenizer, session.train_sources, args.seq_len) if args.lora_steps else None
+        result = prune_incrementally(session.model, session.pool.windows, mixture, args.ratio, args.step,
+                                     allocation, lora_from(args), train, progress=True)
+        pruned = result.model
+        for record in result.steps:
+            loss = f", LoRA loss {record.finetune_loss:.3f}" if record.finetune_loss is not None else ""
+            print(f"step    -> {record.target_ratio:.2%}: removed {record.removed:,}, {record.params:,} left "
+                  f"({record.seconds:.0f}s{loss})")
+        from ..structure import model_structure
+
+        sizes, ratio = model_structure(pruned).sizes(), 1 - model_structure(pruned).total_params / before
+    else:
+        pruned, plan = session.prune(config, args.ratio)
+        sizes, ratio = plan.sizes(), plan.ratio
+    after = sum(p.numel() for p in pruned.parameters())
+    print(f"params  {before:,} -> {after:,}  (removed {before - after:,} = {ratio:.2%} of all)")
+    print_sizes(sizes, session.structure.sizes())
+    for split in ("validation", "test"):
+        result = session.perplexity(pruned, split)
+        print(f"{split:<10} ppl {result.ppl:.4f}  ({result.windows} windows, {result.seconds:.1f}s)")
+    if args.out:
+        save_pruned(pruned, session.tokenizer, args.out,
+                    info={"base_model": args.model, "config": config.to_dict(), "ratio": ratio,
+                          "incremental_step": args.step if args.incremental else None},
+                    dtype=export_dtype(args.export_dtype, args.model, pruned))
+        print(f"saved   {args.out}")
+        uniform = all(size == sizes[0] for size in sizes)
+        print(f"load    {load_instructions(args.out, uniform)}")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """The ``prune`` command's flags."""
+    p = sub.add_parser("prune", help="prune a model once with a fixed configuration")
+    add_model_args(p)
+    add_config_args(p)
+    p.add_argument("--metric", type=parse_mixture, default={"taylor_first": 1.0},
+                   help="importance metric or weighted mixture, e.g. wanda_sp=0.7,magnitude_l2=0.3 "
+                   "(default: taylor_first)")
+    p.add_argument("--calib", action="append", metavar="SOURCE[:N]",
+                   help="calibration samples: source and count, repeatable (default: builtin:books:10)")
+    p.add_argument("--pool-size", type=int, default=10, help="samples for --calib sources given without a count")
+    p.add_argument("--out", default=None, help="folder to save the pruned model to")
+    add_export_dtype_arg(p)
+    p.add_argument("--incremental", action="store_true",
+                   help="Adapt-Pruner's schedule: prune --step at a time, re-estimating importance each step")
+    p.add_argument("--step", type=positive(float, "--step"), default=0.05, help="incremental step (default: 0.05)")
+    add_lora_args(p, "--finetune-steps", 0)
+    p.set_defaults(func=cmd_prune)
