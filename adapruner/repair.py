@@ -55,6 +55,10 @@ from .errors import AdaPrunerError, OnStep
 from .plan import PruningPlan
 from .structure import decoder_layers, group_index, layer_linears, model_structure, set_output_bias
 
+# Windows of each calibration source's pool part the ``pool`` repair's input moments come from: far more tokens
+# than a trial's calibration subset (see the module docstring).
+REPAIR_WINDOWS = 256
+
 REPAIR_MODES = ("off", "bias", "pool", "sequential")
 MOMENTS_VERSION = 2  # bump when the cached input moments change (2: mean and covariance, from the repair windows)
 REPAIRED = ("o_proj", "down_proj")  # the projections whose input columns a plan removes

@@ -19,16 +19,24 @@ import torch
 from torch import nn
 
 from .cache import cache_dir, load_layer_tensors, save_layer_tensors
-from .data import TextSource, check_heldout, load_source
+from .data import DEFAULT_CALIBRATION, DEFAULT_SEQ_LEN, TextSource, check_heldout, load_source
 from .data.windows import CalibrationPool, build_pool, eval_windows, pool_draws, sample_windows
 from .device import default_channel_multiple
 from .errors import AdaPrunerError, OnStep
-from .evaluate import Perplexity, perplexity
+from .evaluate import Perplexity, default_batch_size, perplexity
 from .importance import EXACT_TAYLOR_DTYPES, GroupScores, Mixture, WeightSummary, subset_importance
 from .models import load_model, model_fingerprint
 from .plan import Allocation, PruningPlan, make_plan, removal_counts
 from .prune import prune_model
-from .repair import MOMENTS_VERSION, InputMoments, Repair, collect_moments, repair_pruned, repair_sequential
+from .repair import (
+    MOMENTS_VERSION,
+    REPAIR_WINDOWS,
+    InputMoments,
+    Repair,
+    collect_moments,
+    repair_pruned,
+    repair_sequential,
+)
 from .statistics import (
     EXACT_TAYLOR_VERSION,
     FORMAT_VERSION,
@@ -87,7 +95,7 @@ class PruningSession:
     cache_statistics: bool = True
     progress: bool = True
     channel_multiple: int | None = None  # kept MLP channels per layer step; None: the device's default
-    repair_windows: int = 256  # windows of each calibration source's pool part that the repair's moments come from
+    repair_windows: int = REPAIR_WINDOWS  # windows of each calibration source's pool part for the repair's moments
     on_step: OnStep | None = None  # told of each step of long work; may raise Stopped (see adapruner.errors)
     _windows: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict, repr=False)
     _exact: dict[tuple[str, tuple[int, ...]], dict] = field(default_factory=dict, repr=False)
@@ -97,11 +105,11 @@ class PruningSession:
     def open(
         cls,
         model: str,
-        calibration: Sequence[str] = ("builtin:books",),
+        calibration: Sequence[str] = DEFAULT_CALIBRATION,
         evaluation: Sequence[str] | None = None,
         *,
         pool_size: int = 64,
-        seq_len: int = 128,
+        seq_len: int = DEFAULT_SEQ_LEN,
         seed: int = 0,
         device: str | None = None,
         dtype: str | None = None,
@@ -303,7 +311,7 @@ class PruningSession:
         return pruned
 
     def perplexity(self, model: nn.Module, split: str, desc: str | None = None) -> Perplexity:
-        size = self.batch_size or max(1, 1024 // self.pool.seq_len)
+        size = self.batch_size or default_batch_size(self.pool.seq_len)
         return perplexity(model, self.windows(split), size, progress=self.progress, desc=desc or split)
 
     def random_subset(self, k: int, seed: int = 0) -> tuple[int, ...]:

@@ -16,7 +16,9 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m",
+    from ..models import DEFAULT_MODEL
+
+    p.add_argument("--model", default=DEFAULT_MODEL,
                    help="built-in name, hub id, local folder, GGUF file or pruned folder (default: %(default)s)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when present)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on CUDA, fp32 on CPU)")
@@ -24,11 +26,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_eval_args(p: argparse.ArgumentParser, split_default: str = "test") -> None:
+    from ..data import DEFAULT_SEQ_LEN
+
     p.add_argument("--data", action="append", metavar="SOURCE",
                    help="text source: builtin:books|wiki|news, hf:NAME[:CONFIG], or a local file/folder; "
                    "repeatable (default: builtin:books)")
     p.add_argument("--split", default=split_default, choices=["pool", "validation", "test"])
-    p.add_argument("--seq-len", type=positive(int, "--seq-len"), default=128,
+    p.add_argument("--seq-len", type=positive(int, "--seq-len"), default=DEFAULT_SEQ_LEN,
                    help="window length in tokens (default: %(default)s)")
     p.add_argument("--max-windows", type=not_negative(int, "--max-windows"), default=64,
                    help="evaluate at most this many windows per source; 0 = all (default: %(default)s)")
@@ -41,7 +45,9 @@ def data_specs(args: argparse.Namespace) -> list[str]:
 
 
 def batch_size(args: argparse.Namespace) -> int:
-    return args.batch_size or max(1, 1024 // args.seq_len)
+    from ..evaluate import default_batch_size
+
+    return args.batch_size or default_batch_size(args.seq_len)
 
 
 def positive(kind: type, name: str, allow_zero: bool = False) -> Callable[[str], int | float]:
@@ -137,8 +143,9 @@ def ratio_list(text: str) -> tuple[float | int, ...]:
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
+    from ..data import DEFAULT_SEQ_LEN
     from ..plan import LLM_PRUNER_LAYERS, SCOPES
-    from ..repair import REPAIR_MODES, Repair
+    from ..repair import REPAIR_MODES, REPAIR_WINDOWS, Repair
 
     p.add_argument("--ratio", type=ratio_or_count, default=0.2,
                    help="share of ALL parameters to remove, or a parameter count (default: %(default)s)")
@@ -167,9 +174,10 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ridge", type=positive(float, "--ridge"), default=Repair.ridge,
                    help="the repair's ridge, relative to the kept inputs' mean variance; large: the bias alone "
                    "(default: kept columns per repair token)")
-    p.add_argument("--repair-windows", type=positive(int, "--repair-windows"), default=256,
+    p.add_argument("--repair-windows", type=positive(int, "--repair-windows"), default=REPAIR_WINDOWS,
                    help="windows of each calibration source the repair's moments come from (default: %(default)s)")
-    p.add_argument("--seq-len", type=int, default=128, help="calibration and evaluation window (default: %(default)s)")
+    p.add_argument("--seq-len", type=positive(int, "--seq-len"), default=DEFAULT_SEQ_LEN,
+                   help="calibration and evaluation window (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval", action="append", metavar="SOURCE",
                    help="evaluation text source, repeatable (default: the calibration sources)")

@@ -6,10 +6,11 @@ windows over those parts are built in :mod:`.windows`; :mod:`.heldout` names the
 tests on but never sees.
 """
 
-from .builtin import BUILTIN_SOURCES
+from .builtin import BUILTIN_SOURCES, DEFAULT_CALIBRATION
 from .heldout import check_heldout, default_heldout
 from .sources import SPLITS, TextSource, load_source, load_sources, split_documents, split_works
 from .windows import (
+    DEFAULT_SEQ_LEN,
     CalibrationPool,
     build_pool,
     eval_windows,
@@ -21,6 +22,7 @@ from .windows import (
 )
 
 __all__ = [
+    "DEFAULT_CALIBRATION", "DEFAULT_SEQ_LEN",
     "BUILTIN_SOURCES", "SPLITS", "CalibrationPool", "TextSource", "build_pool", "check_heldout", "default_heldout",
     "eval_windows", "load_source", "load_sources", "parse_draw", "pool_draws", "sample_windows", "split_documents",
     "split_works",

@@ -115,6 +115,8 @@ _CORPORA: dict[str, Callable[[], Corpus]] = {
     "news": lee_articles,
 }
 BUILTIN_SOURCES: tuple[str, ...] = tuple(_CORPORA)
+# Two kinds of text by default, so that validation does not reward fitting one of them.
+DEFAULT_CALIBRATION: tuple[str, ...] = ("builtin:books", "builtin:wiki")
 
 
 def _is_corpus(value: Any) -> bool:

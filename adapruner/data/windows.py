@@ -21,6 +21,9 @@ if TYPE_CHECKING:
     from .sources import TextSource
 
 
+
+DEFAULT_SEQ_LEN = 128  # tokens per calibration and evaluation window
+
 def tokenize_windows(
     tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], seq_len: int, max_windows: int | None = None
 ) -> torch.Tensor:
@@ -40,7 +43,7 @@ def eval_windows(
     tokenizer: PreTrainedTokenizerBase,
     source: TextSource,
     split: str,
-    seq_len: int = 128,
+    seq_len: int = DEFAULT_SEQ_LEN,
     max_windows: int | None = None,
 ) -> torch.Tensor:
     """Evaluation windows of one part (``validation`` or ``test``) of a source."""
@@ -126,7 +129,7 @@ def pool_draws(specs: Sequence[str], pool_size: int) -> list[tuple[str, int]]:
 def build_pool(
     tokenizer: PreTrainedTokenizerBase,
     draws: Sequence[tuple[TextSource, int]],
-    seq_len: int = 128,
+    seq_len: int = DEFAULT_SEQ_LEN,
     seed: int = 0,
 ) -> CalibrationPool:
     """Draw ``n`` random windows from the ``pool`` part of each ``(source, n)`` in ``draws``.

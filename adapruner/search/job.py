@@ -6,9 +6,11 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
-from ..data import check_heldout
+from ..data import DEFAULT_CALIBRATION, DEFAULT_SEQ_LEN, check_heldout
 from ..errors import AdaPrunerError
 from ..finetune import LoRA
+from ..models import DEFAULT_MODEL
+from ..repair import REPAIR_WINDOWS
 from .baselines import BASELINES, DEFAULT_BASELINES, draws
 from .samplers import PRUNERS, SAMPLERS
 from .space import SearchSpace
@@ -24,9 +26,8 @@ STARTS = ("random", "informed", "warm")
 class SearchJob:
     """Everything that defines a search; stored with the study so a resume can check it matches."""
 
-    model: str = "smollm2-135m"
-    # Two kinds of text by default, so that validation does not reward fitting one of them.
-    calibration: tuple[str, ...] = ("builtin:books", "builtin:wiki")
+    model: str = DEFAULT_MODEL
+    calibration: tuple[str, ...] = DEFAULT_CALIBRATION  # two kinds of text: see DEFAULT_CALIBRATION
     evaluation: tuple[str, ...] = ()  # default: the calibration sources
     heldout: tuple[str, ...] | None = None  # test only; None: the built-in sources not used above
     ratio: float | int = 0.2  # a share of all parameters, or a parameter count
@@ -35,14 +36,14 @@ class SearchJob:
     pruner: str = "wilcoxon"
     seed: int = 0
     pool_size: int = 64
-    seq_len: int = 128
+    seq_len: int = DEFAULT_SEQ_LEN
     val_windows: int = 32  # per evaluation source
     test_windows: int = 64
     baselines: tuple[str, ...] = DEFAULT_BASELINES
     baseline_draws: int = 3  # draws of each baseline that samples its calibration at random (llm-pruner)
     space: SearchSpace = field(default_factory=SearchSpace)
     start: str = "warm"  # see STARTS
-    repair_windows: int = 256  # windows of each calibration source's pool part the repair's moments come from
+    repair_windows: int = REPAIR_WINDOWS  # windows of each calibration source's pool part for the repair's moments
     finalists: int = 4  # the best trials by validation (baselines included) re-scored on more validation windows
     selection_windows: int = 96  # validation windows per source added for that re-scoring
     channel_multiple: int | None = None  # kept MLP channels per layer in multiples of this; None: 64 on CUDA, else 1
