@@ -37,7 +37,6 @@ at least one attention group and one MLP channel.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -181,13 +180,20 @@ class PruningPlan:
         return cls(layers, 0, structure.total_params)
 
 
+def check_target(target: float | int) -> float | int:
+    """What to remove, checked (the one place it is): a ratio of all parameters, a float in (0, 1), or a
+    parameter count, an int >= 1. Returned unchanged."""
+    fraction = isinstance(target, float) and 0.0 < target < 1.0
+    count = isinstance(target, int) and not isinstance(target, bool) and target >= 1
+    if not (fraction or count):
+        raise AdaPrunerError(f"ratio must be a fraction in (0, 1) or a whole parameter count >= 1, got {target!r}")
+    return target
+
+
 def params_to_remove(structure: ModelStructure, target: float | int) -> int:
-    """A ratio in (0, 1) of all parameters, or a parameter count (an int >= 1)."""
-    if isinstance(target, bool) or not isinstance(target, int | float) or math.isnan(target):
-        raise AdaPrunerError(f"pruning target must be a ratio in (0, 1) or a parameter count, got {target!r}")
-    if isinstance(target, float) or target < 1:
-        if not 0.0 < target < 1.0:
-            raise AdaPrunerError(f"pruning ratio must be in (0, 1), got {target}")
+    """The parameters to remove: a ratio in (0, 1) of all of them, or a parameter count (see
+    :func:`check_target`), which must not exceed the prunable ones."""
+    if isinstance(check_target(target), float):
         return round(target * structure.total_params)
     if target > structure.prunable_params:
         raise AdaPrunerError(f"cannot remove {target} parameters: only {structure.prunable_params} are prunable")

@@ -127,11 +127,12 @@ def ratio_or_count(text: str) -> float | int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"--ratio takes a fraction in (0, 1) or a parameter count, got {text!r}") \
             from None
-    if value >= 1 and value.is_integer():
-        return int(value)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"--ratio must be in (0, 1) or a parameter count >= 1, got {text}")
-    return value
+    from ..plan import check_target
+
+    try:
+        return check_target(int(value) if value >= 1 and value.is_integer() else value)
+    except AdaPrunerError:
+        raise argparse.ArgumentTypeError(f"--ratio must be in (0, 1) or a parameter count >= 1, got {text}") from None
 
 
 def ratio_list(text: str) -> tuple[float | int, ...]:

@@ -10,6 +10,7 @@ from ..data import DEFAULT_CALIBRATION, DEFAULT_SEQ_LEN, check_heldout
 from ..errors import AdaPrunerError
 from ..finetune import LoRA
 from ..models import DEFAULT_MODEL
+from ..plan import check_target
 from ..repair import REPAIR_WINDOWS
 from .baselines import BASELINES, DEFAULT_BASELINES, draws
 from .samplers import PRUNERS, SAMPLERS
@@ -55,11 +56,7 @@ class SearchJob:
     export_dtype: str = "auto"  # the best model's weights on disk; auto: the dtype the model was released in
 
     def __post_init__(self) -> None:
-        fraction = isinstance(self.ratio, float) and 0 < self.ratio < 1
-        count = isinstance(self.ratio, int) and not isinstance(self.ratio, bool) and self.ratio >= 1
-        if not (fraction or count):
-            raise AdaPrunerError(f"ratio must be a fraction in (0, 1) or a whole parameter count >= 1, "
-                                 f"got {self.ratio!r}")
+        check_target(self.ratio)
         if self.trials < 1:
             raise AdaPrunerError(f"trials must be at least 1, got {self.trials}")
         if self.sampler not in SAMPLERS:
