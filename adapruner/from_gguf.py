@@ -31,6 +31,54 @@ SHARD_BYTES = 256 * 2**20
 CHUNK_BYTES = 16 * 2**20  # of fp32 rows de-quantised at a time: de-quantising makes temporaries of several x this
 
 
+def gguf_architecture(path: Path) -> str:
+    """``general.architecture`` of a GGUF file, read from its header (the first key-value pairs) without
+    mapping the tensors: a moment, whatever the file's size. The types are gguf's own (:class:`GGUFValueType`)."""
+    import struct
+
+    from gguf import GGUFValueType
+
+    scalar = {GGUFValueType.UINT8: "B", GGUFValueType.INT8: "b", GGUFValueType.UINT16: "H", GGUFValueType.INT16: "h",
+              GGUFValueType.UINT32: "I", GGUFValueType.INT32: "i", GGUFValueType.FLOAT32: "f", GGUFValueType.BOOL: "?",
+              GGUFValueType.UINT64: "Q", GGUFValueType.INT64: "q", GGUFValueType.FLOAT64: "d"}
+
+    def read(f, fmt: str):
+        size = struct.calcsize("<" + fmt)
+        data = f.read(size)
+        if len(data) != size:
+            raise AdaPrunerError(f"{path} ends inside its GGUF header")
+        return struct.unpack("<" + fmt, data)[0]
+
+    def skip(f, kind: int) -> None:
+        if kind == GGUFValueType.STRING:
+            f.seek(read(f, "Q"), 1)
+        elif kind == GGUFValueType.ARRAY:
+            item, count = read(f, "I"), read(f, "Q")
+            if item in scalar:
+                f.seek(struct.calcsize("<" + scalar[item]) * count, 1)
+            else:
+                for _ in range(count):
+                    skip(f, item)
+        elif kind in scalar:
+            read(f, scalar[kind])
+        else:
+            raise AdaPrunerError(f"{path} has a GGUF value of unknown type {kind}")
+
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise AdaPrunerError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+        version, _, n_kv = read(f, "I"), read(f, "Q"), read(f, "Q")
+        if version < 2:
+            raise AdaPrunerError(f"{path} is GGUF version {version}; version 2 or later is needed")
+        for _ in range(n_kv):
+            key = f.read(read(f, "Q")).decode("utf-8", "replace")
+            kind = read(f, "I")
+            if key == "general.architecture" and kind == GGUFValueType.STRING:
+                return f.read(read(f, "Q")).decode("utf-8", "replace")
+            skip(f, kind)
+    raise AdaPrunerError(f"{path} names no general.architecture in its GGUF header")
+
+
 class _ShardWriter:
     """Tensors written into safetensors shards of at most ``shard_bytes`` (one tensor may exceed it), and
     the index transformers reads to load a sharded checkpoint."""

@@ -19,11 +19,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from .cache import cache_dir
 from .device import resolve_device, resolve_dtype
-from .errors import AdaPrunerError
+from .errors import AdaPrunerError, UnsupportedModelError
 from .export import load_pruned
 from .fetch import wheel_member
-from .from_gguf import convert_gguf
-from .structure import check_supported
+from .from_gguf import convert_gguf, gguf_architecture
+from .structure import SUPPORTED_MODEL_TYPES, check_supported
 
 logger = logging.getLogger(__name__)
 
@@ -106,9 +106,10 @@ def read_model_config(name: str) -> dict | None:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise AdaPrunerError(f"model file not found: {path}")
-        with open(path, "rb") as f:
-            if f.read(4) != b"GGUF":
-                raise AdaPrunerError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+        architecture = gguf_architecture(path)  # from the header: refused before any conversion
+        if architecture not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedModelError(f"unsupported architecture {architecture!r} (the GGUF header's): AdaPruner "
+                                        f"prunes {', '.join(SUPPORTED_MODEL_TYPES)} models")
         return None
     if not (path.exists() or name.startswith((".", "/", "~"))):
         return None  # a hub id

@@ -6,6 +6,7 @@ import pytest
 import torch
 from helpers import make_documents
 
+from adapruner.errors import AdaPrunerError
 from adapruner.export import load_pruned
 from service.cli import build_parser, main
 
@@ -102,11 +103,41 @@ def loading_forbidden(monkeypatch):
     monkeypatch.setattr(adapruner.search.study, "open_session", forbidden)
 
 
+def write_gguf(path, architecture: str) -> None:
+    """A small GGUF file whose architecture key comes after an array, a string and a number, as a header may."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.kv_data[0].pop("general.architecture")
+    writer.add_array("tokenizer.ggml.tokens", ["a", "bb", "ccc"])
+    writer.add_array("tokenizer.ggml.scores", [0.5, 0.25, 0.125])
+    writer.add_string("general.name", "tiny")
+    writer.add_uint32(f"{architecture}.block_count", 2)
+    writer.add_architecture()
+    writer.add_tensor("token_embd.weight", np.zeros((3, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_a_gguf_architecture_is_read_from_the_header_alone(tmp_path):
+    from adapruner.from_gguf import gguf_architecture
+
+    write_gguf(tmp_path / "m.gguf", "gemma3")
+    assert gguf_architecture(tmp_path / "m.gguf") == "gemma3"
+    (tmp_path / "cut.gguf").write_bytes((tmp_path / "m.gguf").read_bytes()[:40])
+    with pytest.raises(AdaPrunerError, match="ends inside its GGUF header"):
+        gguf_architecture(tmp_path / "cut.gguf")
+
+
 @pytest.fixture
 def broken_models(tmp_path):
     (tmp_path / "not-json").mkdir()
     (tmp_path / "not-json" / "config.json").write_text("{not json")
     (tmp_path / "fake.gguf").write_bytes(b"this is no gguf file")
+    write_gguf(tmp_path / "gemma3.gguf", "gemma3")
     (tmp_path / "bert").mkdir()
     (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
     return tmp_path
@@ -121,6 +152,7 @@ def broken_models(tmp_path):
     (["eval", "--model", "{broken}/not-json"], "is not valid JSON"),
     (["search", "--model", "{broken}/not-json"], "is not valid JSON"),
     (["eval", "--model", "{broken}/fake.gguf"], "is not a GGUF file"),
+    (["prune", "--model", "{broken}/gemma3.gguf"], "unsupported architecture 'gemma3' (the GGUF header's)"),
     (["prune", "--model", "{broken}/bert"], "unsupported architecture 'bert'"),
     (["eval", "--model", "{tiny}", "--tasks", "books-cloze,no-such-task"], "`adapruner eval --list-tasks` lists"),
 ])
