@@ -404,6 +404,7 @@ def test_intermediate_values_are_perplexities_like_the_objective(session, tmp_pa
     study = run_search(tiny_job(trials=3, baselines=("magnitude",)), None, "unit", session=session,
                        progress=False, artifact_dir=tmp_path).study
     assert study.user_attrs["intermediate_unit"] == "perplexity"
+    assert study.metric_names == ["validation perplexity"]  # what the dashboard's axes say
     for t in study.get_trials(states=(TrialState.COMPLETE,)):
         values = list(t.intermediate_values.values())
         assert len(values) == session.windows("validation").shape[0]

@@ -39,6 +39,9 @@ class NonFiniteLoss(RuntimeError):
 #: The unit of a trial's intermediate values. Studies made before it was recorded hold log-perplexity;
 #: a study keeps the unit it started with, so its trials stay comparable with each other.
 PERPLEXITY, LOG_PERPLEXITY = "perplexity", "log-perplexity"
+#: What a trial's value is, as the study names it (Optuna Dashboard labels its axes with it): the pruned model's
+#: perplexity on the validation windows; its intermediate values are the same over the windows scored so far.
+METRIC_NAME = "validation perplexity"
 
 
 def geometric_mean(values) -> float:

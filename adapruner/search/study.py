@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ from .best import best_trial, default_artifact_dir, export_best
 from .cost import measure_models
 from .job import SearchJob
 from .lock import StudyLock
-from .objective import LOG_PERPLEXITY, PERPLEXITY, Objective, geometric_mean
+from .objective import LOG_PERPLEXITY, METRIC_NAME, PERPLEXITY, Objective, geometric_mean
 from .record import StudyKey, TrialKey, baseline_attrs, baseline_of, draw_of
 from .samplers import ESTIMATING_SAMPLERS, make_pruner, make_sampler, reports_running_mean
 from .selection import record_selection
@@ -91,6 +92,9 @@ def create_study(storage: optuna.storages.BaseStorage, name: str, job: SearchJob
     # The unit first: a process that finds the study without it reads it as new (perplexity), and one
     # that finds the version without the unit has an older study (log-perplexity).
     study.set_user_attr(StudyKey.INTERMEDIATE_UNIT, PERPLEXITY)
+    with warnings.catch_warnings():  # experimental in Optuna, and what the dashboard's axes are labelled with
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([METRIC_NAME])
     # Baselines first, before anyone else can ask for a trial.
     for name, draw in job.baseline_runs:
         study.enqueue_trial({}, user_attrs=baseline_attrs(name, draw))
