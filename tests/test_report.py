@@ -1,0 +1,27 @@
+"""The study report: what it shows, and what it leaves out with the reason."""
+
+import optuna
+
+from adapruner.search.report import MIN_TRIALS_FOR_IMPORTANCES, importance_lines
+
+
+def _study_with_completed(n: int) -> optuna.Study:
+    """``n`` completed searched trials (value rising with x, y noise) and a baseline, which never counts."""
+    study = optuna.create_study()
+    dist = {"x": optuna.distributions.FloatDistribution(0, 1), "y": optuna.distributions.FloatDistribution(0, 1)}
+    for i in range(n):
+        x, y = (i * 0.37) % 1, (i * 0.61) % 1
+        study.add_trial(optuna.trial.create_trial(params={"x": x, "y": y}, distributions=dist, value=10 + 5 * x))
+    study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=9.0,
+                                              user_attrs={"baseline": "flap", "draw": 0}))
+    return study
+
+
+def test_importances_are_omitted_below_the_threshold_with_the_reason():
+    few = "\n".join(importance_lines(_study_with_completed(MIN_TRIALS_FOR_IMPORTANCES - 1)))
+    assert f"Omitted: {MIN_TRIALS_FOR_IMPORTANCES - 1} searched trials completed" in few and "| x |" not in few
+    enough = "\n".join(importance_lines(_study_with_completed(MIN_TRIALS_FOR_IMPORTANCES)))
+    assert "Omitted" not in enough
+    rows = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in enough.splitlines()
+            if line.startswith("| x") or line.startswith("| y")}
+    assert rows["x"] > rows["y"]  # the parameter the value depends on comes first
