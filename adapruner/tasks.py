@@ -254,3 +254,30 @@ def mean_accuracy(results: Sequence[TaskResult]) -> float | None:
     """Mean over tasks of each task's headline accuracy, the field's summary figure."""
     accuracies = [r.metrics[m] for r in results if (m := headline(r)) is not None]
     return sum(accuracies) / len(accuracies) if accuracies else None
+
+
+def accuracy_stderr(result: TaskResult) -> float | None:
+    """The standard error of a task's headline accuracy: lm-eval's, else the binomial one from its items."""
+    metric = headline(result)
+    if metric is None:
+        return None
+    if metric in result.stderr:
+        return result.stderr[metric]
+    p = result.metrics[metric]
+    return math.sqrt(p * (1 - p) / result.samples) if result.samples else None
+
+
+def mean_accuracy_stderr(results: Sequence[TaskResult]) -> float | None:
+    """The standard error of :func:`mean_accuracy` (tasks scored on their own items: errors add in quadrature)."""
+    errors = [accuracy_stderr(r) for r in results if headline(r) is not None]
+    if not errors or any(e is None for e in errors):
+        return None
+    return math.sqrt(sum(e * e for e in errors)) / len(errors)
+
+
+def ratio_stderr(a: float, a_se: float | None, b: float, b_se: float | None) -> float | None:
+    """The standard error of ``a / b`` (first-order, as if independent: for two models scored on the same items
+    this over-states it, never under-states)."""
+    if a_se is None or b_se is None or not a or not b:
+        return None
+    return abs(a / b) * math.sqrt((a_se / a) ** 2 + (b_se / b) ** 2)

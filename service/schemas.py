@@ -236,7 +236,8 @@ class JobOut(BaseModel):
     recovery: dict[str, Any] | None = None
     tasks: dict[str, Any] | None = Field(default=None, description=(
         "once the search is done: accuracy per task of the unpruned model, each baseline and the best "
-        "(models.*.results), their means (mean_acc), and best_retained = the best's mean / the unpruned's"))
+        "(models.*.results), their means (mean_acc) with standard errors (mean_acc_stderr), and best_retained = "
+        "the best's mean / the unpruned's, with best_retained_stderr"))
     inference_cost: dict[str, Any] | None = Field(default=None, description=(
         "once the search is done: measured decode/prefill tokens/s, parameters and peak memory of the unpruned "
         "model, each baseline and the best (models.*), and each as a multiple of the unpruned (speedups.*)"))

@@ -139,3 +139,22 @@ def test_lastword_targets_end_their_passage():
     items = lastword_items(DOCUMENTS, n=5, seed=1)
     assert items
     assert all(f"{item['context']} {item['target']}." in DOCUMENTS[0] for item in items)
+
+
+def test_an_accuracy_comes_with_its_standard_error():
+    from adapruner.search.accuracy import accuracy_table
+    from adapruner.tasks import TaskResult, accuracy_stderr, mean_accuracy_stderr, ratio_stderr
+
+    given = TaskResult("a", {"acc": 0.6}, {"acc": 0.03}, samples=100)
+    counted = TaskResult("b", {"acc": 0.5}, {}, samples=100)  # no stderr from lm-eval: the binomial one
+    assert accuracy_stderr(given) == 0.03 and accuracy_stderr(counted) == pytest.approx(0.05)
+    assert mean_accuracy_stderr([given, counted]) == pytest.approx((0.03**2 + 0.05**2) ** 0.5 / 2)
+    assert mean_accuracy_stderr([TaskResult("c", {}, {}, error="failed"), given]) == 0.03  # a failed task: no term
+    assert ratio_stderr(0.5, 0.05, 1.0, 0.0) == pytest.approx(0.05)
+    assert ratio_stderr(0.5, None, 1.0, 0.01) is None
+    summary = {"tasks": ["a"], "models": {
+        "unpruned": {"results": {"a": given.to_dict()}, "mean_acc": 0.6, "mean_acc_stderr": 0.03},
+        "best": {"results": {"a": counted.to_dict()}, "mean_acc": 0.5, "mean_acc_stderr": 0.05}}}
+    table = "\n".join(accuracy_table(summary))
+    assert "| best | 0.500 ± 0.050 | 0.500 ± 0.050 | 83.3% ± " in table
+    assert "| unpruned | 0.600 ± 0.030 | 0.600 ± 0.030 | 100.0% |" in table

@@ -94,8 +94,12 @@ def print_result(result, out: Path, storage: str) -> None:
             print(f"margin  {margin_sentence(best, reference)}")
         tasks = result.study.user_attrs.get(StudyKey.TASKS)
         if tasks and tasks["best_retained"] is not None:
-            print(f"tasks   mean accuracy {tasks['models']['best']['mean_acc']:.3f} on {', '.join(tasks['tasks'])}: "
-                  f"{tasks['best_retained']:.1%} of the unpruned model's")
+            best_acc, limit = tasks["models"]["best"], tasks.get("limit")
+            acc_se, share_se = best_acc.get("mean_acc_stderr"), tasks.get("best_retained_stderr")
+            print(f"tasks   mean accuracy {best_acc['mean_acc']:.3f}" + (f" ± {acc_se:.3f}" if acc_se else "")
+                  + f" on {', '.join(tasks['tasks'])}" + (f" ({limit} items each)" if limit else "") + ": "
+                  + f"{tasks['best_retained']:.1%}" + (f" ± {share_se:.1%}" if share_se else "")
+                  + " of the unpruned model's (± one standard error)")
         cost = result.study.user_attrs.get(StudyKey.INFERENCE_COST)
         if cost and "best" in cost["speedups"]:
             speed = cost["speedups"]["best"]

@@ -7,7 +7,15 @@ from __future__ import annotations
 import optuna
 
 from ..session import PruningSession
-from ..tasks import evaluate_tasks, headline_metric, mean_accuracy
+from ..tasks import (
+    TaskResult,
+    accuracy_stderr,
+    evaluate_tasks,
+    headline_metric,
+    mean_accuracy,
+    mean_accuracy_stderr,
+    ratio_stderr,
+)
 from .best import UNPRUNED, compared_models
 from .job import SearchJob
 from .record import StudyKey
@@ -26,28 +34,51 @@ def score_tasks(study: optuna.Study, session: PruningSession, job: SearchJob, ba
         if session.on_step is not None:
             session.on_step("tasks", done, len(models))
         results = evaluate_tasks(build(), session.tokenizer, job.tasks, job.task_limit, batch_size=batch_size)
-        scores[label] = {"results": {r.task: r.to_dict() for r in results}, "mean_acc": mean_accuracy(results)}
-    dense, searched = scores[UNPRUNED]["mean_acc"], scores.get("best", {}).get("mean_acc")
-    summary = {"tasks": list(job.tasks), "limit": job.task_limit, "models": scores,
-               "best_retained": searched / dense if dense and searched is not None else None}
+        scores[label] = {"results": {r.task: r.to_dict() for r in results}, "mean_acc": mean_accuracy(results),
+                         "mean_acc_stderr": mean_accuracy_stderr(results)}
+    dense, searched = scores[UNPRUNED], scores.get("best", {})
+    retained = searched.get("mean_acc") / dense["mean_acc"] if dense["mean_acc"] and searched.get("mean_acc") \
+        is not None else None
+    summary = {"tasks": list(job.tasks), "limit": job.task_limit, "models": scores, "best_retained": retained,
+               "best_retained_stderr": retained_stderr(searched, dense) if retained is not None else None}
     study.set_user_attr(StudyKey.TASKS, summary)
     return summary
 
 
+def retained_stderr(score: dict, dense: dict) -> float | None:
+    """The standard error of a model's mean accuracy as a share of the unpruned model's."""
+    return ratio_stderr(score.get("mean_acc"), score.get("mean_acc_stderr"), dense.get("mean_acc"),
+                        dense.get("mean_acc_stderr"))
+
+
+def _with_error(value: float | None, stderr: float | None, percent: bool = False) -> str:
+    if value is None:
+        return "—"
+    shown = f"{value:.1%}" if percent else f"{value:.3f}"
+    if stderr is None:
+        return shown
+    return shown + (f" ± {stderr:.1%}" if percent else f" ± {stderr:.3f}")
+
+
 def accuracy_table(summary: dict) -> list[str]:
-    """Markdown: each task's headline accuracy per model (:func:`~adapruner.tasks.headline_metric`),
-    their mean, and the mean as a share of the unpruned model's."""
+    """Markdown: each task's headline accuracy per model (:func:`~adapruner.tasks.headline_metric`) with its
+    standard error, their mean, and the mean as a share of the unpruned model's (± one standard error)."""
     tasks = summary["tasks"]
-    dense = summary["models"]["unpruned"]["mean_acc"]
+    dense = summary["models"]["unpruned"]
     lines = ["| model | " + " | ".join(tasks) + " | mean | of unpruned |", "|---|" + "---:|" * (len(tasks) + 2)]
     for label, score in summary["models"].items():
         cells = []
         for task in tasks:
             result = score["results"][task]
             metric = headline_metric(result["metrics"])
-            acc = None if metric is None else result["metrics"][metric]
-            cells.append("failed" if result["error"] else "—" if acc is None else f"{acc:.3f}")
+            if result["error"]:
+                cells.append("failed")
+                continue
+            stderr = None if metric is None else accuracy_stderr(TaskResult(**result))
+            cells.append(_with_error(None if metric is None else result["metrics"][metric], stderr))
         mean = score["mean_acc"]
-        share = f"{mean / dense:.1%}" if mean is not None and dense else "—"
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {'—' if mean is None else f'{mean:.3f}'} | {share} |")
+        share = mean / dense["mean_acc"] if mean is not None and dense["mean_acc"] else None
+        share_se = None if label == UNPRUNED else retained_stderr(score, dense)  # a model to itself: exactly 1
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {_with_error(mean, score.get('mean_acc_stderr'))} | "
+                     f"{_with_error(share, share_se, percent=True)} |")
     return lines
