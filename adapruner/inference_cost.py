@@ -32,7 +32,7 @@ import re
 import statistics
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -56,13 +56,19 @@ class InferenceCost:
     prefill_tokens_per_s: dict[str, float]  # {"1x512": ..., "8x128": ...}
     decode_tokens_per_s: float
     peak_memory_bytes: int
+    # over interleaved rounds (:func:`measure_interleaved`): the figures above are medians, these their ranges
+    decode_range: tuple[float, float] | None = None
+    prefill_range: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping) -> InferenceCost:
-        return cls(**{**d, "prefill_tokens_per_s": dict(d["prefill_tokens_per_s"])})
+        ranges = {shape: tuple(r) for shape, r in d.get("prefill_range", {}).items()}
+        decode = tuple(d["decode_range"]) if d.get("decode_range") else None
+        return cls(**{**d, "prefill_tokens_per_s": dict(d["prefill_tokens_per_s"]), "prefill_range": ranges,
+                      "decode_range": decode})
 
 
 def measure_cost(
@@ -123,13 +129,94 @@ def measure_cost(
     )
 
 
-def measure_folder(folder: str | Path, device: str | None = None, dtype: str | None = None, **kw) -> InferenceCost:
-    """Load ``folder`` (a checkpoint folder, an AdaPruner export, or a built-in name such as
-    ``smollm2-135m``) and measure it; ``kw`` goes to :func:`measure_cost`."""
+def load_measured(folder: str | Path, device: str | None = None,
+                  dtype: str | None = None) -> tuple[torch.nn.Module, Path | None]:
+    """``folder`` (a checkpoint folder, an AdaPruner export, or a built-in name such as ``smollm2-135m``)
+    loaded to be measured, and the folder its bytes on disk are counted in."""
     name = str(folder)
     # load_model hands an AdaPruner export (an ``adapruner`` entry in config.json) to export.load_pruned
     model, _ = load_model(name, device=device, dtype=dtype)
-    return measure_cost(model, folder=checkpoint_folder(name), **kw)
+    return model, checkpoint_folder(name)
+
+
+def measure_folder(folder: str | Path, device: str | None = None, dtype: str | None = None, **kw) -> InferenceCost:
+    """Load ``folder`` (see :func:`load_measured`) and measure it; ``kw`` goes to :func:`measure_cost`."""
+    model, checkpoint = load_measured(folder, device, dtype)
+    return measure_cost(model, folder=checkpoint, **kw)
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes the device has free: CUDA's own count, on CPU Linux's ``MemAvailable``; None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+#: A ratio whose range over the rounds is wider than this share of its median is labelled noisy, never a result.
+NOISY = 0.10
+
+
+def measure_interleaved(models: Mapping[str, torch.nn.Module], repeats: int = 5, warmup: int = 1,
+                        folders: Mapping[str, str | Path | None] | None = None,
+                        **options) -> tuple[dict[str, InferenceCost], list[dict[str, InferenceCost]]]:
+    """Every model measured once per round, ``repeats`` rounds, round-robin (A B C, B C A, C A B, ...), so that
+    load on a shared machine, which comes and goes, falls on every model alike. Returns each model's cost
+    (medians over the rounds, with their ranges; the peak memory the highest) and the rounds themselves
+    (:func:`ratio_spread` pairs the models within a round). ``options`` go to :func:`measure_cost`."""
+    if repeats < 1 or not models:
+        raise AdaPrunerError(f"measure_interleaved needs models and repeats >= 1, got {len(models)} and {repeats}")
+    labels, folders = list(models), folders or {}
+    rounds: list[dict[str, InferenceCost]] = []
+    for r in range(repeats):
+        order = labels[r % len(labels):] + labels[: r % len(labels)]
+        rounds.append({label: measure_cost(models[label], repeats=1, warmup=warmup if r == 0 else 0,
+                                           folder=folders.get(label), **options) for label in order})
+    return {label: _combined([run[label] for run in rounds]) for label in labels}, rounds
+
+
+def _combined(runs: list[InferenceCost]) -> InferenceCost:
+    decode = [run.decode_tokens_per_s for run in runs]
+    prefill = {shape: [run.prefill_tokens_per_s[shape] for run in runs] for shape in runs[0].prefill_tokens_per_s}
+    return replace(runs[0], decode_tokens_per_s=statistics.median(decode), decode_range=(min(decode), max(decode)),
+                   prefill_tokens_per_s={shape: statistics.median(v) for shape, v in prefill.items()},
+                   prefill_range={shape: (min(v), max(v)) for shape, v in prefill.items()},
+                   peak_memory_bytes=max(run.peak_memory_bytes for run in runs))
+
+
+def ratio_spread(rounds: list[dict[str, InferenceCost]], reference: str) -> dict[str, dict[str, dict]]:
+    """Each model's decode and prefill throughput as a multiple of ``reference``'s within each round: the
+    median, the range, and whether the range is wider than :data:`NOISY` of the median (then it is noise,
+    not a result)."""
+    spread: dict[str, dict[str, dict]] = {}
+    for label in rounds[0]:
+        ratios = {"decode": [run[label].decode_tokens_per_s / run[reference].decode_tokens_per_s for run in rounds]}
+        for shape in rounds[0][label].prefill_tokens_per_s:
+            if shape in rounds[0][reference].prefill_tokens_per_s:
+                ratios[f"prefill_{shape}"] = [run[label].prefill_tokens_per_s[shape]
+                                              / run[reference].prefill_tokens_per_s[shape] for run in rounds]
+        spread[label] = {key: _spread(values) for key, values in ratios.items()}
+    return spread
+
+
+def _spread(values: list[float]) -> dict:
+    median = statistics.median(values)
+    low, high = min(values), max(values)
+    return {"median": median, "low": low, "high": high, "noisy": high - low > NOISY * median}
+
+
+def ratio_text(ratio: float, spread: dict | None) -> str:
+    """A ratio as the report and the console show it: with its range over the rounds, and marked as noise
+    when that range is wider than :data:`NOISY` of it (one round, or none: the ratio alone)."""
+    if spread is None or spread["low"] == spread["high"]:
+        return f"{ratio:.2f}"
+    text = f"{spread['median']:.2f} ({spread['low']:.2f}-{spread['high']:.2f})"
+    return text + " noisy" if spread["noisy"] else text
 
 
 def speedups(costs: Mapping[str, InferenceCost], reference: str = "dense") -> dict[str, dict[str, float]]:

@@ -1,6 +1,7 @@
 """Measured inference cost: throughput and memory of the tiny model, its timing on a fake clock, the
 KV-cached decode loop, pruned and smaller models, and the ``bench-model`` command."""
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -13,7 +14,15 @@ from helpers import make_tiny_model
 import adapruner.inference_cost as inference_cost
 from adapruner.errors import AdaPrunerError
 from adapruner.export import save_pruned
-from adapruner.inference_cost import InferenceCost, measure_cost, measure_folder, speedups
+from adapruner.inference_cost import (
+    InferenceCost,
+    measure_cost,
+    measure_folder,
+    measure_interleaved,
+    ratio_spread,
+    ratio_text,
+    speedups,
+)
 from adapruner.plan import LayerPlan, PruningPlan
 from adapruner.prune import prune_model
 from adapruner.structure import model_structure
@@ -200,7 +209,7 @@ def test_bench_model_prints_a_table_of_several_models(capsys, tmp_path, tiny_mod
     (["--model", "{tiny}", "--dtype", "int3"], "unknown dtype"),
 ])
 def test_bench_model_refuses_bad_input_before_loading(capsys, monkeypatch, tmp_path, tiny_model_dir, argv, message):
-    monkeypatch.setattr(inference_cost, "measure_folder", lambda *a, **kw: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(inference_cost, "load_measured", lambda *a, **kw: pytest.fail("a model was loaded"))
     argv = [a.format(missing=tmp_path / "missing", tiny=tiny_model_dir) for a in argv]
     code, out, err = run(capsys, "bench-model", *argv)
     assert code == 2
@@ -220,3 +229,43 @@ def test_bench_model_bad_numbers_exit_2_with_one_line(capsys, tiny_model_dir, ar
     assert exc.value.code == 2
     assert message in err
     assert err.count("\n") == 1
+
+
+SHAPES = {k: v for k, v in FAST.items() if k not in ("repeats", "warmup")}
+
+
+def test_a_model_measured_against_a_copy_of_itself_has_an_interval_holding_1(tiny_model):
+    # 15 rounds: with noise alike for both, all 15 ratios fall on one side of 1 once in 16,000 runs
+    costs, rounds = measure_interleaved({"model": tiny_model, "copy": copy.deepcopy(tiny_model)}, repeats=15, **SHAPES)
+    spread = ratio_spread(rounds, "model")
+    for key, ratio in spread["copy"].items():
+        assert ratio["low"] <= 1.0 <= ratio["high"] or ratio["low"] == ratio["high"] == 1.0, key
+    assert spread["model"]["decode"] == {"median": 1.0, "low": 1.0, "high": 1.0, "noisy": False}
+    low, high = costs["copy"].decode_range
+    assert low <= costs["copy"].decode_tokens_per_s <= high
+    assert InferenceCost.from_dict(costs["copy"].to_dict()) == costs["copy"]  # ranges survive the JSON round trip
+
+
+def test_rounds_take_every_model_once_each_in_turn(tiny_model):
+    other = make_tiny_model(num_hidden_layers=2)
+    order = []
+    for label, model in (("a", tiny_model), ("b", other)):
+        model.register_forward_pre_hook(lambda m, a, kw, label=label: order.append(label) if kw["input_ids"].shape[1]
+                                        > 1 else None, with_kwargs=True)
+    _, rounds = measure_interleaved({"a": tiny_model, "b": other}, repeats=3, warmup=0, **SHAPES)
+    assert len(rounds) == 3 and all(set(r) == {"a", "b"} for r in rounds)
+    # per model and round: one prefill (1 shape) and one prompt pass; who goes first turns with the rounds
+    assert order == ["a", "a", "b", "b", "b", "b", "a", "a", "a", "a", "b", "b"]
+
+
+def test_a_ratio_whose_range_is_wide_is_marked_noise():
+    def cost(decode):
+        return InferenceCost("cpu", "float32", 1, 10, 40, None, {"1x8": 100.0}, decode, 40)
+
+    rounds = [{"ref": cost(10.0), "m": cost(20.0)}, {"ref": cost(10.0), "m": cost(30.0)},
+              {"ref": cost(10.0), "m": cost(21.0)}]
+    spread = ratio_spread(rounds, "ref")
+    assert spread["m"]["decode"] == {"median": 2.1, "low": 2.0, "high": 3.0, "noisy": True}
+    assert spread["m"]["prefill_1x8"]["noisy"] is False
+    assert ratio_text(2.1, spread["m"]["decode"]) == "2.10 (2.00-3.00) noisy"
+    assert ratio_text(1.0, {"median": 1.0, "low": 1.0, "high": 1.0, "noisy": False}) == "1.00"

@@ -336,6 +336,11 @@ def test_the_best_models_bytes_on_disk_are_its_exports(searched):
 def test_the_unpruned_model_is_the_speed_reference(searched):
     result, _ = searched
     assert result.study.user_attrs["inference_cost"]["speedups"]["unpruned"]["decode"] == 1.0
+    cost = result.study.user_attrs["inference_cost"]
+    assert cost["rounds"] == 5 and set(cost["spread"]) == set(cost["models"])  # interleaved, each ratio's range
+    best = cost["spread"]["best"]["decode"]
+    assert best["low"] <= best["median"] <= best["high"]
+    assert best["noisy"] == (best["high"] - best["low"] > 0.1 * best["median"])
 
 
 def test_the_report_shows_what_the_pruned_models_buy(searched, tmp_path):

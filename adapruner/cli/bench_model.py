@@ -12,7 +12,7 @@ from .args import positive
 
 def cmd_bench_model(args: argparse.Namespace) -> int:
     from ..device import resolve_device, resolve_dtype
-    from ..inference_cost import measure_folder, speedups
+    from ..inference_cost import NOISY, load_measured, measure_interleaved, ratio_spread, ratio_text, speedups
     from ..models import read_model_config
 
     # every refusal before the first load: a bad last model should not cost the first one's measurement
@@ -25,16 +25,17 @@ def cmd_bench_model(args: argparse.Namespace) -> int:
     resolve_dtype(args.dtype, resolve_device(args.device))
     for name in args.models:
         read_model_config(name)
-    costs = {}
+    models, folders = {}, {}
     for i, name in enumerate(args.models, 1):
         print(f"bench   {i}/{len(args.models)} {name}", file=sys.stderr, flush=True)
-        costs[name] = measure_folder(name, device=args.device, dtype=args.dtype, new_tokens=args.new_tokens,
-                                     repeats=args.repeats)
+        models[name], folders[name] = load_measured(name, device=args.device, dtype=args.dtype)
+    print(f"bench   {args.repeats} interleaved rounds", file=sys.stderr, flush=True)
+    costs, rounds = measure_interleaved(models, repeats=args.repeats, folders=folders, new_tokens=args.new_tokens)
     reference = args.models[0]
-    ratios = speedups(costs, reference)
+    ratios, spread = speedups(costs, reference), ratio_spread(rounds, reference)
     if args.json:
         print(json.dumps({"reference": reference, "models": {name: cost.to_dict() for name, cost in costs.items()},
-                          "speedups": ratios}, indent=1))
+                          "speedups": ratios, "spread": spread, "rounds": len(rounds)}, indent=1))
         return 0
     shapes = list(dict.fromkeys(shape for cost in costs.values() for shape in cost.prefill_tokens_per_s))
     width = max(len("model"), *(len(name) for name in costs))
@@ -47,10 +48,11 @@ def cmd_bench_model(args: argparse.Namespace) -> int:
                           else f"{'-':>14}  " for shape in shapes)
         print(f"{name:<{width}}  {cost.parameters / 1e6:>7.2f}M  {disk:>8}  {prefill}"
               f"{cost.decode_tokens_per_s:>12.1f}  {cost.peak_memory_bytes / 2**20:>8.1f}  "
-              f"{ratios[name]['decode']:.2f}")
+              f"{ratio_text(ratios[name]['decode'], spread[name]['decode'])}")
     first = costs[reference]
-    print(f"({first.device}, {first.dtype}, {first.threads} threads; prefill and decode in tokens/s, "
-          f"decode x relative to {reference})")
+    print(f"({first.device}, {first.dtype}, {first.threads} threads; prefill and decode in tokens/s, medians of "
+          f"{len(rounds)} interleaved rounds; decode x relative to {reference}, its range in brackets, noisy when "
+          f"the range is over {NOISY:.0%} of it)")
     return 0
 
 
@@ -66,6 +68,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--new-tokens", type=positive(int, "--new-tokens"), default=128,
                    help="greedy tokens generated per decode run (default: %(default)s)")
     p.add_argument("--repeats", type=positive(int, "--repeats"), default=3,
-                   help="timed runs per measurement; the median is reported (default: %(default)s)")
+                   help="interleaved rounds, each model once per round; medians and ranges are reported "
+                   "(default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the measurements as JSON")
     p.set_defaults(func=cmd_bench_model)

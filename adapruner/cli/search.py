@@ -77,6 +77,19 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def speed_line(cost: dict) -> str:
+    """The console's line on the best model's speed: a ratio only when it is not noise."""
+    from ..inference_cost import ratio_text
+
+    speed, spread = cost["speedups"]["best"], cost.get("spread", {}).get("best", {}).get("decode")
+    decode = f"speed   decode {cost['models']['best']['decode_tokens_per_s']:.1f} tokens/s"
+    memory = f"peak memory {speed['peak_memory']:.2f}x the unpruned model's"
+    if spread is not None and spread["noisy"]:
+        return (f"{decode}, {ratio_text(speed['decode'], spread)}x the unpruned model's over "
+                f"{cost['rounds']} rounds: too noisy to be a result on this machine; {memory}")
+    return f"{decode}, {ratio_text(speed['decode'], spread)}x the unpruned model's; {memory}"
+
+
 def print_result(result, out: Path, storage: str) -> None:
     """What one target's search found: the best, its margin over LLM-Pruner, tasks, recovery, where things are."""
     from ..search import StudyKey, TrialKey, baseline_trials, describe_config, load_line, margin_sentence, write_report
@@ -102,9 +115,7 @@ def print_result(result, out: Path, storage: str) -> None:
                   + " of the unpruned model's (± one standard error)")
         cost = result.study.user_attrs.get(StudyKey.INFERENCE_COST)
         if cost and "best" in cost["speedups"]:
-            speed = cost["speedups"]["best"]
-            print(f"speed   decode {cost['models']['best']['decode_tokens_per_s']:.1f} tokens/s, "
-                  f"{speed['decode']:.2f}x the unpruned model's; peak memory {speed['peak_memory']:.2f}x")
+            print(speed_line(cost))
     recovery = result.study.user_attrs.get(StudyKey.RECOVERY)
     if recovery:
         print(f"LoRA    {recovery['steps']} steps: test ppl {recovery['test_ppl_before']:.3f} -> "

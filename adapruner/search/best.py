@@ -39,18 +39,21 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
         return None
 
 
-def compared_models(study: optuna.Study, session: PruningSession,
-                    job: SearchJob) -> list[tuple[str, Callable[[], torch.nn.Module]]]:
+def compared_models(study: optuna.Study, session: PruningSession, job: SearchJob,
+                    share_unchanged: bool = False) -> list[tuple[str, Callable[[], torch.nn.Module]]]:
     """What a search is judged on after it ends: the unpruned model, each baseline and the best
-    configuration (as searched), each built only when called, so that one pruned copy exists at a time."""
+    configuration (as searched), each built only when called, so that one pruned copy need exist at a time
+    (``share_unchanged``: copies that share the dense model's uncut tensors, to hold several at once)."""
+    def build(config: PruneConfig) -> torch.nn.Module:
+        return session.prune(config, job.ratio, share_unchanged=share_unchanged)[0]
+
     models: list[tuple[str, Callable[[], torch.nn.Module]]] = [(UNPRUNED, lambda: session.model)]
     for name in job.baselines:  # a baseline that draws its calibration: its first draw
-        models.append((name, lambda name=name: session.prune(baseline_config(name, session, job.seed, target=job.ratio),
-                                                             job.ratio)[0]))
+        models.append((name, lambda name=name: build(baseline_config(name, session, job.seed, target=job.ratio))))
     best = best_trial(study)
     if best is not None:
         config = PruneConfig.from_dict(best.user_attrs[TrialKey.CONFIG])
-        models.append(("best", lambda: session.prune(config, job.ratio)[0]))
+        models.append(("best", lambda: build(config)))
     return models
 
 

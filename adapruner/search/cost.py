@@ -1,7 +1,7 @@
 """What the pruned models buy, measured after a search: the unpruned model, every baseline and the best
-configuration, side by side in one process on the worker's device and dtype
-(:func:`~adapruner.inference_cost.measure_cost`), recorded once with the study (user attribute
-``inference_cost``). Measured, never searched on."""
+configuration, side by side in one process on the worker's device and dtype, in interleaved rounds
+(:func:`~adapruner.inference_cost.measure_interleaved`), recorded once with the study (user attribute
+``inference_cost``) with each ratio's range over the rounds. Measured, never searched on."""
 
 from __future__ import annotations
 
@@ -9,7 +9,15 @@ from pathlib import Path
 
 import optuna
 
-from ..inference_cost import InferenceCost, measure_cost, speedups
+from ..inference_cost import (
+    NOISY,
+    available_memory,
+    measure_cost,
+    measure_interleaved,
+    ratio_spread,
+    ratio_text,
+    speedups,
+)
 from ..models import checkpoint_folder
 from ..session import PruningSession
 from .best import UNPRUNED, compared_models
@@ -26,35 +34,62 @@ def measure_models(study: optuna.Study, session: PruningSession, job: SearchJob,
         return None
     if StudyKey.INFERENCE_COST in study.user_attrs:
         return study.user_attrs[StudyKey.INFERENCE_COST]
-    models = compared_models(study, session, job)
+    compared = compared_models(study, session, job, share_unchanged=True)
     folders = {UNPRUNED: checkpoint_folder(session.model_name), "best": model_dir}
-    costs: dict[str, InferenceCost] = {}
-    for done, (label, build) in enumerate(models):
+    if not fits_at_once(session.model, len(compared)):  # one model at a time: no rounds, no ratio ranges
+        costs = {}
+        for done, (label, build) in enumerate(compared):
+            if session.on_step is not None:
+                session.on_step("inference cost", done, len(compared))
+            costs[label] = measure_cost(build(), folder=folders.get(label), **options)
+        summary = {"models": {label: cost.to_dict() for label, cost in costs.items()},
+                   "speedups": speedups(costs, UNPRUNED)}
+        study.set_user_attr(StudyKey.INFERENCE_COST, summary)
+        return summary
+    models = {}
+    for done, (label, build) in enumerate(compared):
         if session.on_step is not None:
-            session.on_step("inference cost", done, len(models))
-        model = build()
-        costs[label] = measure_cost(model, folder=folders.get(label), **options)
-        del model  # one pruned copy at a time
+            session.on_step("inference cost", done, len(compared))
+        models[label] = build()  # all at once, for the rounds; each shares the dense model's uncut tensors
+    costs, rounds = measure_interleaved(models, folders=folders, **options)
+    del models
     summary = {"models": {label: cost.to_dict() for label, cost in costs.items()},
-               "speedups": speedups(costs, UNPRUNED)}
+               "speedups": speedups(costs, UNPRUNED), "spread": ratio_spread(rounds, UNPRUNED),
+               "rounds": len(rounds)}
     study.set_user_attr(StudyKey.INFERENCE_COST, summary)
     return summary
 
 
+def fits_at_once(model, n_models: int) -> bool:
+    """Whether ``n_models`` copies of ``model``'s weights fit in half the memory its device has free (the
+    pruned copies share the uncut tensors, so this over-counts): then they are measured in rounds."""
+    params = list(model.parameters())
+    weights = sum(p.numel() * p.element_size() for p in params)
+    free = available_memory(params[0].device)
+    return free is None or n_models * weights < free / 2
+
+
 def cost_table(summary: dict) -> list[str]:
-    """Markdown: each model's parameters, decode and prefill throughput (and decode as a multiple of the
-    unpruned model's) and peak memory."""
-    models, ratios = summary["models"], summary["speedups"]
+    """Markdown: each model's parameters, decode and prefill throughput (medians, decode with its range) and
+    decode as a multiple of the unpruned model's (median of the rounds' ratios, its range), and peak memory."""
+    models, ratios, spread = summary["models"], summary["speedups"], summary.get("spread", {})
     first = next(iter(models.values()))
     shapes = list(first["prefill_tokens_per_s"])
-    lines = [f"Measured on {first['device']} in {first['dtype']} with {first['threads']} threads, one model after "
-             "another in one process: decode is greedy at batch 1 with the KV cache; prefill is one forward pass.", "",
+    rounds = (f"medians of {summary['rounds']} interleaved rounds (each model once per round), ranges in "
+              f"brackets; a ratio whose range is over {NOISY:.0%} of it is marked noisy: noise, not a result"
+              if "rounds" in summary else "one model after another")
+    lines = [f"Measured on {first['device']} in {first['dtype']} with {first['threads']} threads in one process, "
+             f"{rounds}: decode is greedy at batch 1 with the KV cache; prefill is one forward pass.", "",
              "| model | parameters | decode tokens/s | decode × unpruned | "
              + " | ".join(f"prefill {s} tokens/s" for s in shapes) + " | peak memory MB | on disk MB |",
              "|---|" + "---:|" * (5 + len(shapes))]
     for label, cost in models.items():
         prefill = " | ".join(f"{cost['prefill_tokens_per_s'][s]:,.0f}" for s in shapes)
         disk = "—" if cost["disk_bytes"] is None else f"{cost['disk_bytes'] / 2**20:,.1f}"
-        lines.append(f"| {label} | {cost['parameters'] / 1e6:,.2f}M | {cost['decode_tokens_per_s']:,.1f} | "
-                     f"{ratios[label]['decode']:.2f} | {prefill} | {cost['peak_memory_bytes'] / 2**20:,.0f} | {disk} |")
+        decode = f"{cost['decode_tokens_per_s']:,.1f}"
+        if cost.get("decode_range"):
+            decode += f" ({cost['decode_range'][0]:,.1f}-{cost['decode_range'][1]:,.1f})"
+        times = ratio_text(ratios[label]["decode"], spread.get(label, {}).get("decode"))
+        lines.append(f"| {label} | {cost['parameters'] / 1e6:,.2f}M | {decode} | {times} | {prefill} | "
+                     f"{cost['peak_memory_bytes'] / 2**20:,.0f} | {disk} |")
     return lines
