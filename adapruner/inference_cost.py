@@ -37,6 +37,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from .device import eval_mode
 from .errors import AdaPrunerError
@@ -163,7 +164,7 @@ NOISY = 0.10
 
 
 def measure_interleaved(models: Mapping[str, torch.nn.Module], repeats: int = 5, warmup: int = 1,
-                        folders: Mapping[str, str | Path | None] | None = None,
+                        folders: Mapping[str, str | Path | None] | None = None, progress: bool = False,
                         **options) -> tuple[dict[str, InferenceCost], list[dict[str, InferenceCost]]]:
     """Every model measured once per round, ``repeats`` rounds, round-robin (A B C, B C A, C A B, ...), so that
     load on a shared machine, which comes and goes, falls on every model alike. Returns each model's cost
@@ -173,7 +174,7 @@ def measure_interleaved(models: Mapping[str, torch.nn.Module], repeats: int = 5,
         raise AdaPrunerError(f"measure_interleaved needs models and repeats >= 1, got {len(models)} and {repeats}")
     labels, folders = list(models), folders or {}
     rounds: list[dict[str, InferenceCost]] = []
-    for r in range(repeats):
+    for r in tqdm(range(repeats), desc="inference cost", unit="round", disable=not progress, leave=False):
         order = labels[r % len(labels):] + labels[: r % len(labels)]
         rounds.append({label: measure_cost(models[label], repeats=1, warmup=warmup if r == 0 else 0,
                                            folder=folders.get(label), **options) for label in order})

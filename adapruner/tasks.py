@@ -20,6 +20,7 @@ Each result records the sha256 of its task's data, so numbers from different dat
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -28,7 +29,7 @@ import math
 import os
 import random
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -184,9 +185,11 @@ def evaluate_tasks(
     num_fewshot: int | None = None,
     batch_size: int = 8,
     local: dict[str, Path] | None = None,
+    log: Path | None = None,
 ) -> list[TaskResult]:
     """Score ``model`` on each task with ``lm_eval.simple_evaluate``, one task at a time, so a task whose
-    data cannot be fetched fails alone (its ``error`` says why) and the others still run.
+    data cannot be fetched fails alone (its ``error`` says why) and the others still run. ``log``: a file
+    lm-evaluation-harness's own progress bars, prints and warnings go to (appended) instead of the console.
 
     ``local`` maps further task names to JSONL files in a built-in task's format (``books-cloze``'s,
     or ``books-lastword``'s when the name ends in ``lastword``): the tests' tiny tasks.
@@ -202,7 +205,7 @@ def evaluate_tasks(
     if any(t in BUILTIN_TASKS for t in tasks):
         files.update({k: v for k, v in builtin_task_data().items() if k not in files})
     results = []
-    with eval_mode(model):  # lm-eval's wrapper puts the model in eval mode too: inside, so it is undone
+    with eval_mode(model), _output_to(log):  # lm-eval's wrapper puts the model in eval mode too: inside, so undone
         wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
                        device=str(next(model.parameters()).device))
         for name in tasks:
@@ -222,6 +225,23 @@ def evaluate_tasks(
                 continue
             results.append(_result(name, out, digest))
     return results
+
+
+@contextlib.contextmanager
+def _output_to(log: Path | None) -> Iterator[None]:
+    """With ``log``: this process's stdout and stderr, and lm-eval's logger, written to ``log`` for the block."""
+    if log is None:
+        yield
+        return
+    log.parent.mkdir(parents=True, exist_ok=True)
+    lm_eval_logger = logging.getLogger("lm_eval")
+    saved = lm_eval_logger.handlers[:], lm_eval_logger.propagate
+    with open(log, "a", encoding="utf-8") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        lm_eval_logger.handlers, lm_eval_logger.propagate = [logging.StreamHandler(f)], False
+        try:
+            yield
+        finally:
+            lm_eval_logger.handlers, lm_eval_logger.propagate = saved
 
 
 def _result(name: str, out: dict, digest: str | None) -> TaskResult:

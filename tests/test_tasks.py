@@ -158,3 +158,15 @@ def test_an_accuracy_comes_with_its_standard_error():
     table = "\n".join(accuracy_table(summary))
     assert "| best | 0.500 ± 0.050 | 0.500 ± 0.050 | 83.3% ± " in table
     assert "| unpruned | 0.600 ± 0.030 | 0.600 ± 0.030 | 100.0% |" in table
+
+
+def test_lm_evals_own_output_goes_to_the_log_not_the_console(non_uniform, tiny_tokenizer, tiny_tasks, tmp_path,
+                                                            capfd):
+    log = tmp_path / "logs" / "tasks.log"
+    out = evaluate_tasks(non_uniform, tiny_tokenizer, ["tiny-lastword"], local=tiny_tasks, limit=2, log=log)
+    assert out[0].error is None
+    console = capfd.readouterr()
+    assert "Running loglikelihood requests" not in console.err + console.out
+    assert "Running loglikelihood requests" in log.read_text()  # kept, where the report says
+    evaluate_tasks(non_uniform, tiny_tokenizer, ["tiny-lastword"], local=tiny_tasks, limit=2)  # no log: as before
+    assert "Running loglikelihood requests" in capfd.readouterr().err

@@ -97,14 +97,14 @@ def print_result(result, out: Path, storage: str) -> None:
     report = write_report(result.study, out)
     best = result.best_trial
     if best is not None:
+        reference = baseline_trials(result.study).get("llm-pruner")
+        if reference is not None and margin_sentence(best, reference):  # what the search is for comes first
+            print(f"margin  {margin_sentence(best, reference)}")
         heldout = best.user_attrs.get(TrialKey.HELDOUT_PPL)
         print(f"best    trial {best.number}: validation ppl {best.value:.3f}, "
               f"test ppl {best.user_attrs.get(TrialKey.TEST_PPL, float('nan')):.3f}"
               + (f", held-out test ppl {heldout:.3f}" if heldout else ""))
         print(f"config  {describe_config(best.user_attrs[TrialKey.CONFIG])}")
-        reference = baseline_trials(result.study).get("llm-pruner")
-        if reference is not None and margin_sentence(best, reference):
-            print(f"margin  {margin_sentence(best, reference)}")
         tasks = result.study.user_attrs.get(StudyKey.TASKS)
         if tasks and tasks["best_retained"] is not None:
             best_acc, limit = tasks["models"]["best"], tasks.get("limit")

@@ -4,8 +4,12 @@ on the job's lm-eval tasks (``SearchJob.tasks``), recorded once with the study (
 
 from __future__ import annotations
 
-import optuna
+import logging
 
+import optuna
+from tqdm.auto import tqdm
+
+from ..cache import cache_dir
 from ..session import PruningSession
 from ..tasks import (
     TaskResult,
@@ -20,6 +24,8 @@ from .best import UNPRUNED, compared_models
 from .job import SearchJob
 from .record import StudyKey
 
+logger = logging.getLogger(__name__)
+
 
 def score_tasks(study: optuna.Study, session: PruningSession, job: SearchJob, batch_size: int = 8) -> dict | None:
     """Score and record the models on ``job.tasks``; what is recorded already when another process (or a
@@ -29,17 +35,21 @@ def score_tasks(study: optuna.Study, session: PruningSession, job: SearchJob, ba
     if StudyKey.TASKS in study.user_attrs:
         return study.user_attrs[StudyKey.TASKS]
     models = compared_models(study, session, job)
+    # lm-evaluation-harness's own bars and prints go to a log the report names; --verbose shows them instead
+    log = None if logger.isEnabledFor(logging.INFO) else cache_dir("logs") / f"{study.study_name}-tasks.log"
     scores = {}
-    for done, (label, build) in enumerate(models):
+    for done, (label, build) in tqdm(list(enumerate(models)), desc="tasks", unit="model", disable=not session.progress,
+                                     leave=False):
         if session.on_step is not None:
             session.on_step("tasks", done, len(models))
-        results = evaluate_tasks(build(), session.tokenizer, job.tasks, job.task_limit, batch_size=batch_size)
+        results = evaluate_tasks(build(), session.tokenizer, job.tasks, job.task_limit, batch_size=batch_size, log=log)
         scores[label] = {"results": {r.task: r.to_dict() for r in results}, "mean_acc": mean_accuracy(results),
                          "mean_acc_stderr": mean_accuracy_stderr(results)}
     dense, searched = scores[UNPRUNED], scores.get("best", {})
     retained = searched.get("mean_acc") / dense["mean_acc"] if dense["mean_acc"] and searched.get("mean_acc") \
         is not None else None
-    summary = {"tasks": list(job.tasks), "limit": job.task_limit, "models": scores, "best_retained": retained,
+    summary = {"tasks": list(job.tasks), "limit": job.task_limit, "models": scores, "log": str(log) if log else None,
+               "best_retained": retained,
                "best_retained_stderr": retained_stderr(searched, dense) if retained is not None else None}
     study.set_user_attr(StudyKey.TASKS, summary)
     return summary

@@ -51,7 +51,7 @@ def measure_models(study: optuna.Study, session: PruningSession, job: SearchJob,
         if session.on_step is not None:
             session.on_step("inference cost", done, len(compared))
         models[label] = build()  # all at once, for the rounds; each shares the dense model's uncut tensors
-    costs, rounds = measure_interleaved(models, folders=folders, **options)
+    costs, rounds = measure_interleaved(models, folders=folders, **{"progress": session.progress, **options})
     del models
     summary = {"models": {label: cost.to_dict() for label, cost in costs.items()},
                "speedups": speedups(costs, UNPRUNED), "spread": ratio_spread(rounds, UNPRUNED),

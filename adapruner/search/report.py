@@ -290,6 +290,8 @@ def report_markdown(study: optuna.Study, curve_png: str | None = None) -> str:
         limit = f", at most {tasks['limit']} items per task" if tasks.get("limit") else ""
         lines += ["", f"## Downstream accuracy (lm-evaluation-harness{limit}; higher is better)", "",
                   *accuracy_table(tasks)]
+        if tasks.get("log"):
+            lines += ["", f"lm-evaluation-harness's own output (progress, warnings): `{tasks['log']}`."]
     cost = study.user_attrs.get(StudyKey.INFERENCE_COST)
     if cost:
         lines += ["", "## What the pruned models buy (measured)", "", *cost_table(cost)]
