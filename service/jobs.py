@@ -112,16 +112,29 @@ def list_jobs(db: Session, status: JobStatus | None, offset: int, limit: int,
 
 
 def cancel_job(db: Session, job_id: str, caller: Caller, reader: Caller | None) -> Job:
+    """Cancel an active job: one conditional UPDATE in a transaction that starts as a writer, so concurrent
+    cancels, submissions and claims wait for each other instead of failing (SQLite refuses to turn a read
+    transaction into a write once another write has landed); of two cancels at once, one wins, the other
+    is told the job is already cancelled."""
     job = get_job(db, job_id, reader)
     if not caller.sees(job):
         raise Forbidden(f"job {job_id} belongs to another token; only its owner (or an admin token) may cancel it")
-    if not JobStatus(job.status).active:
-        raise Conflict(f"job {job_id} is already {job.status}")
-    db.execute(update(Job).where(Job.id == job_id, Job.status.in_([JobStatus.queued, JobStatus.running]))
-               .values(status=JobStatus.cancelled.value, finished_at=utcnow()))
-    db.commit()
+    db.rollback()  # end the read: the write below starts its own transaction
+    with db.begin():
+        writing(db)
+        result = db.execute(update(Job).where(Job.id == job_id, Job.status.in_([JobStatus.queued, JobStatus.running]))
+                            .values(status=JobStatus.cancelled.value, finished_at=utcnow()))
     db.refresh(job)
+    if result.rowcount != 1:
+        raise Conflict(f"job {job_id} is already {job.status}")
     return job
+
+
+def writing(db: Session) -> None:
+    """Start the session's transaction as a writer: on SQLite ``BEGIN IMMEDIATE`` (its write lock from the
+    first statement, waiting for it as long as the busy timeout allows; see ``db.make_engine``); elsewhere a
+    plain transaction."""
+    db.connection(execution_options={"sqlite_immediate": True})
 
 
 def load_study(storage: optuna.storages.BaseStorage, job: Job, name: str | None = None) -> optuna.Study | None:
@@ -162,6 +175,10 @@ def target_artifact(job: Job, storage: optuna.storages.BaseStorage, target: floa
 # -- workers --------------------------------------------------------------------------------------
 
 
+# The PostgreSQL advisory lock that serialises job starts across workers (any fixed key of our own).
+CLAIM_LOCK_KEY = 727274
+
+
 def claim_job(db: Session, storage: optuna.storages.BaseStorage, settings: Settings) -> Job | None:
     """The next job a worker should serve: a running one with work left, else the oldest queued one.
 
@@ -179,9 +196,9 @@ def claim_job(db: Session, storage: optuna.storages.BaseStorage, settings: Setti
     postgres = db.bind.dialect.name == "postgresql"
     with db.begin():
         if postgres:
-            db.execute(text("SELECT pg_advisory_xact_lock(727274)"))
+            db.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CLAIM_LOCK_KEY})
         else:
-            db.connection(execution_options={"sqlite_immediate": True})
+            writing(db)
         running = db.scalars(select(Job).where(Job.status == JobStatus.running).order_by(Job.started_at)).all()
         for job in running:
             if has_open_slots(storage, job):

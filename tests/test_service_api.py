@@ -317,3 +317,33 @@ def test_a_job_row_that_cannot_be_stored_leaves_no_study_behind(backend, monkeyp
                 jobs.create_job(db, storage, check_spec(JobCreate(**small_job()), settings), "owner")
         assert {s.study_name for s in optuna.get_all_study_summaries(storage)} == before
     engine.dispose()
+
+
+def test_concurrent_cancels_submissions_and_claims_never_fail(client):
+    """Each job cancelled by two requests at once: one 200, one 409, never a 500 (SQLite refused a read
+    transaction's upgrade to a write when another write had landed in between), beside new submissions and
+    workers claiming jobs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service import jobs
+    from service.worker import Worker
+
+    ids = [submit(client).json()["id"] for _ in range(8)]
+    worker = Worker(Settings())
+
+    def cancel(job_id):
+        return client.post(f"/v1/jobs/{job_id}/cancel", headers=AUTH).status_code
+
+    def claim():
+        with worker.sessions() as db:
+            return jobs.claim_job(db, worker.storage, worker.settings) is not None
+
+    with ThreadPoolExecutor(8) as pool:
+        cancels = [pool.submit(cancel, job_id) for job_id in ids * 2]
+        submissions = [pool.submit(lambda: submit(client).status_code) for _ in range(4)]
+        claims = [pool.submit(claim) for _ in range(2)]
+        codes = [f.result() for f in cancels]
+        assert [f.result() for f in submissions] == [202] * 4
+        assert all(f.result() in (True, False) for f in claims)  # no error, whatever was left to claim
+    assert sorted(codes) == [200] * 8 + [409] * 8
+    assert all(client.get(f"/v1/jobs/{job_id}").json()["status"] == "cancelled" for job_id in ids)
