@@ -47,18 +47,31 @@ def inside(root: Path | None, value: str, field: str, what: str) -> Path:
         raise PolicyError(field, f"{value!r} is outside the allowed {what} folder")
     base = root.resolve()
     candidate = Path(value) if Path(value).is_absolute() else base / value
-    resolved = candidate.resolve()
-    if not resolved.is_relative_to(base):
-        raise PolicyError(field, f"{value!r} is outside the allowed {what} folder")
-    if not resolved.exists():
+    try:  # a name too long for the file system, a symlink loop: the user's path, not the server, is at fault
+        resolved = candidate.resolve()
+        if not resolved.is_relative_to(base):
+            raise PolicyError(field, f"{value!r} is outside the allowed {what} folder")
+        exists = resolved.exists()
+    except (OSError, RuntimeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "a symlink loop"
+        raise InvalidField(field, f"{value[:100]!r} cannot be a path in the {what} folder ({reason})") from None
+    if not exists:
         raise InvalidField(field, f"{value!r} does not exist in the {what} folder")
     return resolved
+
+
+def _exists(path: Path) -> bool:
+    """Whether ``path`` exists; a path the file system cannot even look up (too long, a loop) does not."""
+    try:
+        return path.exists()
+    except (OSError, RuntimeError):
+        return False
 
 
 def check_model(model: str, settings: Settings) -> str:
     """The model reference a worker should load (a resolved path for local folders)."""
     root = settings.models_root
-    local = root is not None and not model.startswith("~") and (root / model).exists()
+    local = root is not None and not model.startswith("~") and _exists(root / model)
     if model in BUILTIN_MODELS:
         return model
     if HUB_ID.match(model) and not local:

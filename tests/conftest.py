@@ -80,6 +80,7 @@ def roots(tmp_path_factory, tiny_model_dir):
     corpus.mkdir(parents=True)
     for i, doc in enumerate(make_documents(40, words_per_doc=200)):
         (corpus / f"doc{i:02d}.txt").write_text(doc)
+    (base / "texts" / "loop").symlink_to(base / "texts" / "loop")  # a symlink loop inside a root
     return base
 
 

@@ -173,6 +173,17 @@ def test_the_job_list_shows_the_progress_the_job_shows(client, backend):
     ({"space": {"fixed": {"layer_first": 1.5}}}, 422, "space.fixed.layer_first", "an integer"),
     ({"space": {"fixed": {f"k{i}": 1 for i in range(200)}}}, 422, "space.fixed", "at most 64"),
     ({"baselines": ["magnitude"] * 50}, 422, "baselines", "at most"),
+    ({"model": "x" * 300}, 422, "model", "unknown model"),  # a name over 255 bytes: no such folder
+    ({"model": "tiny/" + "x" * 300}, 403, "model", "not on this server's allow-list"),  # reads as a hub id
+    ({"model": "./tiny/" + "x" * 300}, 422, "model", "cannot be a path in the models folder"),
+    ({"calibration": ["x" * 300]}, 422, "calibration", "cannot be a path in the texts folder"),
+    ({"evaluation": ["toy/" + "x" * 300]}, 422, "evaluation", "cannot be a path in the texts folder"),
+    ({"heldout": ["x" * 300]}, 422, "heldout", "cannot be a path in the texts folder"),
+    ({"calibration": ["loop"]}, 422, "calibration", "cannot be a path in the texts folder (a symlink loop)"),
+    ({"calibration": ["builtin:books:\u00b2"]}, 422, "calibration", "unknown built-in text 'books:\u00b2'"),
+    ({"calibration": ["builtin:books:\u2460"]}, 422, "calibration", "unknown built-in text"),
+    ({"calibration": ["builtin:books:\u0663"]}, 422, "calibration", "unknown built-in text"),
+    ({"calibration": ["builtin:books:\U0001d7d3"]}, 422, "calibration", "unknown built-in text"),
     ({"model": "fake.gguf"}, 422, "model", "is not a GGUF file"),
     ({"model": "empty"}, 422, "model", "has no config.json"),
     ({"model": "."}, 422, "model", "has no config.json"),

@@ -100,7 +100,7 @@ def sample_windows(tokenizer: PreTrainedTokenizerBase, sources: Sequence[TextSou
 def parse_draw(spec: str, default_n: int) -> tuple[str, int]:
     """``SOURCE[:N]`` -> (source spec, N); e.g. ``builtin:books:10`` or ``hf:wikitext:raw:32``."""
     head, _, tail = spec.rpartition(":")
-    if head and tail.isdigit():
+    if head and tail.isascii() and tail.isdigit():  # ASCII digits only: "²" and "①" pass isdigit() alone
         if int(tail) < 1:
             raise AdaPrunerError(f"calibration sample count must be positive in {spec!r}")
         return head, int(tail)
