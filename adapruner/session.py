@@ -1,8 +1,9 @@
 """A pruning session: everything computed once per job and shared by all its prunings.
 
-Model + texts -> calibration pool -> pool statistics (cached on disk) -> for each
-:class:`PruneConfig`: importance -> plan -> pruned copy -> perplexity. The search runs one trial per
-config through :meth:`PruningSession.prune`; ``adapruner prune`` runs exactly one.
+Model + texts -> calibration pool -> pool statistics and the repair's input moments (cached on disk) -> for
+each :class:`PruneConfig`: importance -> plan -> pruned copy -> repair (:meth:`PruningSession.prune`, the one
+place they are chained) -> perplexity. A search trial, a baseline, the export of the chosen trial and
+``adapruner prune`` all go through it.
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """Bayesian-optimization search over calibration subsets, metric mixtures, layer allocation and repair.
 
-The one door into the search: the CLI, the service and the benches import from here.
+The one door into the search: the CLI and the service import from here (tests/test_layering.py checks it).
+A study's stored keys are named in :mod:`.record`; a job is :class:`SearchJob`; :func:`run_search` runs one
+target, :func:`run_targets` several.
 """
 
 from .artifacts import artifact_store
