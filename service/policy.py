@@ -146,6 +146,11 @@ def check_spec(spec: JobCreate, settings: Settings) -> JobCreate:
         check_tasks(spec.tasks)
     except AdaPrunerError as exc:
         raise InvalidField("tasks", str(exc)) from None
+    for field in ("evaluation", "heldout"):  # windows to score, not samples to draw: a count means nothing there
+        counted = [s for s in getattr(spec, field) or [] if parse_draw(s, 0)[1]]
+        if counted:
+            raise InvalidField(field, f"{field} sources take no sample count (:N), got {counted[0]!r}; "
+                                      "only calibration sources do")
     return spec.model_copy(update={
         "model": check_model(spec.model, settings),
         "calibration": [check_text(s, settings, "calibration") for s in spec.calibration],

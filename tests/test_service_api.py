@@ -180,6 +180,8 @@ def test_the_job_list_shows_the_progress_the_job_shows(client, backend):
     ({"evaluation": ["toy/" + "x" * 300]}, 422, "evaluation", "cannot be a path in the texts folder"),
     ({"heldout": ["x" * 300]}, 422, "heldout", "cannot be a path in the texts folder"),
     ({"calibration": ["loop"]}, 422, "calibration", "cannot be a path in the texts folder (a symlink loop)"),
+    ({"evaluation": ["builtin:books:5"]}, 422, "evaluation", "take no sample count"),
+    ({"heldout": ["builtin:news:5"]}, 422, "heldout", "take no sample count"),
     ({"calibration": ["builtin:books:\u00b2"]}, 422, "calibration", "unknown built-in text 'books:\u00b2'"),
     ({"calibration": ["builtin:books:\u2460"]}, 422, "calibration", "unknown built-in text"),
     ({"calibration": ["builtin:books:\u0663"]}, 422, "calibration", "unknown built-in text"),
