@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .data.windows import CalibrationPool
 from .errors import AdaPrunerError
 from .finetune import LoRA, finetune
-from .importance import Mixture, subset_importance
-from .plan import Allocation, PruningPlan, make_plan
-from .prune import prune_model
-from .statistics import collect_statistics
+from .importance import Mixture
+from .plan import Allocation, PruningPlan
+from .session import PruneConfig, PruningSession
 from .structure import model_structure
 
 
@@ -76,24 +76,20 @@ def prune_incrementally(
     ``calibration`` are the windows importance is estimated on (every step, on the current model);
     ``lora`` with ``train_windows`` fine-tunes after every step but the last.
     """
-    current = prune_model(model, PruningPlan.keep_all(model_structure(model)))  # a copy
+    current = model
     original = model_structure(current).total_params
     result = IncrementalResult(current)
-    subset = list(range(calibration.shape[0]))
+    pool = CalibrationPool(calibration, ("calibration",) * calibration.shape[0])
+    config = PruneConfig(mixture, tuple(range(calibration.shape[0])), allocation)
     points = schedule(target, step)
     for k, point in enumerate(points):
         start = time.perf_counter()
-        structure = model_structure(current)
-        wanted = round(point * original) - (original - structure.total_params)
-        stats = None
-        if mixture.needs_data or allocation.needs_layer_cos:
-            stats = collect_statistics(current, calibration, progress=progress)
-        scores = subset_importance(current, structure.layers, mixture, subset,
-                                   stats if mixture.needs_data else None, calibration)
-        layer_cos = stats.subset(subset).layer_cos if allocation.needs_layer_cos else None
-        plan = make_plan(structure, scores, max(wanted, 1), allocation, layer_cos)
-        current = prune_model(current, plan, inplace=True)
-        record = StepRecord(point, plan.removed_params, structure.total_params - plan.removed_params, 0.0)
+        # The session's one pipeline on the model as it is now: statistics re-estimated, nothing cached.
+        session = PruningSession(current, None, pool, cache_statistics=False, progress=progress, channel_multiple=1)
+        before = session.structure.total_params
+        wanted = round(point * original) - (original - before)
+        current, plan = session.prune(config, max(wanted, 1))  # a copy: the caller's model stays as it was
+        record = StepRecord(point, plan.removed_params, before - plan.removed_params, 0.0)
         if lora is not None and lora.steps and k < len(points) - 1:
             if train_windows is None:
                 raise AdaPrunerError("fine-tuning between steps needs training windows")

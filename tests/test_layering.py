@@ -37,7 +37,6 @@ LAYERS = (
     "adapruner.inference_cost",
     "adapruner.evaluate",
     "adapruner.finetune",
-    "adapruner.incremental",
     "adapruner.data.rdata",
     "adapruner.data.wikimarkup",
     "adapruner.data.windows",
@@ -47,6 +46,7 @@ LAYERS = (
     "adapruner.data",
     "adapruner.tasks",  # lm-eval is imported where it is used: importing it costs seconds
     "adapruner.session",
+    "adapruner.incremental",
     "adapruner.search.record",
     "adapruner.search.artifacts",
     "adapruner.search.lock",
