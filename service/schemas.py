@@ -167,11 +167,12 @@ class Links(BaseModel):
 class Progress(BaseModel):
     """A job's trials by state against its budget, with an estimate of the time left."""
 
-    finished: int
+    finished: int = Field(description="trials done: complete or stopped early, baselines included")
     running: int
-    pruned: int
+    pruned: int = Field(description="of the finished, trials stopped early by the early-stopping pruner (Optuna's "
+                                    "PRUNED state; not pruned models)")
     failed: int
-    budget: int
+    budget: int = Field(description="trials the job finishes: its searched trials and its baseline runs, per target")
     eta_seconds: float | None
     phase: str = Field(description="what the job is doing: 'loading model', 'pool statistics 12/64', 'trial 3/40'")
 
