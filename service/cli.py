@@ -94,6 +94,12 @@ def run_worker_per_device(args: argparse.Namespace, devices: list[str]) -> int:
     return max(child.wait() for child in children)
 
 
+def private_files() -> None:
+    """What this process writes from now on (the database, pruned models, artifacts, reports) is readable by
+    its user alone: ``serve``, ``api`` and ``worker`` alike."""
+    os.umask(0o077)
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from .worker import Worker
 
@@ -104,8 +110,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
             raise AdaPrunerError("give --device or --devices, not both")
         import torch
 
+        private_files()
         return run_worker_per_device(args, worker_devices(args.devices, torch.cuda.device_count()))
 
+    private_files()
     logging.getLogger("adapruner.worker").setLevel(logging.INFO)
     worker = _schema_checked(lambda: Worker(_settings(args), device=args.device, dtype=args.dtype,
                                             progress=args.progress))
@@ -133,6 +141,7 @@ def cmd_api(args: argparse.Namespace) -> int:
 
     from .app import create_app
 
+    private_files()
     app = _schema_checked(lambda: create_app(_settings(args)))
     print(f"AdaPruner API on http://{args.host}:{args.port} (docs: /docs)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", proxy_headers=True)
@@ -161,7 +170,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .app import create_app
     from .db import upgrade
 
-    os.umask(0o077)  # the database, models and artifacts this server writes are its user's alone
+    private_files()
     settings = _settings(args)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.db_url)

@@ -162,3 +162,21 @@ def test_serve_replaces_a_dead_worker_keeps_its_files_private_and_links_no_absen
         server.terminate()
         out, _ = server.communicate(timeout=90)
     assert server.returncode == 0, out
+
+
+@pytest.mark.parametrize("command", [["api"], ["worker", "--once"]])
+def test_api_and_worker_write_private_files_as_serve_does(tmp_path, monkeypatch, command):
+    """The documented multi-machine deployment (`adapruner api` + `adapruner worker`) keeps what it writes
+    to its user, as `serve` does (umask 077, set before anything is written)."""
+    import uvicorn
+
+    from service.cli import main
+    from service.db import upgrade
+
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    upgrade(url)
+    masks = []
+    monkeypatch.setattr(os, "umask", lambda mask: masks.append(mask) or 0o022)
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: None)  # the API's server is not started
+    assert main([*command, "--db", url, "--data-dir", str(tmp_path / "data")]) == 0
+    assert masks and masks[0] == 0o077
