@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
 from adapruner.finetune import LoRA
 from adapruner.importance import AGGREGATIONS, METRICS
@@ -27,12 +27,12 @@ from adapruner.search import (
 SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # no slashes, no leading dot: safe as a file name
 # The pruning target: a share of all parameters, or a whole parameter count (checked against the model
 # when the plan is made), as the library's ``params_to_remove`` takes it. A JSON 1.0 is a share (refused).
-PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)]  # "0.2" is no number
 # A model or text reference: no control characters (a NUL byte would reach the file system).
 Reference = Annotated[str, Field(min_length=1, max_length=1000, pattern=r"^[^\x00-\x1f\x7f]*$")]
 TaskName = Annotated[str, Field(min_length=1, max_length=64, pattern=SAFE_NAME)]
 FixedValue = float | int | Annotated[str, Field(max_length=64)] | None
-Ratio = Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)] | Annotated[StrictInt, Field(ge=1)]
+Ratio = Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False, strict=True)] | Annotated[StrictInt, Field(ge=1)]
 
 
 class SpaceSpec(BaseModel):
@@ -47,10 +47,10 @@ class SpaceSpec(BaseModel):
     calibration: Literal[CALIBRATION_MODES] = SearchSpace.calibration  # type: ignore[valid-type]
     subset_size: tuple[int, int] = SearchSpace.subset_size
     n_clusters: int = Field(default=SearchSpace.n_clusters, ge=1, le=64)
-    attn_share: bool = SearchSpace.attn_share
+    attn_share: StrictBool = SearchSpace.attn_share
     scopes: list[Literal[SCOPES]] = Field(default=list(SearchSpace.scopes), min_length=1, description=(  # type: ignore[valid-type]
         "allocation scopes searched: a budget per layer, or one ranking of every unit (FLAP's)"))
-    depth: bool = Field(default=SearchSpace.depth, description=(
+    depth: StrictBool = Field(default=SearchSpace.depth, description=(
         "also search how many whole decoder layers to drop (0 .. a quarter), those of lowest block influence"))
     repairs: list[Literal[REPAIR_MODES]] = Field(default=list(SearchSpace.repairs), min_length=1)  # type: ignore[valid-type]
     ridge: tuple[PositiveFloat, PositiveFloat] = Field(default=SearchSpace.ridge, description="searched on a log scale")
@@ -71,7 +71,7 @@ class RecoverSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     steps: int = Field(default=LoRA.steps, ge=1, le=100_000)
-    lr: float = Field(default=LoRA.lr, gt=0, le=1)
+    lr: float = Field(default=LoRA.lr, gt=0, le=1, strict=True)
     r: int = Field(default=LoRA.r, ge=1, le=256)
     alpha: int = Field(default=LoRA.alpha, ge=1, le=1024)
     batch_size: int = Field(default=LoRA.batch_size, ge=1, le=256)
@@ -126,12 +126,12 @@ class JobCreate(BaseModel):
         "search: books-cloze and books-lastword are built in; hub tasks need allow_hub_datasets"))
     task_limit: StrictInt | None = Field(default=SearchJob.task_limit, ge=1, le=100_000,
                                          description="at most this many items per task")
-    measure_cost: bool = Field(default=SearchJob.measure_cost, description=(
+    measure_cost: StrictBool = Field(default=SearchJob.measure_cost, description=(
         "after the search, measure decode and prefill speed and peak memory of the unpruned model, the baselines "
         "and the best on the worker's device"))
     export_dtype: Literal[EXPORT_DTYPES] = Field(default=SearchJob.export_dtype, description=(  # type: ignore[valid-type]
         "dtype of the best model's weights on disk; auto: the dtype the model was released in (bf16 for SmolLM2)"))
-    trust_remote_code: bool = False
+    trust_remote_code: StrictBool = False
 
     @field_validator("ratio")
     @classmethod

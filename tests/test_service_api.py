@@ -180,6 +180,10 @@ def test_the_job_list_shows_the_progress_the_job_shows(client, backend):
     ({"evaluation": ["toy/" + "x" * 300]}, 422, "evaluation", "cannot be a path in the texts folder"),
     ({"heldout": ["x" * 300]}, 422, "heldout", "cannot be a path in the texts folder"),
     ({"calibration": ["loop"]}, 422, "calibration", "cannot be a path in the texts folder (a symlink loop)"),
+    ({"ratio": "0.2"}, 422, "ratio", "valid number"),  # strict types: no strings for numbers or booleans
+    ({"trust_remote_code": 0}, 422, "trust_remote_code", "valid boolean"),
+    ({"space": {"depth": "yes"}}, 422, "depth", "valid boolean"),
+    ({"measure_cost": 1}, 422, "measure_cost", "valid boolean"),
     ({"evaluation": ["builtin:books:5"]}, 422, "evaluation", "take no sample count"),
     ({"heldout": ["builtin:news:5"]}, 422, "heldout", "take no sample count"),
     ({"calibration": ["builtin:books:\u00b2"]}, 422, "calibration", "unknown built-in text 'books:\u00b2'"),
