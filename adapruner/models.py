@@ -125,6 +125,19 @@ def read_model_config(name: str) -> dict | None:
     return config
 
 
+def prunable_params_of(config: dict) -> int | None:
+    """The prunable parameters of the model a ``config.json`` describes, counted on a model built on the meta
+    device (no memory, a moment); None for an AdaPruner export (its layers have their own sizes)."""
+    if "adapruner" in config or "model_type" not in config:
+        return None
+    from .structure import model_structure
+
+    settings = {k: v for k, v in config.items() if k not in ("model_type", "architectures", "quantization_config")}
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(config["model_type"], **settings))
+    return model_structure(model).prunable_params
+
+
 def checkpoint_folder(name: str) -> Path | None:
     """The folder ``name`` loads from, when it is one on this disk (a built-in model's converted checkpoint)."""
     if name in BUILTIN_MODELS:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from adapruner.data import BUILTIN_SOURCES, parse_draw, pool_draws
 from adapruner.errors import AdaPrunerError
-from adapruner.models import BUILTIN_MODELS, read_model_config
+from adapruner.models import BUILTIN_MODELS, prunable_params_of, read_model_config
 from adapruner.search import check_fixed
 from adapruner.tasks import BUILTIN_TASKS, check_tasks
 
@@ -111,6 +111,27 @@ def check_text(spec: str, settings: Settings, field: str) -> str:
     return f"{inside(settings.texts_root, source, field, 'texts')}{suffix}"
 
 
+def check_against_model(spec: JobCreate, model: str) -> None:
+    """What only the model decides, checked at submission where its config is on disk (a built-in model once
+    fetched, a folder): fixed layer ranges and depth within its layers, parameter counts within its prunable
+    parameters. A job that would only fail in the worker is refused here."""
+    try:
+        config = read_model_config(model)
+    except AdaPrunerError:
+        return  # check_model has said what is wrong with the model itself
+    if not config or "num_hidden_layers" not in config:
+        return
+    try:
+        spec.to_search_job().space.check_layers(config["num_hidden_layers"])
+    except AdaPrunerError as exc:
+        raise InvalidField("space.fixed", str(exc)) from None
+    counts = [t for t in spec.targets if isinstance(t, int)]
+    prunable = prunable_params_of(config) if counts else None
+    if prunable is not None and max(counts) > prunable:
+        raise InvalidField("ratio", f"cannot remove {max(counts)} parameters: the model has {prunable} prunable "
+                                    f"parameters")
+
+
 def check_spec(spec: JobCreate, settings: Settings) -> JobCreate:
     """Check a job against the policy and limits; returns it with local paths resolved."""
     if spec.trust_remote_code and not settings.allow_trust_remote_code:
@@ -146,13 +167,15 @@ def check_spec(spec: JobCreate, settings: Settings) -> JobCreate:
         check_tasks(spec.tasks)
     except AdaPrunerError as exc:
         raise InvalidField("tasks", str(exc)) from None
+    model = check_model(spec.model, settings)
+    check_against_model(spec, model)
     for field in ("evaluation", "heldout"):  # windows to score, not samples to draw: a count means nothing there
         counted = [s for s in getattr(spec, field) or [] if parse_draw(s, 0)[1]]
         if counted:
             raise InvalidField(field, f"{field} sources take no sample count (:N), got {counted[0]!r}; "
                                       "only calibration sources do")
     return spec.model_copy(update={
-        "model": check_model(spec.model, settings),
+        "model": model,
         "calibration": [check_text(s, settings, "calibration") for s in spec.calibration],
         "evaluation": [check_text(s, settings, "evaluation") for s in spec.evaluation],
         "heldout": None if spec.heldout is None else [check_text(s, settings, "heldout") for s in spec.heldout],

@@ -62,3 +62,17 @@ def test_eval_mode_restores_the_mode_the_model_was_in(training):
     with pytest.raises(RuntimeError), eval_mode(model):  # restored when the block fails too
         raise RuntimeError
     assert model.training == training
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_prunable_parameters_are_counted_from_the_config_alone(tmp_path, model_type):
+    from helpers import make_tiny_model
+
+    from adapruner.models import prunable_params_of
+    from adapruner.structure import model_structure
+
+    model = make_tiny_model(model_type)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert prunable_params_of(config) == model_structure(model).prunable_params
+    assert prunable_params_of({**config, "adapruner": {"layers": []}}) is None  # an export: sizes per layer
