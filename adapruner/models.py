@@ -23,7 +23,7 @@ from .errors import AdaPrunerError, UnsupportedModelError
 from .export import load_pruned
 from .fetch import wheel_member
 from .from_gguf import convert_gguf, gguf_architecture
-from .structure import SUPPORTED_MODEL_TYPES, check_supported
+from .structure import SUPPORTED_MODEL_TYPES, check_supported, model_structure
 
 logger = logging.getLogger(__name__)
 
@@ -130,8 +130,6 @@ def prunable_params_of(config: dict) -> int | None:
     device (no memory, a moment); None for an AdaPruner export (its layers have their own sizes)."""
     if "adapruner" in config or "model_type" not in config:
         return None
-    from .structure import model_structure
-
     settings = {k: v for k, v in config.items() if k not in ("model_type", "architectures", "quantization_config")}
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(config["model_type"], **settings))

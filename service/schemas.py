@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
+from adapruner.errors import AdaPrunerError
 from adapruner.finetune import LoRA
 from adapruner.importance import AGGREGATIONS, METRICS
 from adapruner.plan import SCOPES
@@ -22,6 +23,7 @@ from adapruner.search import (
     STARTS,
     SearchJob,
     SearchSpace,
+    check_targets,
 )
 
 SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # no slashes, no leading dot: safe as a file name
@@ -136,8 +138,11 @@ class JobCreate(BaseModel):
     @field_validator("ratio")
     @classmethod
     def _targets_differ(cls, value):
-        if isinstance(value, list) and len(set(value)) != len(value):
-            raise ValueError(f"ratio lists a target twice: {value}")
+        if isinstance(value, list):
+            try:
+                check_targets(value)
+            except AdaPrunerError as exc:
+                raise ValueError(str(exc)) from None
         return value
 
     @property
@@ -233,7 +238,8 @@ class JobOut(BaseModel):
     progress: Progress | None = None
     best: TrialSummary | None = None
     baselines: list[TrialSummary] = Field(default_factory=list)
-    dense: dict[str, float] | None = None
+    dense: dict[str, float | dict[str, float]] | None = Field(default=None, description=(
+        "the unpruned model's perplexities: val, test, heldout, and heldout_by_source (one per held-out source)"))
     recovery: dict[str, Any] | None = None
     tasks: dict[str, Any] | None = Field(default=None, description=(
         "once the search is done: accuracy per task of the unpruned model, each baseline and the best "

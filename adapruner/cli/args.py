@@ -137,9 +137,13 @@ def ratio_or_count(text: str) -> float | int:
 
 def ratio_list(text: str) -> tuple[float | int, ...]:
     """``--ratio 0.1,0.2,0.3``: one target or several, each a fraction or a parameter count, no repeats."""
+    from ..search import check_targets
+
     ratios = tuple(ratio_or_count(part.strip()) for part in text.split(","))
-    if len(set(ratios)) != len(ratios):
-        raise argparse.ArgumentTypeError(f"--ratio lists a target twice: {text}")
+    try:
+        check_targets(ratios)
+    except AdaPrunerError as exc:
+        raise argparse.ArgumentTypeError(f"--{exc}") from None
     return ratios
 
 

@@ -44,13 +44,14 @@ from .storage import (
     use_wal,
 )
 from .study import SearchResult, create_study, open_session, run_search
-from .targets import run_targets, target_study_name, tradeoff_markdown, write_tradeoff_report
+from .targets import check_targets, run_targets, target_study_name, tradeoff_markdown, write_tradeoff_report
 
 __all__ = [
     "BASELINES", "CALIBRATION_MODES", "FINISHED", "DEFAULT_BASELINES", "DEFAULT_METRICS", "ESTIMATING_SAMPLERS",
     "EXPORT_DTYPES", "PRUNERS", "SAMPLERS", "SCORES", "SQLITE_BUSY_SECONDS", "STARTS", "StudyKey", "TrialKey",
     "artifact_store", "baseline_of", "draw_of",
-    "baseline_config", "baseline_draws", "baseline_trials", "best_so_far", "best_trial", "check_fixed", "close_storage",
+    "baseline_config", "baseline_draws", "baseline_trials", "best_so_far", "best_trial", "check_fixed", "check_targets",
+    "close_storage",
     "cluster_pool", "count_trials", "create_study", "describe_config", "export_best", "fail_dead_trials",
     "finished_trials", "load_line", "make_pruner", "make_sampler", "make_storage", "margin_sentence", "Objective",
     "open_session", "PoolClusters", "record_selection", "report_markdown", "run_search", "run_targets", "SearchJob",

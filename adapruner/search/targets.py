@@ -24,6 +24,7 @@ from pathlib import Path
 
 import optuna
 
+from ..errors import AdaPrunerError
 from ..session import PruningSession
 from .best import UNPRUNED, best_trial
 from .job import SearchJob
@@ -39,12 +40,23 @@ def target_study_name(base: str, ratio: float | int, several: bool) -> str:
     return f"{base}-r{ratio:g}" if several else base
 
 
+def check_targets(ratios: Sequence[float | int]) -> None:
+    """Several targets must differ as their studies are named (``r0.2``): a repeat, or two so close that
+    they print alike, would share one study."""
+    names = [f"r{r:g}" for r in ratios]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise AdaPrunerError(f"ratio lists a target twice (or two that name one study, {repeated[0]}): "
+                             f"{', '.join(map(str, ratios))}")
+
+
 def run_targets(job: SearchJob, ratios: Sequence[float | int], storage_url: str | None, study_name: str | None = None,
                 *, session: PruningSession | None = None, out_dir: str | Path | None = None,
                 should_stop: Callable[[], bool] | None = None, **options) -> list[SearchResult]:
     """Run one study per target in ``ratios`` (``job.ratio`` is replaced by each); ``options`` go to
     :func:`~adapruner.search.study.run_search`. Stops after the first target that did not finish
     (cancelled), returning the results so far."""
+    check_targets(ratios)
     several = len(ratios) > 1
     base = study_name or job.default_study_name
     session = session or open_session(job, options.get("device"), options.get("dtype"),
