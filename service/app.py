@@ -15,12 +15,15 @@ from typing import Annotated
 import optuna
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi_offline import FastAPIOffline
 from sqlalchemy import text
 from sqlalchemy.orm import Session
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from adapruner import __version__
 from adapruner.errors import AdaPrunerError
@@ -241,4 +244,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def _conflict(_request, exc: jobs.Conflict):
         return JSONResponse({"detail": str(exc)}, status_code=409)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 405:  # Starlette names the first route's methods only; a path may have several
+            exc.headers = {**(exc.headers or {}), "Allow": ", ".join(allowed_methods(request))}
+        return await http_exception_handler(request, exc)
+
     return app
+
+
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route takes at the request's path (the router's own matching, method by method)."""
+    return [method for method in METHODS if any(route.matches({**request.scope, "method": method})[0] == Match.FULL
+                                                for route in request.app.router.routes)]

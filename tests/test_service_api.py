@@ -369,3 +369,11 @@ def test_concurrent_cancels_submissions_and_claims_never_fail(client):
         assert all(f.result() in (True, False) for f in claims)  # no error, whatever was left to claim
     assert sorted(codes) == [200] * 8 + [409] * 8
     assert all(client.get(f"/v1/jobs/{job_id}").json()["status"] == "cancelled" for job_id in ids)
+
+
+def test_a_method_not_allowed_names_every_method_the_path_takes(client):
+    response = client.delete("/v1/jobs")
+    assert response.status_code == 405
+    assert response.headers["allow"] == "GET, POST"  # GET lists the jobs, POST submits one
+    assert response.json() == {"detail": "Method Not Allowed"}
+    assert client.put("/v1/jobs/abc/cancel").headers["allow"] == "POST"
