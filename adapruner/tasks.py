@@ -29,6 +29,7 @@ import math
 import os
 import random
 import re
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -229,18 +230,29 @@ def evaluate_tasks(
 
 @contextlib.contextmanager
 def _output_to(log: Path | None) -> Iterator[None]:
-    """With ``log``: this process's stdout and stderr, and lm-eval's logger, written to ``log`` for the block."""
+    """With ``log``: this process's stdout and stderr (Python's and the file descriptors, so that what lm-eval's
+    subprocesses print goes too: its ``git describe`` outside a repository), and lm-eval's logger, written to
+    ``log`` for the block."""
     if log is None:
         yield
         return
     log.parent.mkdir(parents=True, exist_ok=True)
     lm_eval_logger = logging.getLogger("lm_eval")
     saved = lm_eval_logger.handlers[:], lm_eval_logger.propagate
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    descriptors = {fd: os.dup(fd) for fd in (1, 2)}
     with open(log, "a", encoding="utf-8") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
         lm_eval_logger.handlers, lm_eval_logger.propagate = [logging.StreamHandler(f)], False
+        for fd in descriptors:
+            os.dup2(f.fileno(), fd)
         try:
             yield
         finally:
+            f.flush()
+            for fd, copy in descriptors.items():
+                os.dup2(copy, fd)
+                os.close(copy)
             lm_eval_logger.handlers, lm_eval_logger.propagate = saved
 
 

@@ -161,12 +161,14 @@ def test_an_accuracy_comes_with_its_standard_error():
 
 
 def test_lm_evals_own_output_goes_to_the_log_not_the_console(non_uniform, tiny_tokenizer, tiny_tasks, tmp_path,
-                                                            capfd):
+                                                            capfd, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # outside a git repository: lm-eval's `git describe` complains on stderr
     log = tmp_path / "logs" / "tasks.log"
     out = evaluate_tasks(non_uniform, tiny_tokenizer, ["tiny-lastword"], local=tiny_tasks, limit=2, log=log)
     assert out[0].error is None
     console = capfd.readouterr()
     assert "Running loglikelihood requests" not in console.err + console.out
+    assert "not a git repository" not in console.err  # a subprocess's output, caught at the file descriptor
     assert "Running loglikelihood requests" in log.read_text()  # kept, where the report says
     evaluate_tasks(non_uniform, tiny_tokenizer, ["tiny-lastword"], local=tiny_tasks, limit=2)  # no log: as before
     assert "Running loglikelihood requests" in capfd.readouterr().err
