@@ -269,3 +269,12 @@ def test_a_ratio_whose_range_is_wide_is_marked_noise():
     assert spread["m"]["prefill_1x8"]["noisy"] is False
     assert ratio_text(2.1, spread["m"]["decode"]) == "2.10 (2.00-3.00) noisy"
     assert ratio_text(1.0, {"median": 1.0, "low": 1.0, "high": 1.0, "noisy": False}) == "1.00"
+
+
+def test_models_too_big_to_hold_at_once_are_measured_one_after_another(monkeypatch):
+    from adapruner.search import cost
+
+    monkeypatch.setattr(cost, "available_memory", lambda device: 10)  # no room for two copies
+    assert not cost.fits_at_once(make_tiny_model(), 2)
+    monkeypatch.setattr(cost, "available_memory", lambda device: None)  # unknown: try
+    assert cost.fits_at_once(make_tiny_model(), 2)

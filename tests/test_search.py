@@ -333,6 +333,23 @@ def test_the_best_models_bytes_on_disk_are_its_exports(searched):
     assert measured == sum(f.stat().st_size for f in result.model_dir.glob("*.safetensors"))
 
 
+def test_models_too_big_to_hold_at_once_are_measured_one_at_a_time(searched, tiny_tokenizer, monkeypatch):
+    from adapruner.search import cost
+    from adapruner.search.cost import cost_table, measure_models
+
+    result, _ = searched
+    study = optuna.create_study()  # the finished study's trials and job, without its measurement
+    study.add_trials(result.study.trials)
+    study.set_user_attr("job", result.study.user_attrs["job"])
+    monkeypatch.setattr(cost, "fits_at_once", lambda model, n: False)
+    job = tiny_job(measure_cost=True)
+    summary = measure_models(study, tiny_session(tiny_tokenizer), job, prefill_shapes=((1, 8),), new_tokens=3,
+                             repeats=1, warmup=0)
+    assert list(summary["models"]) == ["unpruned", *job.baselines, "best"]
+    assert "spread" not in summary and "rounds" not in summary
+    assert "one model after another" in "\n".join(cost_table(summary))
+
+
 def test_the_unpruned_model_is_the_speed_reference(searched):
     result, _ = searched
     assert result.study.user_attrs["inference_cost"]["speedups"]["unpruned"]["decode"] == 1.0

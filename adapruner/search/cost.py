@@ -36,26 +36,22 @@ def measure_models(study: optuna.Study, session: PruningSession, job: SearchJob,
         return study.user_attrs[StudyKey.INFERENCE_COST]
     compared = compared_models(study, session, job, share_unchanged=True)
     folders = {UNPRUNED: checkpoint_folder(session.model_name), "best": model_dir}
-    if not fits_at_once(session.model, len(compared)):  # one model at a time: no rounds, no ratio ranges
-        costs = {}
-        for done, (label, build) in enumerate(compared):
-            if session.on_step is not None:
-                session.on_step("inference cost", done, len(compared))
-            costs[label] = measure_cost(build(), folder=folders.get(label), **options)
-        summary = {"models": {label: cost.to_dict() for label, cost in costs.items()},
-                   "speedups": speedups(costs, UNPRUNED)}
-        study.set_user_attr(StudyKey.INFERENCE_COST, summary)
-        return summary
-    models = {}
+    interleaved = fits_at_once(session.model, len(compared))  # else one at a time: no rounds, no ratio ranges
+    costs, models = {}, {}
     for done, (label, build) in enumerate(compared):
         if session.on_step is not None:
             session.on_step("inference cost", done, len(compared))
-        models[label] = build()  # all at once, for the rounds; each shares the dense model's uncut tensors
-    costs, rounds = measure_interleaved(models, folders=folders, **{"progress": session.progress, **options})
+        if interleaved:
+            models[label] = build()  # all at once, for the rounds; each shares the dense model's uncut tensors
+        else:
+            costs[label] = measure_cost(build(), folder=folders.get(label), **options)
+    summary = {}
+    if interleaved:
+        costs, rounds = measure_interleaved(models, folders=folders, **{"progress": session.progress, **options})
+        summary = {"spread": ratio_spread(rounds, UNPRUNED), "rounds": len(rounds)}
     del models
     summary = {"models": {label: cost.to_dict() for label, cost in costs.items()},
-               "speedups": speedups(costs, UNPRUNED), "spread": ratio_spread(rounds, UNPRUNED),
-               "rounds": len(rounds)}
+               "speedups": speedups(costs, UNPRUNED), **summary}
     study.set_user_attr(StudyKey.INFERENCE_COST, summary)
     return summary
 
