@@ -17,6 +17,7 @@ from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
 from adapruner.search import (
+    SearchJob,
     StudyKey,
     StudyLock,
     count_trials,
@@ -149,6 +150,14 @@ def load_studies(storage: optuna.storages.BaseStorage, job: Job) -> list[tuple[f
     """Each target's ratio and study, for the studies that exist."""
     found = [(ratio, load_study(storage, job, name)) for ratio, name in job_targets(job)]
     return [(ratio, study) for ratio, study in found if study is not None]
+
+
+def stored_job(storage: optuna.storages.BaseStorage, job: Job) -> SearchJob:
+    """The search a job runs, as its first target's study stored it at submission (a worker runs that, not
+    a new conversion of the spec); the spec's own conversion for a job whose study holds none."""
+    study = load_study(storage, job)
+    stored = study.user_attrs.get(StudyKey.JOB) if study is not None else None
+    return SearchJob.from_dict(stored) if stored else JobCreate.model_validate(job.spec).to_search_job()
 
 
 def target_artifact(job: Job, storage: optuna.storages.BaseStorage, target: float | None) -> str:

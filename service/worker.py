@@ -19,6 +19,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from adapruner.errors import Stopped
 from adapruner.search import (
+    SearchJob,
     StudyKey,
     make_storage,
     open_session,
@@ -85,10 +86,10 @@ class Worker:
                     return
                 self.stopping.wait(self.settings.worker_poll_seconds)
 
-    def _session(self, job, spec: JobCreate):
+    def _session(self, job, spec: JobCreate, search: SearchJob):
         if self._loaded is None or self._loaded[0] != job.id:
             self._loaded = None  # free the previous job's model before loading the next
-            session = open_session(spec.to_search_job(), self.device, self.dtype,
+            session = open_session(search, self.device, self.dtype,
                                    trust_remote_code=spec.trust_remote_code, progress=self.progress,
                                    on_step=self._phase_recorder(job))
             self._loaded = (job.id, session)
@@ -116,14 +117,15 @@ class Worker:
 
     def serve(self, job) -> None:
         logger.info("serving job %s (%s)", job.id, job.study_name)
-        spec = JobCreate.model_validate(job.spec)
+        spec = JobCreate.model_validate(job.spec)  # its targets and permissions; the search is the stored one
+        search = jobs.stored_job(self.storage, job)
 
         def should_stop() -> bool:
             return self.stopping.is_set() or self._cancelled(job.id)
 
         try:
-            results = run_targets(spec.to_search_job(), spec.targets, self.settings.db_url, job.study_name,
-                                  session=self._session(job, spec), artifact_dir=self.settings.artifacts,
+            results = run_targets(search, spec.targets, self.settings.db_url, job.study_name,
+                                  session=self._session(job, spec, search), artifact_dir=self.settings.artifacts,
                                   progress=self.progress, should_stop=should_stop, storage=self.storage)
         except Stopped:
             logger.info("job %s: stopped (cancelled, or this worker is draining)", job.id)

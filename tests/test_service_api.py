@@ -377,3 +377,20 @@ def test_a_method_not_allowed_names_every_method_the_path_takes(client):
     assert response.headers["allow"] == "GET, POST"  # GET lists the jobs, POST submits one
     assert response.json() == {"detail": "Method Not Allowed"}
     assert client.put("/v1/jobs/abc/cancel").headers["allow"] == "POST"
+
+
+def test_a_worker_runs_the_job_stored_with_its_study(client, backend):
+    from adapruner.search import make_storage
+    from service import jobs
+    from service.worker import Worker
+
+    job_id = submit(client).json()["id"]
+    worker = Worker(Settings())
+    with worker.sessions() as db:
+        job = jobs.get_job(db, job_id)
+    stored = jobs.stored_job(worker.storage, job)
+    assert stored.to_dict() == JobCreate.model_validate(job.spec).to_search_job().to_dict()
+    study = optuna.load_study(study_name=jobs.job_targets(job)[0][1], storage=make_storage(backend[
+        "ADAPRUNER_DATABASE_URL"]))
+    study.set_user_attr("job", {**study.user_attrs["job"], "seed": 7})  # what the study holds is what runs
+    assert jobs.stored_job(worker.storage, job).seed == 7
