@@ -17,7 +17,7 @@ $(BIN)/python:
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[service,botorch,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[service,botorch,dev,llama-cpp]"
 	touch $(STAMP)
 
 install: $(STAMP)

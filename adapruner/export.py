@@ -27,6 +27,7 @@ from .device import resolve_device, resolve_dtype
 from .errors import AdaPrunerError
 from .modeling_pruned import PRUNED_CLASSES
 from .structure import model_structure, set_layer_sizes
+from .to_gguf import GGUF_TOKENIZER
 
 MODELING_FILE = Path(modeling_pruned.__file__).name
 
@@ -65,6 +66,9 @@ def save_pruned(
         cast_checkpoint(folder, dtype)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+        settings = Path(tokenizer.name_or_path or "") / GGUF_TOKENIZER  # a GGUF source's tokenizer settings
+        if settings.is_file() and settings.resolve() != (folder / GGUF_TOKENIZER).resolve():
+            shutil.copyfile(settings, folder / GGUF_TOKENIZER)
     (folder / "README.md").write_text(model_card(config, uniform, folder))
     return folder
 

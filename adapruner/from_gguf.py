@@ -24,6 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .errors import AdaPrunerError
 from .structure import check_supported
+from .to_gguf import GGUF_TOKENIZER, source_tokenizer_settings
 
 logger = logging.getLogger(__name__)
 
@@ -183,4 +184,5 @@ def convert_gguf(gguf_file: Path, out_dir: Path, shard_bytes: int = SHARD_BYTES,
     skeleton.config.save_pretrained(partial)
     skeleton.generation_config.save_pretrained(partial)
     AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(partial)
+    (partial / GGUF_TOKENIZER).write_text(json.dumps(source_tokenizer_settings(reader), indent=1) + "\n")
     partial.replace(out_dir)

@@ -24,6 +24,7 @@ from .export import load_pruned
 from .fetch import wheel_member
 from .from_gguf import convert_gguf, gguf_architecture
 from .structure import SUPPORTED_MODEL_TYPES, check_supported, model_structure
+from .to_gguf import check_gguf_config
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +124,14 @@ def read_model_config(name: str) -> dict | None:
         raise AdaPrunerError(f"{path / 'config.json'} is not a JSON object")
     check_supported(SimpleNamespace(**config))
     return config
+
+
+def check_gguf_exportable(name: str) -> None:
+    """Refuse, before any load, a model whose export llama.cpp could not take (:mod:`adapruner.to_gguf`); what
+    only loading can tell (a hub id, a GGUF file) is checked when the file is written."""
+    config = read_model_config(name)
+    if config is not None:
+        check_gguf_config(config, name)
 
 
 def prunable_params_of(config: dict) -> int | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from typing import Annotated
+from typing import Annotated, Literal
 
 import optuna
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
@@ -32,7 +32,7 @@ from adapruner.search import StudyKey, artifact_store, close_storage, make_stora
 from . import jobs, views
 from .db import JobStatus, check_schema, make_engine, session_factory
 from .policy import InvalidField, PolicyError, check_spec
-from .schemas import SAFE_NAME, ErrorOut, JobCreate, JobList, JobOut, TrialList
+from .schemas import MODEL_FORMATS, SAFE_NAME, ErrorOut, JobCreate, JobList, JobOut, TrialList
 from .settings import Settings
 
 bearer = HTTPBearer(auto_error=False)
@@ -134,16 +134,20 @@ def cancel_job(job_id: str, caller: Writer, reader: Reader, db: DB, storage: Sto
 def download_model(job_id: str, reader: Reader, db: DB, storage: Storage, settings: Config,
                    filename: Annotated[str | None, Query(pattern=SAFE_NAME)] = None,
                    target: Annotated[float | None, Query(gt=0, description="which target's model, for a job of "
-                                                         "several (its ratio, as submitted)")] = None
+                                                         "several (its ratio, as submitted)")] = None,
+                   file_format: Annotated[Literal[MODEL_FORMATS], Query(alias="format", description=(  # type: ignore[valid-type]
+                       "tar: the transformers folder as a tar archive; gguf: one GGUF file for llama.cpp (a job "
+                       "submitted with export_format gguf)"))] = "tar",
                    ) -> StreamingResponse:
-    """The best pruned model (of ``target``) as a tar archive (``model/`` with safetensors, config and
-    tokenizer)."""
+    """The best pruned model (of ``target``): a tar archive (``model/`` with safetensors, config and tokenizer),
+    or with ``format=gguf`` the GGUF file llama.cpp runs (409 until it exists, 422 for a job without it)."""
     job = jobs.get_job(db, job_id, reader)
-    artifact_id = jobs.target_artifact(job, storage, target)
+    artifact_id = jobs.target_artifact(job, storage, target, file_format)
     reader = artifact_store(settings.artifacts).open_reader(artifact_id)
     name = filename or f"{job.name or job.id}-model" + (f"-r{target:g}" if target is not None else "")
-    return StreamingResponse(iter(lambda: reader.read(1 << 20), b""), media_type="application/x-tar",
-                             headers={"Content-Disposition": f'attachment; filename="{name}.tar"'})
+    media = "application/octet-stream" if file_format == "gguf" else "application/x-tar"
+    return StreamingResponse(iter(lambda: reader.read(1 << 20), b""), media_type=media,
+                             headers={"Content-Disposition": f'attachment; filename="{name}.{file_format}"'})
 
 
 @router.get("/jobs/{job_id}/report", response_class=PlainTextResponse,
@@ -238,6 +242,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(jobs.InvalidTarget)
     def _no_such_target(_request, exc: jobs.InvalidTarget):
         return JSONResponse({"detail": [{"loc": ["query", "target"], "msg": str(exc), "type": "value_error"}]},
+                            status_code=422)
+
+    @app.exception_handler(jobs.InvalidFormat)
+    def _no_such_format(_request, exc: jobs.InvalidFormat):
+        return JSONResponse({"detail": [{"loc": ["query", "format"], "msg": str(exc), "type": "value_error"}]},
                             status_code=422)
 
     @app.exception_handler(jobs.Conflict)

@@ -17,6 +17,7 @@ from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
 from adapruner.search import (
+    GGUF_ARTIFACT,
     SearchJob,
     StudyKey,
     StudyLock,
@@ -45,6 +46,10 @@ class Forbidden(Exception):
 
 class InvalidTarget(Exception):
     """A model asked for by a target the job does not have (or without one, of a job of several)."""
+
+
+class InvalidFormat(Exception):
+    """A model asked for in a format the job does not give (HTTP 422)."""
 
 
 @dataclass(frozen=True)
@@ -160,8 +165,12 @@ def stored_job(storage: optuna.storages.BaseStorage, job: Job) -> SearchJob:
     return SearchJob.from_dict(stored) if stored else JobCreate.model_validate(job.spec).to_search_job()
 
 
-def target_artifact(job: Job, storage: optuna.storages.BaseStorage, target: float | None) -> str:
-    """The artifact of the job's best model at ``target`` (which a job of several targets must name)."""
+def target_artifact(job: Job, storage: optuna.storages.BaseStorage, target: float | None,
+                    file_format: str = "tar") -> str:
+    """The artifact of the job's best model at ``target`` (which a job of several targets must name): the
+    folder as a tar archive, or (``file_format`` ``gguf``) the GGUF file of a job submitted with export_format gguf."""
+    if file_format == "gguf":
+        return _gguf_artifact(job, storage, target)
     targets = job_targets(job)
     if target is None:
         if len(targets) > 1:
@@ -179,6 +188,25 @@ def target_artifact(job: Job, storage: optuna.storages.BaseStorage, target: floa
     if not recorded:
         raise Conflict(f"job {job.id} has no model for target {target:g} yet (status {job.status})")
     return recorded["artifact_id"]
+
+
+def _gguf_artifact(job: Job, storage: optuna.storages.BaseStorage, target: float | None) -> str:
+    if job.spec.get("export_format") != "gguf":
+        raise InvalidFormat(f"job {job.id} was not submitted with export_format gguf: its model is a transformers "
+                            "folder only (format=tar)")
+    targets = job_targets(job)
+    if target is None and len(targets) > 1:
+        raise InvalidTarget(f"job {job.id} has several targets: name one with ?target= "
+                            f"({', '.join(f'{r:g}' for r, _ in targets)})")
+    names = [name for ratio, name in targets if target is None or math.isclose(ratio, target, rel_tol=1e-9)]
+    if not names:
+        raise InvalidTarget(f"job {job.id} has no target {target:g} (its targets: "
+                            f"{', '.join(f'{r:g}' for r, _ in targets)})")
+    study = load_study(storage, job, names[0])
+    recorded = (study.user_attrs.get(StudyKey.BEST_MODEL) if study is not None else None) or {}
+    if GGUF_ARTIFACT not in recorded:
+        raise Conflict(f"job {job.id} has no GGUF model yet (status {job.status})")
+    return recorded[GGUF_ARTIFACT]
 
 
 # -- workers --------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from adapruner.errors import AdaPrunerError
 from adapruner.models import BUILTIN_MODELS, prunable_params_of, read_model_config
 from adapruner.search import check_fixed
 from adapruner.tasks import BUILTIN_TASKS, check_tasks
+from adapruner.to_gguf import check_gguf_config, check_quant
 
 from .schemas import JobCreate
 from .settings import Settings
@@ -121,6 +122,11 @@ def check_against_model(spec: JobCreate, model: str) -> None:
         return  # check_model has said what is wrong with the model itself
     if not config or "num_hidden_layers" not in config:
         return
+    if spec.export_format == "gguf":
+        try:
+            check_gguf_config(config, model)
+        except AdaPrunerError as exc:
+            raise InvalidField("export_format", str(exc)) from None
     try:
         spec.to_search_job().space.check_layers(config["num_hidden_layers"])
     except AdaPrunerError as exc:
@@ -167,6 +173,11 @@ def check_spec(spec: JobCreate, settings: Settings) -> JobCreate:
         check_tasks(spec.tasks)
     except AdaPrunerError as exc:
         raise InvalidField("tasks", str(exc)) from None
+    if spec.export_format == "gguf":
+        try:  # a quantized file needs llama.cpp's quantizer where the job runs
+            check_quant(spec.gguf_type)
+        except AdaPrunerError as exc:
+            raise InvalidField("gguf_type", str(exc)) from None
     model = check_model(spec.model, settings)
     check_against_model(spec, model)
     for field in ("evaluation", "heldout"):  # windows to score, not samples to draw: a count means nothing there

@@ -17,6 +17,7 @@ from adapruner.search import (
     CALIBRATION_MODES,
     DEFAULT_BASELINES,
     EXPORT_DTYPES,
+    EXPORT_FORMATS,
     PRUNERS,
     SAMPLERS,
     SCORES,
@@ -25,8 +26,10 @@ from adapruner.search import (
     SearchSpace,
     check_targets,
 )
+from adapruner.to_gguf import GGUF_TYPES
 
 SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # no slashes, no leading dot: safe as a file name
+MODEL_FORMATS = ("tar", "gguf")  # what GET /v1/jobs/{id}/model gives: the folder as a tar archive, or a GGUF file
 # The pruning target: a share of all parameters, or a whole parameter count (checked against the model
 # when the plan is made), as the library's ``params_to_remove`` takes it. A JSON 1.0 is a share (refused).
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)]  # "0.2" is no number
@@ -133,6 +136,11 @@ class JobCreate(BaseModel):
         "and the best on the worker's device"))
     export_dtype: Literal[EXPORT_DTYPES] = Field(default=SearchJob.export_dtype, description=(  # type: ignore[valid-type]
         "dtype of the best model's weights on disk; auto: the dtype the model was released in (bf16 for SmolLM2)"))
+    export_format: Literal[EXPORT_FORMATS] = Field(default=SearchJob.export_format, description=(  # type: ignore[valid-type]
+        "gguf: the best model also as one GGUF file that llama.cpp, Ollama and LM Studio run "
+        "(GET /v1/jobs/{id}/model?format=gguf)"))
+    gguf_type: Literal[GGUF_TYPES] = Field(default=SearchJob.gguf_type, description=(  # type: ignore[valid-type]
+        "the GGUF file's weights: f32, f16, bf16, or q8_0 and q4_k_m by llama.cpp's quantizer"))
     trust_remote_code: StrictBool = False
 
     @field_validator("ratio")

@@ -42,6 +42,15 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A folder of 40 plain-text documents: a text source for the commands (``--calib FOLDER:N``)."""
+    folder = tmp_path_factory.mktemp("corpus")
+    for i, doc in enumerate(make_documents(40, words_per_doc=200)):
+        (folder / f"doc{i:02d}.txt").write_text(doc)
+    return folder
+
+
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path, monkeypatch, request):
     """Fast tests get their own cache; real-model tests share the user's cache (the model is big)."""

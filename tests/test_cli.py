@@ -4,19 +4,10 @@ import json
 
 import pytest
 import torch
-from helpers import make_documents
 
 from adapruner.errors import AdaPrunerError
 from adapruner.export import load_pruned
 from service.cli import build_parser, main
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("corpus")
-    for i, doc in enumerate(make_documents(40, words_per_doc=200)):
-        (folder / f"doc{i:02d}.txt").write_text(doc)
-    return folder
 
 
 def run(capsys, *argv):

@@ -31,11 +31,13 @@ LAYERS = (
     "adapruner.prune",
     "adapruner.repair",
     "adapruner.wanda_sp",
+    "adapruner.to_gguf",  # llama.cpp's file format; llama-cpp-python imported where it is used
     "adapruner.export",
     "adapruner.from_gguf",
     "adapruner.models",
     "adapruner.inference_cost",
     "adapruner.evaluate",
+    "adapruner.llama_runtime",
     "adapruner.finetune",
     "adapruner.data.rdata",
     "adapruner.data.wikimarkup",
@@ -70,6 +72,7 @@ LAYERS = (
     "adapruner.cli.prune",
     "adapruner.cli.finetune",
     "adapruner.cli.search",
+    "adapruner.cli.export",
     "adapruner.cli.bench_model",
     "adapruner.cli",
 )

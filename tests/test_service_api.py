@@ -259,6 +259,21 @@ def test_cancel_and_no_model_yet(client):
     assert bad_name.json()["detail"][0]["loc"] == ["query", "filename"]
 
 
+def test_a_gguf_is_409_until_it_exists_and_422_for_a_job_that_does_not_write_one(client):
+    plain = submit(client).json()["id"]
+    answer = client.get(f"/v1/jobs/{plain}/model", params={"format": "gguf"})
+    assert answer.status_code == 422 and answer.json()["detail"][0]["loc"] == ["query", "format"]
+    assert "export_format gguf" in answer.json()["detail"][0]["msg"]
+    gguf = submit(client, export_format="gguf").json()["id"]
+    assert client.get(f"/v1/jobs/{gguf}/model", params={"format": "gguf"}).status_code == 409
+
+
+@pytest.mark.parametrize("field, value", [("export_format", "onnx"), ("gguf_type", "q3_xs")])
+def test_an_unknown_export_format_or_gguf_type_is_refused_by_name(client, field, value):
+    answer = submit(client, **{field: value})
+    assert answer.status_code == 422 and answer.json()["detail"][0]["loc"][-1] == field
+
+
 OTHER, ADMIN = "other-token-5678", "admin-token-9999"
 
 

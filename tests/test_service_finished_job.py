@@ -22,7 +22,8 @@ def finished(request, tmp_path_factory, roots):
     url = f"sqlite:///{folder / 'service.db'}" if request.param == "sqlite" else request.getfixturevalue(
         "postgres_url")
     with job_run_to_its_end(folder, url, roots, small_job(trials=5, tasks=["books-lastword"], task_limit=2,
-                                                                measure_cost=True)) as job:
+                                                                measure_cost=True, export_format="gguf",
+                                                                gguf_type="f32")) as job:
         yield job
 
 
@@ -97,6 +98,22 @@ def test_the_downloaded_model_is_the_best_trials(finished, downloaded):
 def test_the_downloaded_model_runs(downloaded):
     _, model = downloaded
     assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 320)
+
+
+def test_the_model_downloads_as_a_gguf_file_llama_cpp_runs_with_the_same_logits(finished, downloaded):
+    from test_gguf_export import assert_same_logits
+
+    answer = finished.client.get(finished.job["links"]["model"], params={"format": "gguf", "filename": "best"})
+    assert answer.status_code == 200 and answer.content[:4] == b"GGUF"
+    assert 'filename="best.gguf"' in answer.headers["content-disposition"]
+    path = finished.folder / "best.gguf"
+    path.write_bytes(answer.content)
+    assert_same_logits(downloaded[1], path)
+
+
+def test_a_model_format_the_service_does_not_give_is_422(finished):
+    answer = finished.client.get(finished.job["links"]["model"], params={"format": "zip"})
+    assert answer.status_code == 422 and answer.json()["detail"][0]["loc"] == ["query", "format"]
 
 
 def test_a_finished_job_cannot_be_cancelled(finished):

@@ -1,4 +1,4 @@
-"""``adapruner`` command line: ``eval``, ``prune``, ``finetune``, ``search``, ``bench-model``; a module per
+"""``adapruner`` command line: ``eval``, ``prune``, ``finetune``, ``search``, ``export``, ``bench-model``; a module per
 command (its flags and what it runs), the shared flags in :mod:`.args`.
 
 The service adds ``serve``, ``worker``, ``dashboard`` and ``db`` to the same parser (see
@@ -13,10 +13,10 @@ import sys
 from collections.abc import Callable, Sequence
 
 from ..errors import AdaPrunerError
-from . import bench_model, evaluate, finetune, prune, search
+from . import bench_model, evaluate, export, finetune, prune, search
 from .args import OneLineParser, check_before_loading
 
-COMMANDS = (evaluate, prune, finetune, search, bench_model)
+COMMANDS = (evaluate, prune, finetune, search, export, bench_model)
 
 
 def build_parser(add_commands: Callable[[argparse._SubParsersAction], None] | None = None) -> argparse.ArgumentParser:

@@ -198,6 +198,17 @@ def add_export_dtype_arg(p: argparse.ArgumentParser) -> None:
                    help="dtype of the saved weights (default: auto, the dtype the model was released in)")
 
 
+def add_export_format_args(p: argparse.ArgumentParser) -> None:
+    from ..search import EXPORT_FORMATS, SearchJob
+    from ..to_gguf import GGUF_TYPES
+
+    p.add_argument("--export-format", choices=EXPORT_FORMATS, default=SearchJob.export_format,
+                   help="gguf: also write the model as one GGUF file (model.gguf beside the folder) that llama.cpp, "
+                   "Ollama and LM Studio run (default: %(default)s)")
+    p.add_argument("--gguf-type", choices=GGUF_TYPES, default=SearchJob.gguf_type,
+                   help="the GGUF file's weights; q8_0 and q4_k_m by llama.cpp's quantizer (default: %(default)s)")
+
+
 def add_channel_multiple_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channel-multiple", type=positive(int, "--channel-multiple"), default=None,
                    help="keep each layer's MLP channels in multiples of this, for fast GPU kernels "

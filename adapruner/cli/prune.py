@@ -8,6 +8,7 @@ from ..errors import AdaPrunerError
 from .args import (
     add_config_args,
     add_export_dtype_arg,
+    add_export_format_args,
     add_lora_args,
     add_model_args,
     lora_from,
@@ -41,6 +42,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
                                           attn_share=args.attn_share), drop_layers=args.drop_layers, scope=args.scope)
     if args.incremental and allocation.drop_layers:
         raise AdaPrunerError("--drop-layers is not applied by --incremental; leave it off")
+    if args.export_format == "gguf":
+        from ..models import check_gguf_exportable
+        from ..to_gguf import check_quant
+
+        if not args.out:
+            raise AdaPrunerError("--export-format gguf writes beside the folder: give --out")
+        check_quant(args.gguf_type)
+        check_gguf_exportable(args.model)
     calib = args.calib or ["builtin:books:10"]
     session = PruningSession.open(args.model, calib, args.eval, pool_size=args.pool_size, seq_len=args.seq_len,
                                   seed=args.seed, device=args.device, dtype=args.dtype,
@@ -83,6 +92,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(f"saved   {args.out}")
         uniform = all(size == sizes[0] for size in sizes)
         print(f"load    {load_instructions(args.out, uniform)}")
+        if args.export_format == "gguf":
+            from pathlib import Path
+
+            from ..to_gguf import write_gguf
+
+            gguf = write_gguf(args.out, Path(args.out) / "model.gguf", args.gguf_type)
+            print(f"gguf    {gguf} ({args.gguf_type}); run: llama-cli -m {gguf}")
     return 0
 
 
@@ -99,6 +115,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pool-size", type=int, default=10, help="samples for --calib sources given without a count")
     p.add_argument("--out", default=None, help="folder to save the pruned model to")
     add_export_dtype_arg(p)
+    add_export_format_args(p)
     p.add_argument("--incremental", action="store_true",
                    help="Adapt-Pruner's schedule: prune --step at a time, re-estimating importance each step")
     p.add_argument("--step", type=positive(float, "--step"), default=0.05, help="incremental step (default: 0.05)")

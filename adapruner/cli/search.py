@@ -8,6 +8,7 @@ from pathlib import Path
 from .args import (
     add_channel_multiple_arg,
     add_export_dtype_arg,
+    add_export_format_args,
     add_lora_args,
     add_model_args,
     lora_from,
@@ -53,6 +54,7 @@ def search_job(args: argparse.Namespace):
         channel_multiple=args.channel_multiple,
         recover=lora_from(args) if args.lora_steps else None,
         tasks=tuple(args.tasks or ()), task_limit=args.task_limit, export_dtype=args.export_dtype,
+        export_format=args.export_format, gguf_type=args.gguf_type,
         measure_cost=args.measure_cost,
     )
 
@@ -63,6 +65,12 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     job = search_job(args)
     check_tasks(job.tasks)  # before the model loads
+    if job.export_format == "gguf":
+        from ..models import check_gguf_exportable
+        from ..to_gguf import check_quant
+
+        check_quant(job.gguf_type)
+        check_gguf_exportable(job.model)
     name = args.study or job.default_study_name
     out = Path(args.out or Path("runs") / name)
     results = run_targets(job, args.ratio, args.storage, name, device=args.device, dtype=args.dtype, out_dir=out,
@@ -92,7 +100,16 @@ def speed_line(cost: dict) -> str:
 
 def print_result(result, out: Path, storage: str) -> None:
     """What one target's search found: the best, its margin over LLM-Pruner, tasks, recovery, where things are."""
-    from ..search import StudyKey, TrialKey, baseline_trials, describe_config, load_line, margin_sentence, write_report
+    from ..search import (
+        GGUF_NAME,
+        StudyKey,
+        TrialKey,
+        baseline_trials,
+        describe_config,
+        load_line,
+        margin_sentence,
+        write_report,
+    )
 
     report = write_report(result.study, out)
     best = result.best_trial
@@ -124,6 +141,9 @@ def print_result(result, out: Path, storage: str) -> None:
     if result.model_dir:
         print(f"model   {result.model_dir}  (artifact {result.artifact_id})")
         print(f"load    {load_line(best, str(result.model_dir))}")
+        gguf = Path(result.model_dir).parent / GGUF_NAME
+        if gguf.is_file():
+            print(f"gguf    {gguf}; run: llama-cli -m {gguf}")
     print(f"study   {result.study.study_name} in {storage}  (optuna-dashboard {storage})")
 
 
@@ -219,6 +239,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="fix a search parameter, e.g. aggregation=sum or strength=0; repeatable")
     p.add_argument("--out", default=None, help="report and model folder (default: runs/STUDY)")
     add_export_dtype_arg(p)
+    add_export_format_args(p)
     p.add_argument("--artifacts", default=None,
                    help="Optuna artifact store: a folder or s3://BUCKET (default: beside the database)")
     add_lora_args(p, "--recover-steps", 0, "LoRA steps to fine-tune the best configuration after the search",

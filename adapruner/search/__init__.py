@@ -7,8 +7,8 @@ target, :func:`run_targets` several.
 
 from .artifacts import artifact_store
 from .baselines import BASELINES, DEFAULT_BASELINES, baseline_config
-from .best import best_trial, export_best
-from .job import EXPORT_DTYPES, STARTS, SearchJob
+from .best import GGUF_ARTIFACT, GGUF_NAME, best_trial, export_best
+from .job import EXPORT_DTYPES, EXPORT_FORMATS, STARTS, SearchJob
 from .lock import StudyLock
 from .objective import Objective
 from .record import FINISHED, StudyKey, TrialKey, baseline_of, draw_of
@@ -48,7 +48,8 @@ from .targets import check_targets, run_targets, target_study_name, tradeoff_mar
 
 __all__ = [
     "BASELINES", "CALIBRATION_MODES", "FINISHED", "DEFAULT_BASELINES", "DEFAULT_METRICS", "ESTIMATING_SAMPLERS",
-    "EXPORT_DTYPES", "PRUNERS", "SAMPLERS", "SCORES", "SQLITE_BUSY_SECONDS", "STARTS", "StudyKey", "TrialKey",
+    "EXPORT_DTYPES", "EXPORT_FORMATS", "GGUF_ARTIFACT", "GGUF_NAME", "PRUNERS", "SAMPLERS", "SCORES",
+    "SQLITE_BUSY_SECONDS", "STARTS", "StudyKey", "TrialKey",
     "artifact_store", "baseline_of", "draw_of",
     "baseline_config", "baseline_draws", "baseline_trials", "best_so_far", "best_trial", "check_fixed", "check_targets",
     "close_storage",

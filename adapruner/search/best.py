@@ -18,6 +18,7 @@ from ..export import save_pruned
 from ..finetune import LoRA, finetune
 from ..models import export_dtype
 from ..session import PruneConfig, PruningSession
+from ..to_gguf import write_gguf
 from .artifacts import artifact_store
 from .baselines import baseline_config
 from .job import SearchJob
@@ -25,6 +26,8 @@ from .record import StudyKey, TrialKey, stored_sizes
 from .selection import chosen_trial
 
 UNPRUNED = "unpruned"
+GGUF_NAME = "model.gguf"  # the best model as GGUF (export_format gguf), beside its folder
+GGUF_ARTIFACT = "gguf_artifact_id"  # its artifact, in the study's best-model record
 
 
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
@@ -94,21 +97,29 @@ def export_best(
         pruned, info["recovery"] = recover(pruned, session, job.recover, best.user_attrs.get(TrialKey.TEST_PPL))
         study.set_user_attr(StudyKey.RECOVERY, info["recovery"])
     model_dir, dtype = None, export_dtype(job.export_dtype, job.model, pruned)
+    gguf_file = None
     if out_dir is not None:
         model_dir = save_pruned(pruned, session.tokenizer, Path(out_dir) / "model", info=info, dtype=dtype)
+        if job.export_format == "gguf":
+            gguf_file = write_gguf(model_dir, Path(out_dir) / GGUF_NAME, job.gguf_type, progress=session.progress)
     if recorded and recorded.get("trial") == best.number:
         return model_dir, recorded["artifact_id"]
     store = artifact_store(artifact_dir)
+    record = {"trial": best.number, "artifact_store": str(artifact_dir)}
     with tempfile.TemporaryDirectory(prefix="adapruner-export-") as tmp:
         folder = model_dir or save_pruned(pruned, session.tokenizer, Path(tmp) / "model", info=info, dtype=dtype)
         archive = Path(tmp) / f"{study.study_name}-trial{best.number}.tar"
         with tarfile.open(archive, "w") as tar:
             tar.add(folder, arcname="model")
-        artifact_id = upload_artifact(artifact_store=store, file_path=str(archive), study_or_trial=study,
-                                      mimetype="application/x-tar")
-    study.set_user_attr(StudyKey.BEST_MODEL, {"trial": best.number, "artifact_id": artifact_id,
-                                       "artifact_store": str(artifact_dir)})
-    return model_dir, artifact_id
+        record["artifact_id"] = upload_artifact(artifact_store=store, file_path=str(archive), study_or_trial=study,
+                                                mimetype="application/x-tar")
+        if job.export_format == "gguf":
+            gguf_file = gguf_file or write_gguf(folder, Path(tmp) / GGUF_NAME, job.gguf_type,
+                                                progress=session.progress)
+            record[GGUF_ARTIFACT] = upload_artifact(artifact_store=store, file_path=str(gguf_file),
+                                                    study_or_trial=study, mimetype="application/octet-stream")
+    study.set_user_attr(StudyKey.BEST_MODEL, record)
+    return model_dir, record["artifact_id"]
 
 
 def recover(model, session: PruningSession, lora: LoRA, test_before: float | None) -> tuple[object, dict]:

@@ -12,12 +12,15 @@ from ..finetune import LoRA
 from ..models import DEFAULT_MODEL
 from ..plan import check_target
 from ..repair import REPAIR_WINDOWS
+from ..to_gguf import GGUF_TYPES
 from .baselines import BASELINES, DEFAULT_BASELINES, draws
 from .samplers import PRUNERS, SAMPLERS
 from .space import SearchSpace
 
-AFTER_THE_SEARCH = ("trials", "tasks", "task_limit", "export_dtype", "measure_cost")
+AFTER_THE_SEARCH = ("trials", "tasks", "task_limit", "export_dtype", "measure_cost", "export_format", "gguf_type")
 EXPORT_DTYPES = ("auto", "float32", "bfloat16", "float16")
+# The best model as a transformers folder (always), and also as one GGUF file llama.cpp runs (adapruner.to_gguf).
+EXPORT_FORMATS = ("safetensors", "gguf")
 # How the first searched trials are chosen: by TPE's random start-up alone; from LLM-Pruner's and FLAP's own
 # configurations and the priors shipped with the package; and also from earlier studies in the same storage.
 STARTS = ("random", "informed", "warm")
@@ -54,6 +57,8 @@ class SearchJob:
     task_limit: int | None = None  # items per task; None: all
     measure_cost: bool = True  # measure decode/prefill speed and memory of the unpruned, baselines and best
     export_dtype: str = "auto"  # the best model's weights on disk; auto: the dtype the model was released in
+    export_format: str = "safetensors"  # see EXPORT_FORMATS
+    gguf_type: str = "f16"  # the GGUF file's weights (export_format gguf): see adapruner.to_gguf.GGUF_TYPES
 
     def __post_init__(self) -> None:
         check_target(self.ratio)
@@ -82,6 +87,11 @@ class SearchJob:
             raise AdaPrunerError(f"channel_multiple must be a whole number >= 1, got {self.channel_multiple!r}")
         if self.export_dtype not in EXPORT_DTYPES:
             raise AdaPrunerError(f"unknown export_dtype {self.export_dtype!r} (choose from {', '.join(EXPORT_DTYPES)})")
+        if self.export_format not in EXPORT_FORMATS:
+            raise AdaPrunerError(f"unknown export_format {self.export_format!r} "
+                                 f"(choose from {', '.join(EXPORT_FORMATS)})")
+        if self.gguf_type not in GGUF_TYPES:
+            raise AdaPrunerError(f"unknown gguf_type {self.gguf_type!r} (choose from {', '.join(GGUF_TYPES)})")
         if self.selection_windows < 0:
             raise AdaPrunerError(f"selection_windows must be >= 0, got {self.selection_windows}")
         if self.task_limit is not None and self.task_limit < 1:

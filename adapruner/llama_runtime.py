@@ -1,0 +1,108 @@
+"""A GGUF file run in llama.cpp (through llama-cpp-python): its logits, its perplexity on our windows, its greedy
+text and its speed, so that an export is checked and measured where it is deployed.
+
+Perplexity is scored as :mod:`adapruner.evaluate` scores it: each window on its own, from a fresh context, fed as
+token ids (no tokenizer and no BOS in between), ``seq_len - 1`` next-token predictions per window.
+
+Speed, as :mod:`adapruner.inference_cost` measures a transformers model: prefill is the tokens/s of one
+evaluation of a prompt from an empty context, decode the tokens/s of greedy generation one token at a time
+after it, on the same seeded random prompt for every model, on llama.cpp's threads (the machine's cores
+unless ``threads`` says otherwise).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .evaluate import Perplexity
+from .inference_cost import InferenceCost
+from .to_gguf import llama_cpp_module
+
+
+def default_threads() -> int:
+    """llama.cpp's threads: the cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def load_gguf(path: str | Path, n_ctx: int = 512, threads: int | None = None, logits_all: bool = True):
+    """A ``llama_cpp.Llama`` for ``path`` with a context of ``n_ctx`` tokens, quiet."""
+    llama_cpp = llama_cpp_module()
+    threads = threads or default_threads()
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=logits_all,
+                           n_threads=threads, n_threads_batch=threads, verbose=False)
+
+
+def sequence_logits(llm, ids: Sequence[int]) -> np.ndarray:
+    """Logits ``[len(ids), vocab]`` (float32) of every position of ``ids``, from an empty context."""
+    llm.reset()
+    llm.eval(list(ids))
+    return np.array(llm.scores[: len(ids)], dtype=np.float32)
+
+
+def gguf_perplexity(path: str | Path, windows: torch.Tensor, threads: int | None = None) -> Perplexity:
+    """Perplexity of the GGUF file ``path`` in llama.cpp over ``windows`` (``[N, seq_len]`` token ids)."""
+    llm = load_gguf(path, n_ctx=windows.shape[1], threads=threads)
+    start, total = time.perf_counter(), 0.0
+    try:
+        for window in windows.tolist():
+            logits = sequence_logits(llm, window)[:-1].astype(np.float64)
+            top = logits.max(axis=1, keepdims=True)
+            log_norm = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
+            total += float((log_norm - logits[np.arange(len(window) - 1), window[1:]]).sum())
+    finally:
+        llm.close()
+    tokens = windows.shape[0] * (windows.shape[1] - 1)
+    return Perplexity(math.exp(total / tokens), total / tokens, windows.shape[0], tokens, time.perf_counter() - start)
+
+
+def greedy(llm, prompt: Sequence[int], new_tokens: int) -> list[int]:
+    """``new_tokens`` greedy continuation tokens of ``prompt`` (no end-of-sequence stop)."""
+    llm.reset()
+    llm.eval(list(prompt))
+    out = []
+    for _ in range(new_tokens):
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        out.append(token)
+        llm.eval([token])
+    return out
+
+
+def measure_gguf(llm, path: str | Path, prompt_tokens: int = 128, new_tokens: int = 32, seed: int = 0
+                 ) -> InferenceCost:
+    """Prefill and decode tokens/s of one loaded GGUF model (one run each), and its file's size."""
+    vocab = llm.n_vocab()
+    prompt = torch.randint(0, vocab, (prompt_tokens,), generator=torch.Generator().manual_seed(seed)).tolist()
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(prompt)
+    prefill = prompt_tokens / (time.perf_counter() - start)
+    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        llm.eval([token])
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    decode = new_tokens / (time.perf_counter() - start)
+    size = Path(path).stat().st_size
+    return InferenceCost(device="cpu", dtype=gguf_type(llm), threads=llm.context_params.n_threads,
+                         parameters=int(llm.metadata.get("_n_params", 0)) or _n_params(llm), weight_bytes=size,
+                         disk_bytes=size, prefill_tokens_per_s={f"1x{prompt_tokens}": prefill},
+                         decode_tokens_per_s=decode, peak_memory_bytes=size)
+
+
+def _n_params(llm) -> int:
+    llama_cpp = llama_cpp_module()
+    return int(llama_cpp.llama_model_n_params(llm.model))
+
+
+def gguf_type(llm) -> str:
+    """The file's weight type as llama.cpp describes it (``general.file_type``), e.g. ``q4_k_m``."""
+    names = {0: "f32", 1: "f16", 7: "q8_0", 15: "q4_k_m", 32: "bf16"}
+    file_type = llm.metadata.get("general.file_type")
+    return names.get(int(file_type), f"type {file_type}") if file_type is not None else "?"
