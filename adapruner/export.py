@@ -110,6 +110,16 @@ def model_card(config, uniform: bool, folder: Path) -> str:
         lines += [f"Its layers kept different sizes, so the folder carries `{MODELING_FILE}`, a subclass of "
                   "the architecture's own class that builds each layer at its size (no other code); "
                   "`trust_remote_code=True` lets transformers use it. AdaPruner need not be installed.", ""]
+    lines += ["## Run in llama.cpp, Ollama or LM Studio", "",
+              "Write it as one GGUF file (llama.cpp's own quantizer makes q8_0 and q4_k_m), then run it:", "",
+              "```bash", f"adapruner export {folder.name} --out {folder.name}.gguf --quant q4_k_m",
+              f"llama-cli -m {folder.name}.gguf", "```", "",
+              f"Ollama: a `Modelfile` holding `FROM ./{folder.name}.gguf`, then "
+              f"`ollama create {folder.name} -f Modelfile` and `ollama run {folder.name}`.", ""]
+    if not uniform:
+        lines += ["Its layers differ, so the file uses llama.cpp's `deci` architecture, which gives every layer "
+                  "its own sizes; vLLM cannot serve this export (its Nemotron-NAS support has one query-head "
+                  "count for all layers).", ""]
     return "\n".join(lines)
 
 

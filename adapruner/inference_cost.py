@@ -170,14 +170,25 @@ def measure_interleaved(models: Mapping[str, torch.nn.Module], repeats: int = 5,
     load on a shared machine, which comes and goes, falls on every model alike. Returns each model's cost
     (medians over the rounds, with their ranges; the peak memory the highest) and the rounds themselves
     (:func:`ratio_spread` pairs the models within a round). ``options`` go to :func:`measure_cost`."""
-    if repeats < 1 or not models:
-        raise AdaPrunerError(f"measure_interleaved needs models and repeats >= 1, got {len(models)} and {repeats}")
-    labels, folders = list(models), folders or {}
+    folders = folders or {}
+
+    def once(label: str, first: bool) -> InferenceCost:
+        return measure_cost(models[label], repeats=1, warmup=warmup if first else 0, folder=folders.get(label),
+                            **options)
+
+    return interleave(list(models), once, repeats, progress)
+
+
+def interleave(labels: list[str], measure_once: Callable[[str, bool], InferenceCost], repeats: int,
+               progress: bool = False) -> tuple[dict[str, InferenceCost], list[dict[str, InferenceCost]]]:
+    """The round-robin of :func:`measure_interleaved` for any runtime: ``measure_once(label, first_round)``
+    measures one model once (warming it up in the first round)."""
+    if repeats < 1 or not labels:
+        raise AdaPrunerError(f"interleaved measurement needs models and repeats >= 1, got {len(labels)} and {repeats}")
     rounds: list[dict[str, InferenceCost]] = []
     for r in tqdm(range(repeats), desc="inference cost", unit="round", disable=not progress, leave=False):
         order = labels[r % len(labels):] + labels[: r % len(labels)]
-        rounds.append({label: measure_cost(models[label], repeats=1, warmup=warmup if r == 0 else 0,
-                                           folder=folders.get(label), **options) for label in order})
+        rounds.append({label: measure_once(label, r == 0) for label in order})
     return {label: _combined([run[label] for run in rounds]) for label in labels}, rounds
 
 

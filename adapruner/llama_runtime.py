@@ -15,14 +15,14 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .evaluate import Perplexity
-from .inference_cost import InferenceCost
+from .inference_cost import InferenceCost, interleave
 from .to_gguf import llama_cpp_module
 
 
@@ -62,47 +62,73 @@ def gguf_perplexity(path: str | Path, windows: torch.Tensor, threads: int | None
     return Perplexity(math.exp(total / tokens), total / tokens, windows.shape[0], tokens, time.perf_counter() - start)
 
 
+def last_logits(llm) -> np.ndarray:
+    """The logits after the last evaluated token (whether or not the context keeps every position's)."""
+    llama_cpp = llama_cpp_module()
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+
+
 def greedy(llm, prompt: Sequence[int], new_tokens: int) -> list[int]:
     """``new_tokens`` greedy continuation tokens of ``prompt`` (no end-of-sequence stop)."""
     llm.reset()
     llm.eval(list(prompt))
     out = []
     for _ in range(new_tokens):
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        out.append(token)
-        llm.eval([token])
+        out.append(int(np.argmax(last_logits(llm))))
+        llm.eval(out[-1:])
     return out
 
 
 def measure_gguf(llm, path: str | Path, prompt_tokens: int = 128, new_tokens: int = 32, seed: int = 0
                  ) -> InferenceCost:
-    """Prefill and decode tokens/s of one loaded GGUF model (one run each), and its file's size."""
-    vocab = llm.n_vocab()
-    prompt = torch.randint(0, vocab, (prompt_tokens,), generator=torch.Generator().manual_seed(seed)).tolist()
+    """Prefill and decode tokens/s of one loaded GGUF model (one run each: its context must be created with
+    ``logits_all=False``, so that the prompt's pass computes the last position's logits only, as a server's
+    does), its file's size, and its memory: llama.cpp's model buffers and the context's state."""
+    llama_cpp = llama_cpp_module()
+    prompt = torch.randint(0, llm.n_vocab(), (prompt_tokens,),
+                           generator=torch.Generator().manual_seed(seed)).tolist()
     llm.reset()
     start = time.perf_counter()
     llm.eval(prompt)
     prefill = prompt_tokens / (time.perf_counter() - start)
-    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    token = int(np.argmax(last_logits(llm)))
     start = time.perf_counter()
     for _ in range(new_tokens):
         llm.eval([token])
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        token = int(np.argmax(last_logits(llm)))
     decode = new_tokens / (time.perf_counter() - start)
     size = Path(path).stat().st_size
-    return InferenceCost(device="cpu", dtype=gguf_type(llm), threads=llm.context_params.n_threads,
-                         parameters=int(llm.metadata.get("_n_params", 0)) or _n_params(llm), weight_bytes=size,
+    weights = int(llama_cpp.llama_model_size(llm.model))
+    return InferenceCost(device="cpu (llama.cpp)", dtype=gguf_type(llm), threads=llm.context_params.n_threads,
+                         parameters=int(llama_cpp.llama_model_n_params(llm.model)), weight_bytes=weights,
                          disk_bytes=size, prefill_tokens_per_s={f"1x{prompt_tokens}": prefill},
-                         decode_tokens_per_s=decode, peak_memory_bytes=size)
+                         decode_tokens_per_s=decode,
+                         peak_memory_bytes=weights + int(llama_cpp.llama_state_get_size(llm.ctx)))
 
 
-def _n_params(llm) -> int:
-    llama_cpp = llama_cpp_module()
-    return int(llama_cpp.llama_model_n_params(llm.model))
+def measure_gguf_interleaved(paths: Mapping[str, str | Path], repeats: int = 5, prompt_tokens: int = 128,
+                             new_tokens: int = 32, threads: int | None = None, progress: bool = False
+                             ) -> tuple[dict[str, InferenceCost], list[dict[str, InferenceCost]]]:
+    """Every GGUF file measured once per round, round-robin (:func:`~adapruner.inference_cost.interleave`), all
+    loaded at once; medians and ranges over the rounds, and the rounds for
+    :func:`~adapruner.inference_cost.ratio_spread`."""
+    llms = {label: load_gguf(path, n_ctx=prompt_tokens + new_tokens + 1, threads=threads, logits_all=False)
+            for label, path in paths.items()}
+
+    def once(label: str, first: bool) -> InferenceCost:
+        if first:  # warm-up: pages of the file in, buffers allocated
+            measure_gguf(llms[label], paths[label], prompt_tokens, 2)
+        return measure_gguf(llms[label], paths[label], prompt_tokens, new_tokens)
+
+    try:
+        return interleave(list(paths), once, repeats, progress)
+    finally:
+        for llm in llms.values():
+            llm.close()
 
 
 def gguf_type(llm) -> str:
-    """The file's weight type as llama.cpp describes it (``general.file_type``), e.g. ``q4_k_m``."""
+    """The file's weight type as its ``general.file_type`` names it, e.g. ``q4_k_m``."""
     names = {0: "f32", 1: "f16", 7: "q8_0", 15: "q4_k_m", 32: "bf16"}
     file_type = llm.metadata.get("general.file_type")
     return names.get(int(file_type), f"type {file_type}") if file_type is not None else "?"

@@ -234,3 +234,37 @@ def test_prune_refuses_a_gguf_export_without_a_folder_before_loading(capsys, tin
     code, err = run_cli(["prune", "--model", str(tiny_model_dir), "--allocation", "uniform", "--export-format", "gguf"],
                         capsys)
     assert code == 2 and len(err) == 1 and "--out" in err[0]
+
+
+def test_the_same_gguf_measured_twice_interleaved_is_as_fast_as_itself(tmp_path, tiny_tokenizer):
+    """Speeds in llama.cpp: two labels for one file, 12 interleaved rounds; the range of their ratio holds 1."""
+    from adapruner.inference_cost import ratio_spread
+    from adapruner.llama_runtime import measure_gguf_interleaved
+
+    _, folder = pruned_folder(tmp_path, tiny_tokenizer, repair=False)
+    path = write_gguf(folder, tmp_path / "m.gguf", "f16", progress=False)
+    costs, rounds = measure_gguf_interleaved({"a": path, "b": path}, repeats=12, prompt_tokens=32, new_tokens=16,
+                                             threads=1)
+    assert len(rounds) == 12 and [list(r) for r in rounds[:2]] == [["a", "b"], ["b", "a"]]
+    spread = ratio_spread(rounds, "a")["b"]
+    for key in ("decode", "prefill_1x32"):
+        assert spread[key]["low"] <= 1 <= spread[key]["high"], spread[key]
+    assert costs["a"].decode_tokens_per_s > 0 and costs["a"].disk_bytes == path.stat().st_size
+    assert costs["a"].dtype == "f16" and costs["a"].parameters == sum(
+        p.numel() for p in pruned_folder(tmp_path / "again", tiny_tokenizer, repair=False)[0].parameters())
+
+
+def test_bench_model_measures_gguf_files_in_llama_cpp(tmp_path, tiny_tokenizer, capsys):
+    _, folder = pruned_folder(tmp_path, tiny_tokenizer, repair=False)
+    dense = write_gguf(save_pruned(make_tiny_model(seed=3, num_hidden_layers=6, intermediate_size=160),
+                                   tiny_tokenizer, tmp_path / "dense"), tmp_path / "dense.gguf", "f16", progress=False)
+    pruned = write_gguf(folder, tmp_path / "pruned.gguf", "q8_0", progress=False)
+    code = main(["bench-model", "--runtime", "llama.cpp", "--model", str(dense), "--model", str(pruned),
+                 "--repeats", "2", "--new-tokens", "8", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert code == 0 and "llama.cpp" in out and str(pruned) in out and "decode x" in out
+
+
+def test_bench_model_in_llama_cpp_refuses_a_folder_in_one_line(tmp_path, tiny_model_dir, capsys):
+    code, err = run_cli(["bench-model", "--runtime", "llama.cpp", "--model", str(tiny_model_dir)], capsys)
+    assert code == 2 and len(err) == 1 and "adapruner export" in err[0]

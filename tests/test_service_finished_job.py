@@ -77,6 +77,14 @@ def test_the_job_shows_what_the_pruned_models_buy(finished):
     assert list(finished.job["inference_cost"]["models"]) == ["unpruned", "wanda-sp", "magnitude", "best"]
 
 
+def test_the_job_shows_what_the_best_buys_in_llama_cpp(finished):
+    in_llama_cpp = finished.job["inference_cost"]["llama_cpp"]
+    assert in_llama_cpp["quant"] == "q4_k_m" and list(in_llama_cpp["models"]) == ["unpruned", "best"]
+    assert in_llama_cpp["rounds"] == 5 and in_llama_cpp["models"]["best"]["decode_tokens_per_s"] > 0
+    report = finished.client.get(f"/v1/jobs/{finished.job['id']}/report").text
+    assert "In llama.cpp, as q4_k_m GGUF files" in report
+
+
 @pytest.mark.parametrize("line", ["baseline: wanda-sp", "Load the exported model", "## Downstream accuracy"])
 def test_the_report_shows(finished, line):
     report = finished.client.get(finished.job["links"]["report"])

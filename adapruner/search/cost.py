@@ -1,14 +1,19 @@
 """What the pruned models buy, measured after a search: the unpruned model, every baseline and the best
 configuration, side by side in one process on the worker's device and dtype, in interleaved rounds
 (:func:`~adapruner.inference_cost.measure_interleaved`), recorded once with the study (user attribute
-``inference_cost``) with each ratio's range over the rounds. Measured, never searched on."""
+``inference_cost``) with each ratio's range over the rounds; where llama.cpp is installed, also the unpruned
+model and the best as q4_k_m GGUF files in llama.cpp (``llama_cpp`` in that record), what a user deploys.
+Measured, never searched on."""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import optuna
 
+from ..errors import AdaPrunerError
+from ..export import save_pruned
 from ..inference_cost import (
     NOISY,
     available_memory,
@@ -18,11 +23,15 @@ from ..inference_cost import (
     ratio_text,
     speedups,
 )
+from ..llama_runtime import measure_gguf_interleaved
 from ..models import checkpoint_folder
 from ..session import PruningSession
+from ..to_gguf import llama_cpp_module, read_layout, write_gguf
 from .best import UNPRUNED, compared_models
 from .job import SearchJob
 from .record import StudyKey
+
+LLAMA_CPP = "llama_cpp"  # the inference-cost record's entry for the GGUF files measured in llama.cpp
 
 
 def measure_models(study: optuna.Study, session: PruningSession, job: SearchJob, model_dir: Path | None = None,
@@ -52,8 +61,31 @@ def measure_models(study: optuna.Study, session: PruningSession, job: SearchJob,
     del models
     summary = {"models": {label: cost.to_dict() for label, cost in costs.items()},
                "speedups": speedups(costs, UNPRUNED), **summary}
+    in_llama_cpp = measure_in_llama_cpp(session, dict(compared).get("best"), folders[UNPRUNED], model_dir)
+    if in_llama_cpp is not None:
+        summary[LLAMA_CPP] = in_llama_cpp
     study.set_user_attr(StudyKey.INFERENCE_COST, summary)
     return summary
+
+
+def measure_in_llama_cpp(session: PruningSession, build_best, dense_folder: Path | None, best_folder: Path | None,
+                         quant: str = "q4_k_m", repeats: int = 5) -> dict | None:
+    """The unpruned model and the best as ``quant`` GGUF files in llama.cpp, interleaved (what a user deploys);
+    ``None`` where llama.cpp is not installed or the model has no GGUF layout here."""
+    try:
+        llama_cpp_module()
+        read_layout(dense_folder) if dense_folder is not None else None
+    except AdaPrunerError:
+        return None
+    if dense_folder is None or build_best is None:
+        return None
+    with tempfile.TemporaryDirectory(prefix="adapruner-gguf-") as tmp:
+        best_folder = best_folder or save_pruned(build_best(), session.tokenizer, Path(tmp) / "best")
+        files = {label: write_gguf(folder, Path(tmp) / f"{label}.gguf", quant, progress=False)
+                 for label, folder in ((UNPRUNED, dense_folder), ("best", best_folder))}
+        costs, rounds = measure_gguf_interleaved(files, repeats=repeats)
+    return {"quant": quant, "models": {label: cost.to_dict() for label, cost in costs.items()},
+            "speedups": speedups(costs, UNPRUNED), "spread": ratio_spread(rounds, UNPRUNED), "rounds": len(rounds)}
 
 
 def fits_at_once(model, n_models: int) -> bool:
@@ -88,4 +120,25 @@ def cost_table(summary: dict) -> list[str]:
         times = ratio_text(ratios[label]["decode"], spread.get(label, {}).get("decode"))
         lines.append(f"| {label} | {cost['parameters'] / 1e6:,.2f}M | {decode} | {times} | {prefill} | "
                      f"{cost['peak_memory_bytes'] / 2**20:,.0f} | {disk} |")
+    if LLAMA_CPP in summary:
+        lines += ["", *llama_cpp_table(summary[LLAMA_CPP])]
+    return lines
+
+
+def llama_cpp_table(record: dict) -> list[str]:
+    """Markdown: the unpruned model and the best as GGUF files in llama.cpp (interleaved rounds)."""
+    first = next(iter(record["models"].values()))
+    lines = [f"In llama.cpp, as {record['quant']} GGUF files (what `adapruner export` writes), {first['threads']} "
+             f"threads, medians of {record['rounds']} interleaved rounds, ranges in brackets:", "",
+             "| model | file MB | decode tokens/s | decode × unpruned | prefill tokens/s | prefill × unpruned |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for label, cost in record["models"].items():
+        shape = next(iter(cost["prefill_tokens_per_s"]))
+        spread = record["spread"].get(label, {})
+        low, high = cost["decode_range"]
+        lines.append(f"| {label} | {cost['disk_bytes'] / 2**20:,.1f} | {cost['decode_tokens_per_s']:,.1f} "
+                     f"({low:,.1f}-{high:,.1f}) | "
+                     f"{ratio_text(record['speedups'][label]['decode'], spread.get('decode'))} | "
+                     f"{cost['prefill_tokens_per_s'][shape]:,.0f} | "
+                     f"{ratio_text(record['speedups'][label][f'prefill_{shape}'], spread.get(f'prefill_{shape}'))} |")
     return lines
