@@ -15,10 +15,10 @@ import threading
 import time
 
 import optuna
-from sqlalchemy.exc import DBAPIError, OperationalError
 
 from adapruner.errors import Stopped
 from adapruner.search import (
+    STORAGE_ERRORS,
     SearchJob,
     StudyKey,
     make_storage,
@@ -35,7 +35,7 @@ from .settings import Settings
 
 logger = logging.getLogger("adapruner.worker")
 # The database is away or refused a write: the job has done nothing wrong, and the worker waits it out.
-DATABASE_ERRORS = (OperationalError, DBAPIError, optuna.exceptions.StorageInternalError)
+DATABASE_ERRORS = STORAGE_ERRORS
 PHASE_SECONDS = 2.0  # record a job's phase at most this often
 
 

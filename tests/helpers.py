@@ -5,6 +5,7 @@ Fixtures live in ``conftest.py``; this module holds plain functions and constant
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -12,6 +13,7 @@ import random
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -242,3 +244,66 @@ def mask_model(model: nn.Module, plan: PruningPlan) -> nn.Module:
                         if linear.bias is not None:
                             linear.bias[idx] = 0
     return masked
+
+
+class FlakyProxy:
+    """A TCP forwarder between this test's processes and a server (PostgreSQL), which the test can cut: an
+    outage closes every connection through it and refuses new ones for a while. The server is never touched."""
+
+    def __init__(self, target: tuple[str, int]):
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.down = threading.Event()
+        self.closed = threading.Event()
+        self.lock = threading.Lock()
+        self.sockets: set[socket.socket] = set()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closed.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.down.is_set():
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self.lock:
+                self.sockets |= {client, upstream}
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            with self.lock:
+                self.sockets -= {src, dst}
+
+    def outage(self, seconds: float) -> None:
+        """Cut every connection and refuse new ones for ``seconds``."""
+        self.down.set()
+        with self.lock:
+            for s in list(self.sockets):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+        time.sleep(seconds)
+        self.down.clear()
+
+    def close(self) -> None:
+        self.closed.set()
+        self.listener.close()

@@ -37,6 +37,7 @@ from .space import (
 )
 from .storage import (
     SQLITE_BUSY_SECONDS,
+    STORAGE_ERRORS,
     close_storage,
     count_trials,
     fail_dead_trials,
@@ -49,7 +50,7 @@ from .targets import check_targets, run_targets, target_study_name, tradeoff_mar
 __all__ = [
     "BASELINES", "CALIBRATION_MODES", "FINISHED", "DEFAULT_BASELINES", "DEFAULT_METRICS", "ESTIMATING_SAMPLERS",
     "EXPORT_DTYPES", "EXPORT_FORMATS", "GGUF_ARTIFACT", "GGUF_NAME", "PRUNERS", "SAMPLERS", "SCORES",
-    "SQLITE_BUSY_SECONDS", "STARTS", "StudyKey", "TrialKey",
+    "SQLITE_BUSY_SECONDS", "STORAGE_ERRORS", "STARTS", "StudyKey", "TrialKey",
     "artifact_store", "baseline_of", "draw_of",
     "baseline_config", "baseline_draws", "baseline_trials", "best_so_far", "best_trial", "check_fixed", "check_targets",
     "close_storage",

@@ -189,15 +189,9 @@ class Objective:
                 with phase("test"):
                     self._test(trial, pruned)
             return val_ppl
-        except optuna.TrialPruned:
-            raise
-        except torch.OutOfMemoryError as exc:  # this trial's copy did not fit: fail it, free it, go on
+        except torch.OutOfMemoryError:  # this trial's copy did not fit: free it; the trial fails (see run_trial)
             pruned = None  # noqa: F841  (drop the reference before the cache is emptied)
             free_device_memory()
-            trial.set_user_attr(TrialKey.FAIL_REASON, f"out of memory: {exc}"[:500])
-            raise
-        except Exception as exc:  # recorded on the trial, which Optuna then marks FAIL
-            trial.set_user_attr(TrialKey.FAIL_REASON, f"{type(exc).__name__}: {exc}"[:500])
             raise
 
     def _validate(self, trial: optuna.Trial, model: torch.nn.Module,

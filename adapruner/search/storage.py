@@ -11,12 +11,15 @@ import logging
 import os
 import socket
 import sqlite3
+import threading
+import time
 from pathlib import Path
 
 import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from .lock import StudyLock
 from .record import FINISHED, TrialKey
@@ -30,6 +33,11 @@ GRACE_SECONDS = int(os.environ.get("ADAPRUNER_GRACE_SECONDS", 45))
 # How long a process waits for SQLite's write lock before it gives up with "database is locked".
 SQLITE_BUSY_SECONDS = 60
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
+# The storage is away or refused a write: nothing a job did, and what a worker waits out.
+STORAGE_ERRORS = (OperationalError, DBAPIError, optuna.exceptions.StorageInternalError)
+RETRY_SECONDS = 1.0  # a heartbeat or a tell that met a storage error tries again this soon (doubling, up to 30 s)
+PATIENCE_SECONDS = 600.0  # a tell gives up after this long without the storage (the trial is then failed as stale)
+MAX_RETRY = 3  # times a trial that failed for want of its process or of the storage is queued again
 
 
 def make_storage(url: str | None, create_tables: bool = True) -> optuna.storages.BaseStorage:
@@ -47,7 +55,7 @@ def make_storage(url: str | None, create_tables: bool = True) -> optuna.storages
     with StudyLock(url, "__schema__") if create_tables else contextlib.nullcontext(), chosen_experimental_features():
         return RDBStorage(url, engine_kwargs=engine_kwargs, skip_table_creation=not create_tables,
                           heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
-                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
+                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
 
 
 def close_storage(storage: optuna.storages.BaseStorage) -> None:
@@ -91,22 +99,24 @@ def fail_dead_trials(study: optuna.Study) -> None:
     under the lock belongs to a process that died holding it.
     """
     storage = study._storage
-    with chosen_experimental_features():
-        optuna.storages.fail_stale_trials(study)
     if not has_heartbeats(storage):
         return
-    retry = storage.get_heartbeat_stale_trial_callback()
+    grace = getattr(getattr(storage, "_backend", storage), "grace_period", None) or GRACE_SECONDS
+    dead = {trial_id: f"no heartbeat for {grace} s: its process died or lost the storage for that long"
+            for trial_id in storage._get_stale_trial_ids(study._study_id)}
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if TrialKey.WORKER in trial.user_attrs:
-            continue
-        logger.warning("trial %d was left running by a process that died before its first heartbeat: "
-                       "failing it", trial.number)
+        if TrialKey.WORKER not in trial.user_attrs:
+            dead[trial._trial_id] = "its process died before its first heartbeat"
+    retry = storage.get_heartbeat_stale_trial_callback()
+    for trial_id, reason in dead.items():
+        logger.warning("trial %d: %s; failing it and queueing it again", storage.get_trial(trial_id).number, reason)
         try:
-            storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+            storage.set_trial_user_attr(trial_id, TrialKey.FAIL_REASON, reason)
+            storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
         except optuna.exceptions.UpdateFinishedTrialError:
-            continue
+            continue  # finished meanwhile by its own process
         if retry is not None:
-            retry(study, storage.get_trial(trial._trial_id))
+            retry(study, storage.get_trial(trial_id))
 
 
 def count_trials(study: optuna.Study) -> tuple[int, int]:
@@ -114,6 +124,75 @@ def count_trials(study: optuna.Study) -> tuple[int, int]:
     trials = study.get_trials(deepcopy=False, states=FINISHED + (TrialState.RUNNING,))
     finished = sum(t.state in FINISHED for t in trials)
     return finished, len(trials) - finished
+
+
+class Heartbeat:
+    """A running trial's heartbeat (RDB storages), beaten every interval by a thread that outlives storage
+    errors: Optuna's own heartbeat thread dies on its first failed beat, so that a storage outage shorter
+    than the grace period still got a live trial failed as stale by another process. This one logs the
+    error, tries again every :data:`RETRY_SECONDS` until the storage answers, then goes on beating."""
+
+    def __init__(self, storage: optuna.storages.BaseStorage, trial: optuna.Trial):
+        self.storage, self.trial_id = storage, trial._trial_id
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name=f"heartbeat-{trial.number}", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        if has_heartbeats(self.storage):
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopped.set()
+        if self.thread.is_alive():
+            self.thread.join()
+
+    def _beat(self) -> None:
+        interval = self.storage.get_heartbeat_interval()
+        wait, failing = interval, False
+        while not self.stopped.wait(wait):
+            try:
+                self.storage.record_heartbeat(self.trial_id)
+            except STORAGE_ERRORS as exc:
+                if not failing:
+                    logger.warning("heartbeat of trial %d: storage unavailable (%s); trying again",
+                                   self.trial_id, str(exc).splitlines()[0])
+                wait, failing = min(RETRY_SECONDS, interval), True
+            else:
+                wait, failing = interval, False
+
+
+def finish_trial(study: optuna.Study, trial: optuna.Trial, state: TrialState, value: float | None = None,
+                 reason: str | None = None, retry: bool = False) -> bool:
+    """Tell the study how ``trial`` ended (``reason``: a failed trial's ``fail_reason``; ``retry``: queue its
+    parameters again, for a trial that failed for want of the storage), waiting out storage errors for up to
+    :data:`PATIENCE_SECONDS`. Returns ``False``, dropping the result, when another process finished the trial
+    meanwhile (it lost its heartbeat for longer than the grace period, was failed as stale and queued again:
+    the queued copy runs it afresh)."""
+    delay, deadline = RETRY_SECONDS, time.monotonic() + PATIENCE_SECONDS
+    while True:
+        try:
+            if state == TrialState.FAIL and reason is not None:
+                trial.set_user_attr(TrialKey.FAIL_REASON, reason[:500])
+            elif state != TrialState.FAIL and trial.user_attrs.get(TrialKey.FAIL_REASON):
+                trial.set_user_attr(TrialKey.FAIL_REASON, None)  # a queued-again copy inherits its original's
+            study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+            if retry:  # as a trial whose process died is: the same parameters, queued again
+                RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, study._storage.get_trial(trial._trial_id))
+            return True
+        except STORAGE_ERRORS as exc:
+            if time.monotonic() > deadline:
+                raise
+            logger.warning("trial %d: storage unavailable (%s); telling it again in %.0f s", trial.number,
+                           str(exc).splitlines()[0], delay)
+            time.sleep(delay)
+            delay = min(30.0, 2 * delay)
+        except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+            if study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
+                raise  # refused for another reason than being finished elsewhere
+            logger.warning("trial %d was finished by another process while this one ran it (failed as stale and "
+                           "queued again): its result is dropped", trial.number)
+            return False
 
 
 def mark_alive(storage: optuna.storages.BaseStorage, trial: optuna.Trial) -> None:

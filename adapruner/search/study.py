@@ -14,6 +14,7 @@ Heartbeats (RDB storages) mark the trial of a process that died as failed, and
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 import warnings
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
+import torch
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
@@ -41,7 +43,15 @@ from .samplers import ESTIMATING_SAMPLERS, make_pruner, make_sampler, reports_ru
 from .selection import record_selection
 from .space import cluster_pool
 from .start import enqueue_informed
-from .storage import count_trials, fail_dead_trials, make_storage, mark_alive
+from .storage import (
+    STORAGE_ERRORS,
+    Heartbeat,
+    count_trials,
+    fail_dead_trials,
+    finish_trial,
+    make_storage,
+    mark_alive,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -221,14 +231,9 @@ def claim_and_run(study: optuna.Study, job: SearchJob, objective: Objective, loc
                   storage: optuna.storages.BaseStorage) -> int | None:
     """One turn: under the study lock, fail dead trials, queue failed baselines again, and claim one trial if
     the budget has room (the lock is released as soon as the trial exists), then run it. Returns how many
-    trials failed in the turn; -1 when every remaining slot is held by another process; ``None`` when the
-    budget is finished."""
-
-    def claimed_trial(trial: optuna.Trial) -> float:
-        mark_alive(storage, trial)  # before other processes may look at it (see fail_dead_trials)
-        lock.release()  # the trial exists now: other processes may claim theirs
-        return objective(trial)
-
+    trials failed in the turn through their own fault (1 or 0); -1 when every remaining slot is held by another
+    process; ``None`` when the budget is finished. A storage error while claiming propagates: the caller waits
+    for the storage."""
     lock.acquire()
     try:
         fail_dead_trials(study)
@@ -238,11 +243,38 @@ def claim_and_run(study: optuna.Study, job: SearchJob, objective: Objective, loc
             return None
         if finished + running >= job.total_trials:
             return -1
-        before = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
-        study.optimize(claimed_trial, n_trials=1, catch=(Exception,), gc_after_trial=True)
-        return len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,))) - before
+        with warnings.catch_warnings():  # Optuna's: heartbeats are for optimize(); run_trial keeps its own
+            warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+            trial = study.ask()
+        mark_alive(storage, trial)  # before other processes may look at it (see fail_dead_trials)
     finally:
-        lock.release()
+        lock.release()  # the trial exists now: other processes may claim theirs
+    return run_trial(study, trial, objective, storage)
+
+
+def run_trial(study: optuna.Study, trial: optuna.Trial, objective: Objective,
+              storage: optuna.storages.BaseStorage) -> int:
+    """Run a claimed trial under a heartbeat that outlives storage outages and tell the study its end, waiting
+    for the storage if need be (:func:`~adapruner.search.storage.finish_trial`). A trial the objective fails
+    is FAIL with its reason; one that failed because the storage was away is FAIL with that reason and queued
+    again, and is not the job's failure. Returns 1 when the trial failed through its own fault, else 0."""
+    reason, retry = None, False
+    with Heartbeat(storage, trial):
+        try:
+            value, state = objective(trial), TrialState.COMPLETE
+        except optuna.TrialPruned:
+            value, state = None, TrialState.PRUNED
+        except STORAGE_ERRORS as exc:
+            value, state, retry = None, TrialState.FAIL, True
+            reason = f"storage unavailable: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+        except Exception as exc:  # the trial's own failure: recorded, and the search goes on
+            value, state = None, TrialState.FAIL
+            kind = "out of memory" if isinstance(exc, torch.OutOfMemoryError) else type(exc).__name__
+            reason = f"{kind}: {exc}"
+            logger.warning("trial %d failed: %s", trial.number, reason)
+    told = finish_trial(study, trial, state, value, reason, retry=retry)
+    gc.collect()
+    return int(told and state == TrialState.FAIL and not retry)
 
 
 def show_progress(bar: tqdm, study: optuna.Study) -> None:
