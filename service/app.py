@@ -130,7 +130,9 @@ def cancel_job(job_id: str, caller: Writer, reader: Reader, db: DB, storage: Sto
     return views.job_view(jobs.cancel_job(db, job_id, caller, reader), storage, settings)
 
 
-@router.get("/jobs/{job_id}/model")
+@router.get("/jobs/{job_id}/model", responses={200: {"description": "the model file", "content": {
+    "application/x-tar": {"schema": {"type": "string", "format": "binary"}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
 def download_model(job_id: str, reader: Reader, db: DB, storage: Storage, settings: Config,
                    filename: Annotated[str | None, Query(pattern=SAFE_NAME)] = None,
                    target: Annotated[float | None, Query(gt=0, description="which target's model, for a job of "
@@ -150,8 +152,8 @@ def download_model(job_id: str, reader: Reader, db: DB, storage: Storage, settin
                              headers={"Content-Disposition": f'attachment; filename="{name}.{file_format}"'})
 
 
-@router.get("/jobs/{job_id}/report", response_class=PlainTextResponse,
-            responses={200: {"content": {"text/markdown": {}}}})
+@router.get("/jobs/{job_id}/report", responses={200: {"description": "the report (markdown)", "content": {
+    "text/markdown": {"schema": {"type": "string"}}}}})
 def get_report(job_id: str, reader: Reader, db: DB, storage: Storage) -> PlainTextResponse:
     """The study's markdown report: baselines beside the best configuration, cost, importances."""
     from adapruner.search import report_markdown, tradeoff_markdown
@@ -164,6 +166,16 @@ def get_report(job_id: str, reader: Reader, db: DB, storage: Storage) -> PlainTe
         return PlainTextResponse(report_markdown(studies[0]), media_type="text/markdown")
     parts = [tradeoff_markdown(studies), *(report_markdown(s) for s in studies)]
     return PlainTextResponse("\n\n".join(parts), media_type="text/markdown")
+
+
+def reads_without_token(spec: dict) -> dict:
+    """The OpenAPI document of a service whose reads are public: its GET operations take a token but need none
+    (an empty security requirement beside the bearer one)."""
+    for path in spec.get("paths", {}).values():
+        operation = path.get("get")
+        if operation and operation.get("security") and {} not in operation["security"]:
+            operation["security"] = [{}, *operation["security"]]
+    return spec
 
 
 def health(request: Request) -> dict:
@@ -208,6 +220,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPIOffline(title="AdaPruner", version=__version__, lifespan=lifespan,
                          description="Bayesian-optimization search for structured-pruning configurations.")
     app.state.settings = settings
+    if settings.public_reads:
+        document = app.openapi
+        app.openapi = lambda: reads_without_token(document())
     app.state.sessions = session_factory(engine)
     app.state.storage = storage
     app.include_router(router)

@@ -37,6 +37,11 @@ PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)] 
 Reference = Annotated[str, Field(min_length=1, max_length=1000, pattern=r"^[^\x00-\x1f\x7f]*$")]
 TaskName = Annotated[str, Field(min_length=1, max_length=64, pattern=SAFE_NAME)]
 FixedValue = float | int | Annotated[str, Field(max_length=64)] | None
+def whole_number(value: Any) -> Any:
+    """An integral float as the int it is; anything else as it is."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 Ratio = Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False, strict=True)] | Annotated[StrictInt, Field(ge=1)]
 
 
@@ -142,6 +147,15 @@ class JobCreate(BaseModel):
     gguf_type: Literal[GGUF_TYPES] = Field(default=SearchJob.gguf_type, description=(  # type: ignore[valid-type]
         "the GGUF file's weights: f32, f16, bf16, or q8_0 and q4_k_m by llama.cpp's quantizer"))
     trust_remote_code: StrictBool = False
+
+    @field_validator("trials", "seed", "pool_size", "seq_len", "val_windows", "test_windows", "baseline_draws",
+                     "repair_windows", "finalists", "selection_windows", "channel_multiple", "task_limit",
+                     mode="before")
+    @classmethod
+    def _whole_numbers(cls, value):
+        """JSON has one kind of number: 5.0 is the whole number 5, as JSON Schema's ``integer`` says (strings and
+        booleans are still refused). Not ``ratio``, where 1.0 is a share out of range, never a count of 1."""
+        return whole_number(value)
 
     @field_validator("ratio")
     @classmethod

@@ -206,6 +206,15 @@ def test_bad_jobs_get_4xx_naming_the_field(client, change, status, field, messag
     assert any(field.split(".")[-1] in map(str, d["loc"]) and message in d["msg"] for d in detail), detail
 
 
+def test_a_whole_number_written_with_a_decimal_point_is_that_number(client):
+    """JSON has one kind of number; JSON Schema's integer takes 5.0 (schemathesis sends such bodies)."""
+    response = submit(client, trials=5.0, seq_len=32.0)
+    assert response.status_code == 202, response.text
+    assert response.json()["spec"]["trials"] == 5 and response.json()["spec"]["seq_len"] == 32
+    refused = submit(client, trials=5.5)
+    assert refused.status_code == 422 and refused.json()["detail"][0]["loc"][-1] == "trials"
+
+
 @pytest.mark.parametrize("body", ['{"ratio": NaN}', '{"trials": Infinity}', '{"trials": 1e400}',
                                   '{"ratio": -Infinity}', '{"space": {"ridge": [NaN, 1]}}'])
 def test_non_finite_numbers_get_422_not_500(client, body):
