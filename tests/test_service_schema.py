@@ -28,7 +28,6 @@ from service.app import create_app
 from service.db import upgrade
 from service.settings import Settings
 
-
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
           response_schema_conformance, negative_data_rejection, missing_required_header, ignored_auth]
 
