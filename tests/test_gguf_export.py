@@ -268,3 +268,27 @@ def test_bench_model_measures_gguf_files_in_llama_cpp(tmp_path, tiny_tokenizer, 
 def test_bench_model_in_llama_cpp_refuses_a_folder_in_one_line(tmp_path, tiny_model_dir, capsys):
     code, err = run_cli(["bench-model", "--runtime", "llama.cpp", "--model", str(tiny_model_dir)], capsys)
     assert code == 2 and len(err) == 1 and "adapruner export" in err[0]
+
+
+def test_search_writes_the_best_as_gguf_beside_its_folder(capsys, tmp_path, roots):
+    out = tmp_path / "out"
+    code = main(["search", "--model", str(roots / "models" / "tiny"), "--calib", str(roots / "texts" / "toy"),
+                 "--pool-size", "12", "--seq-len", "32", "--val-windows", "8", "--test-windows", "4",
+                 "--subset-size", "2:6", "--clusters", "3", "--trials", "2", "--storage",
+                 f"sqlite:///{tmp_path / 'runs.db'}", "--out", str(out), "--artifacts", str(tmp_path / "artifacts"),
+                 "--baselines", "magnitude", "--no-measure", "--export-format", "gguf", "--gguf-type", "f32"])
+    printed = capsys.readouterr().out
+    assert code == 0 and f"gguf    {out / 'model.gguf'}" in printed
+    from adapruner.export import load_pruned
+
+    assert_same_logits(load_pruned(out / "model")[0], out / "model.gguf")
+
+
+def test_search_refuses_a_gguf_export_of_an_architecture_llama_cpp_cannot_take_before_loading(
+        capsys, tmp_path, tiny_tokenizer):
+    folder = save_pruned(make_tiny_model(seed=1), tiny_tokenizer, tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "rope_parameters": {"rope_type": "yarn",
+                                                                                  "rope_theta": 1e4}}))
+    code, err = run_cli(["search", "--model", str(folder), "--export-format", "gguf"], capsys)
+    assert code == 2 and len(err) == 1 and "'yarn'" in err[0]
