@@ -292,3 +292,17 @@ def test_search_refuses_a_gguf_export_of_an_architecture_llama_cpp_cannot_take_b
                                                                                   "rope_theta": 1e4}}))
     code, err = run_cli(["search", "--model", str(folder), "--export-format", "gguf"], capsys)
     assert code == 2 and len(err) == 1 and "'yarn'" in err[0]
+
+
+def test_prune_with_dropped_layers_prints_them_and_exports_them_to_gguf(capsys, tmp_path, tiny_model_dir, corpus):
+    from adapruner.export import load_pruned
+
+    out_dir = tmp_path / "deep"
+    code = main(["prune", "--model", str(tiny_model_dir), "--calib", f"{corpus}:4", "--ratio", "0.4",
+                 "--metric", "wanda_sp", "--allocation", "uniform", "--drop-layers", "1", "--seq-len", "32",
+                 "--max-windows", "2", "--out", str(out_dir), "--export-format", "gguf", "--gguf-type", "f32"])
+    out = capsys.readouterr().out
+    assert code == 0 and out.count("  dropped\n") == 1
+    model = load_pruned(out_dir)[0]
+    assert model.config.num_hidden_layers == 3
+    assert_same_logits(model, out_dir / "model.gguf")

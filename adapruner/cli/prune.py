@@ -17,9 +17,15 @@ from .args import (
 )
 
 
-def print_sizes(plan_sizes: list[dict[str, int]], dense: list[dict[str, int]]) -> None:
+def print_sizes(plan_sizes: list[dict[str, int]], dense: list[dict[str, int]], dropped: tuple[int, ...] = ()) -> None:
+    """Each layer of the dense model: what it kept, or that it was dropped (``plan_sizes``: the kept layers')."""
     print("layer  kv_heads  mlp_channels")
-    for i, (size, base) in enumerate(zip(plan_sizes, dense, strict=True)):
+    kept = iter(plan_sizes)
+    for i, base in enumerate(dense):
+        if i in dropped:
+            print(f"{i:5d}  dropped")
+            continue
+        size = next(kept)
         print(f"{i:5d}  {size['num_key_value_heads']:3d}/{base['num_key_value_heads']:<4d} "
               f"{size['intermediate_size']:6d}/{base['intermediate_size']}")
 
@@ -75,12 +81,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
         from ..structure import model_structure
 
         sizes, ratio = model_structure(pruned).sizes(), 1 - model_structure(pruned).total_params / before
+        dropped = ()
     else:
         pruned, plan = session.prune(config, args.ratio)
-        sizes, ratio = plan.sizes(), plan.ratio
+        sizes, ratio, dropped = plan.sizes(), plan.ratio, plan.dropped
     after = sum(p.numel() for p in pruned.parameters())
     print(f"params  {before:,} -> {after:,}  (removed {before - after:,} = {ratio:.2%} of all)")
-    print_sizes(sizes, session.structure.sizes())
+    print_sizes(sizes, session.structure.sizes(), dropped)
     for split in ("validation", "test"):
         result = session.perplexity(pruned, split)
         print(f"{split:<10} ppl {result.ppl:.4f}  ({result.windows} windows, {result.seconds:.1f}s)")
