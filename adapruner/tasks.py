@@ -20,7 +20,6 @@ Each result records the sha256 of its task's data, so numbers from different dat
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
@@ -29,8 +28,7 @@ import math
 import os
 import random
 import re
-import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -41,6 +39,7 @@ from .cache import cache_dir
 from .data.sources import load_source
 from .device import eval_mode
 from .errors import AdaPrunerError
+from .quiet import output_to
 
 logger = logging.getLogger(__name__)
 
@@ -206,7 +205,8 @@ def evaluate_tasks(
     if any(t in BUILTIN_TASKS for t in tasks):
         files.update({k: v for k, v in builtin_task_data().items() if k not in files})
     results = []
-    with eval_mode(model), _output_to(log):  # lm-eval's wrapper puts the model in eval mode too: inside, so undone
+    # lm-eval's wrapper puts the model in eval mode too: inside eval_mode, so undone
+    with eval_mode(model), output_to(log, loggers=("lm_eval",)):
         wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
                        device=str(next(model.parameters()).device))
         for name in tasks:
@@ -226,34 +226,6 @@ def evaluate_tasks(
                 continue
             results.append(_result(name, out, digest))
     return results
-
-
-@contextlib.contextmanager
-def _output_to(log: Path | None) -> Iterator[None]:
-    """With ``log``: this process's stdout and stderr (Python's and the file descriptors, so that what lm-eval's
-    subprocesses print goes too: its ``git describe`` outside a repository), and lm-eval's logger, written to
-    ``log`` for the block."""
-    if log is None:
-        yield
-        return
-    log.parent.mkdir(parents=True, exist_ok=True)
-    lm_eval_logger = logging.getLogger("lm_eval")
-    saved = lm_eval_logger.handlers[:], lm_eval_logger.propagate
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-    descriptors = {fd: os.dup(fd) for fd in (1, 2)}
-    with open(log, "a", encoding="utf-8") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-        lm_eval_logger.handlers, lm_eval_logger.propagate = [logging.StreamHandler(f)], False
-        for fd in descriptors:
-            os.dup2(f.fileno(), fd)
-        try:
-            yield
-        finally:
-            f.flush()
-            for fd, copy in descriptors.items():
-                os.dup2(copy, fd)
-                os.close(copy)
-            lm_eval_logger.handlers, lm_eval_logger.propagate = saved
 
 
 def _result(name: str, out: dict, digest: str | None) -> TaskResult:

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from .errors import AdaPrunerError
+from .quiet import output_to
 
 logger = logging.getLogger(__name__)
 
@@ -221,8 +222,16 @@ def quantize(source: Path, out: Path, quant: str) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M}[quant]
     params.nthread = 0  # llama.cpp's choice: the machine's threads
-    if llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), params) != 0:
-        raise AdaPrunerError(f"llama.cpp could not quantize {source.name} to {quant}")
+    log = out.with_name(out.name + ".log")  # its table of tensors and fallbacks: shown only when it fails
+    try:
+        with output_to(log):
+            failed = llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), params) != 0
+        if failed:
+            lines = log.read_text(errors="replace").strip().splitlines()
+            raise AdaPrunerError(f"llama.cpp could not quantize {source.name} to {quant}"
+                                 + (f": {lines[-1]}" if lines else ""))
+    finally:
+        log.unlink(missing_ok=True)
 
 
 def _write_float(folder: Path, layout: GGUFLayout, out: Path, quant: str, progress: bool) -> None:

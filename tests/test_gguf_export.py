@@ -306,3 +306,12 @@ def test_prune_with_dropped_layers_prints_them_and_exports_them_to_gguf(capsys, 
     model = load_pruned(out_dir)[0]
     assert model.config.num_hidden_layers == 3
     assert_same_logits(model, out_dir / "model.gguf")
+
+
+def test_llama_cpps_quantizer_prints_nothing_to_the_console(tmp_path, tiny_tokenizer, capfd):
+    _, folder = pruned_folder(tmp_path, tiny_tokenizer, repair=False)
+    capfd.readouterr()
+    write_gguf(folder, tmp_path / "q.gguf", "q8_0", progress=False)
+    out, err = capfd.readouterr()
+    assert "converting to" not in out + err and "llama_model_quantize" not in out + err
+    assert not list(tmp_path.glob("*.log"))

@@ -20,6 +20,7 @@ PACKAGE = ROOT / "adapruner"
 LAYERS = (
     "adapruner",  # the version only
     "adapruner.errors",
+    "adapruner.quiet",
     "adapruner.cache",
     "adapruner.fetch",
     "adapruner.device",
