@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import groupby
 from pathlib import Path
 
@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_k_m")
 QUANTIZED = ("q8_0", "q4_k_m")  # written by llama.cpp's quantizer
+QUANT_BLOCK = 32  # the row width llama.cpp's q8_0/q5_0 blocks need (q4_K's 256 falls back to them)
 GGUF_TOKENIZER = "gguf_tokenizer.json"  # the source GGUF's tokenizer settings, kept beside a converted model
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # transformers' -> llama.cpp's (uniform)
 ROPE_TYPES = ("default", "linear")
@@ -73,6 +74,12 @@ class GGUFLayout:
     def permute_rotary(self) -> bool:
         """Whether q/k rows go from transformers' halves to llama.cpp's interleaved pairs."""
         return self.arch in ("llama", "deci")
+
+    def padded(self, multiple: int) -> GGUFLayout:
+        """Each layer's MLP width rounded up to ``multiple``: zero channels added (gate and up rows of zeros, down
+        columns of zeros) change nothing, since silu(0) * 0 = 0, and let llama.cpp's quantizer, whose blocks are
+        32 wide, quantize a cut down_proj it would otherwise leave in f16."""
+        return replace(self, ff=tuple(-(-f // multiple) * multiple for f in self.ff))
 
 
 def check_quant(quant: str) -> str:
@@ -153,7 +160,8 @@ class _Entry:
 
 
 def _entries(folder: Path, layout: GGUFLayout, tied: bool) -> list[_Entry]:
-    """Every weight of the folder's safetensors shards, from their headers alone (no tensor is read)."""
+    """Every weight of the folder's safetensors shards, from their headers alone (no tensor is read), at its shape
+    in the file (an MLP width padded as ``layout`` says)."""
     from safetensors import safe_open
 
     entries = []
@@ -162,8 +170,21 @@ def _entries(folder: Path, layout: GGUFLayout, tied: bool) -> list[_Entry]:
             for name in f.keys():
                 gguf_name = _gguf_name(name, layout, tied)
                 if gguf_name is not None:
-                    entries.append(_Entry(gguf_name, name, shard, tuple(f.get_slice(name).get_shape())))
+                    shape = list(f.get_slice(name).get_shape())
+                    axis = _mlp_axis(gguf_name)
+                    if axis is not None:
+                        shape[axis] = layout.ff[int(gguf_name.split(".")[1])]
+                    entries.append(_Entry(gguf_name, name, shard, tuple(shape)))
     return entries
+
+
+def _mlp_axis(gguf_name: str) -> int | None:
+    """The axis of a tensor that runs over the layer's MLP channels (transformers' layout), if any."""
+    if ".ffn_gate." in gguf_name or ".ffn_up." in gguf_name:
+        return 0  # rows (and the bias, were there one)
+    if gguf_name.endswith(".ffn_down.weight"):
+        return 1
+    return None
 
 
 def _tensors(entries: list[_Entry], layout: GGUFLayout) -> Iterator[tuple[_Entry, torch.Tensor]]:
@@ -174,6 +195,11 @@ def _tensors(entries: list[_Entry], layout: GGUFLayout) -> Iterator[tuple[_Entry
         with safe_open(str(shard), framework="pt") as f:  # one shard mapped at a time
             for entry in group:
                 t = f.get_tensor(entry.source).clone()  # its own memory, not the mapping's
+                axis = _mlp_axis(entry.name)
+                if axis is not None and t.shape[axis] < entry.shape[axis]:  # zero channels (GGUFLayout.padded)
+                    pad = list(t.shape)
+                    pad[axis] = entry.shape[axis] - t.shape[axis]
+                    t = torch.cat([t, t.new_zeros(pad)], dim=axis)
                 if layout.permute_rotary and (".attn_q." in entry.name or ".attn_k." in entry.name):
                     i = int(entry.name.split(".")[1])
                     t = permute_rotary(t, (layout.heads if ".attn_q." in entry.name else layout.kv_heads)[i])
@@ -195,12 +221,16 @@ def _gguf_name(name: str, layout: GGUFLayout, tied: bool) -> str | None:
     raise AdaPrunerError(f"GGUF export has no place for the tensor {name!r} ({layout.model_type})")
 
 
-def write_gguf(folder: str | Path, out: str | Path, quant: str = "f16", progress: bool = True) -> Path:
+def write_gguf(folder: str | Path, out: str | Path, quant: str = "f16", progress: bool = True,
+               ff_multiple: int | None = None) -> Path:
     """Write the model saved in ``folder`` as the GGUF file ``out``, its weights as ``quant``
-    (:data:`GGUF_TYPES`); returns ``out``. Written beside ``out`` and renamed onto it when complete."""
+    (:data:`GGUF_TYPES`); returns ``out``. Written beside ``out`` and renamed onto it when complete. Each layer's MLP
+    width is padded with zero channels to a multiple of ``ff_multiple`` (default: :data:`QUANT_BLOCK` for the
+    quantized types, so that llama.cpp quantizes every projection; 1, none, for the others)."""
     folder, out = Path(folder), Path(out)
     layout = read_layout(folder)
     check_quant(quant)
+    layout = layout.padded(ff_multiple or (QUANT_BLOCK if quant in QUANTIZED else 1))
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".part")
     if quant in QUANTIZED:

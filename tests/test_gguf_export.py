@@ -315,3 +315,24 @@ def test_llama_cpps_quantizer_prints_nothing_to_the_console(tmp_path, tiny_token
     out, err = capfd.readouterr()
     assert "converting to" not in out + err and "llama_model_quantize" not in out + err
     assert not list(tmp_path.glob("*.log"))
+
+
+def test_zero_channels_padding_the_mlp_change_no_logit(tmp_path, tiny_tokenizer):
+    pruned, folder = pruned_folder(tmp_path, tiny_tokenizer)
+    assert any(f % 32 for f in read_layout(folder).ff)
+    path = write_gguf(folder, tmp_path / "padded.gguf", "f32", progress=False, ff_multiple=32)
+    from gguf import GGUFReader
+
+    widths = list(GGUFReader(path).fields["deci.feed_forward_length"].contents())
+    assert all(w % 32 == 0 for w in widths) and widths != list(read_layout(folder).ff)
+    assert_same_logits(pruned, path)
+
+
+def test_a_quantized_export_quantizes_every_cut_projection(tmp_path, tiny_tokenizer):
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    _, folder = pruned_folder(tmp_path, tiny_tokenizer, repair=False)
+    path = write_gguf(folder, tmp_path / "q8.gguf", "q8_0", progress=False)
+    kinds = {t.name: t.tensor_type for t in GGUFReader(path).tensors}
+    down = [kind for name, kind in kinds.items() if name.endswith("ffn_down.weight")]
+    assert down and all(kind == GGMLQuantizationType.Q8_0 for kind in down), kinds

@@ -25,3 +25,15 @@ def test_importances_are_omitted_below_the_threshold_with_the_reason():
     rows = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in enough.splitlines()
             if line.startswith("| x") or line.startswith("| y")}
     assert rows["x"] > rows["y"]  # the parameter the value depends on comes first
+
+
+def test_the_console_speed_line_says_noise_and_never_glues_x_to_it():
+    from adapruner.cli.search import speed_line
+
+    cost = {"speedups": {"best": {"decode": 1.17, "peak_memory": 0.87}}, "rounds": 5,
+            "models": {"best": {"decode_tokens_per_s": 17.1}},
+            "spread": {"best": {"decode": {"median": 1.17, "low": 0.88, "high": 1.19, "noisy": True}}}}
+    line = speed_line(cost)
+    assert "1.17x (0.88-1.19) the unpruned model's over 5 rounds: too noisy" in line and "noisyx" not in line
+    cost["spread"]["best"]["decode"] |= {"low": 1.15, "noisy": False}
+    assert "1.17 (1.15-1.19)x the unpruned model's;" in speed_line(cost)

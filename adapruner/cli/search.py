@@ -93,8 +93,8 @@ def speed_line(cost: dict) -> str:
     decode = f"speed   decode {cost['models']['best']['decode_tokens_per_s']:.1f} tokens/s"
     memory = f"peak memory {speed['peak_memory']:.2f}x the unpruned model's"
     if spread is not None and spread["noisy"]:
-        return (f"{decode}, {ratio_text(speed['decode'], spread)}x the unpruned model's over "
-                f"{cost['rounds']} rounds: too noisy to be a result on this machine; {memory}")
+        return (f"{decode}, {spread['median']:.2f}x ({spread['low']:.2f}-{spread['high']:.2f}) the unpruned "
+                f"model's over {cost['rounds']} rounds: too noisy to be a result on this machine; {memory}")
     return f"{decode}, {ratio_text(speed['decode'], spread)}x the unpruned model's; {memory}"
 
 
