@@ -140,3 +140,25 @@ def test_the_heartbeat_thread_is_not_started_without_heartbeats(tmp_path):
     with Heartbeat(study._storage, trial) as heartbeat:
         assert not heartbeat.thread.is_alive()
     assert threading.active_count() >= 1
+
+
+def test_an_outage_in_the_middle_of_a_trial_pauses_it_instead_of_failing_it(storage, study, monkeypatch):
+    trial = study.ask()
+    mark_alive(storage, trial)
+    fail, calls = outage(3)
+    real = trial.report
+
+    def report(value, step):
+        fail()
+        real(value, step)
+
+    monkeypatch.setattr(trial, "report", report)
+
+    def objective(t):
+        x = t.suggest_float("x", 0, 1)
+        t.report(x, 0)
+        return x
+
+    assert run_trial(study, trial, objective, storage) == 0
+    assert calls["n"] == 4 and len(study.trials) == 1
+    assert study.trials[0].state == TrialState.COMPLETE and study.trials[0].intermediate_values == {0: 0.5}

@@ -162,6 +162,41 @@ class Heartbeat:
                 wait, failing = interval, False
 
 
+def patiently(call, what: str):
+    """``call()``, tried again through storage errors (every :data:`RETRY_SECONDS`, doubling up to 30 s) for up to
+    :data:`PATIENCE_SECONDS`; then the error propagates."""
+    delay, deadline = RETRY_SECONDS, time.monotonic() + PATIENCE_SECONDS
+    while True:
+        try:
+            return call()
+        except STORAGE_ERRORS as exc:
+            if time.monotonic() > deadline:
+                raise
+            logger.warning("%s: storage unavailable (%s); trying again in %.0f s", what, str(exc).splitlines()[0],
+                           delay)
+            time.sleep(delay)
+            delay = min(30.0, 2 * delay)
+
+
+class PatientTrial:
+    """An ``optuna.Trial`` whose calls (report, should_prune, suggest_*, set_user_attr, ...) wait out storage errors
+    (:func:`patiently`): an outage in the middle of a trial pauses it instead of failing it, while its
+    :class:`Heartbeat` keeps it alive."""
+
+    def __init__(self, trial: optuna.Trial):
+        self._trial = trial
+
+    def __getattr__(self, name: str):
+        attribute = getattr(self._trial, name)
+        if not callable(attribute):
+            return attribute
+
+        def call(*args, **kwargs):
+            return patiently(lambda: attribute(*args, **kwargs), f"trial {self._trial.number}: {name}")
+
+        return call
+
+
 def finish_trial(study: optuna.Study, trial: optuna.Trial, state: TrialState, value: float | None = None,
                  reason: str | None = None, retry: bool = False) -> bool:
     """Tell the study how ``trial`` ended (``reason``: a failed trial's ``fail_reason``; ``retry``: queue its
@@ -169,30 +204,25 @@ def finish_trial(study: optuna.Study, trial: optuna.Trial, state: TrialState, va
     :data:`PATIENCE_SECONDS`. Returns ``False``, dropping the result, when another process finished the trial
     meanwhile (it lost its heartbeat for longer than the grace period, was failed as stale and queued again:
     the queued copy runs it afresh)."""
-    delay, deadline = RETRY_SECONDS, time.monotonic() + PATIENCE_SECONDS
-    while True:
-        try:
-            if state == TrialState.FAIL and reason is not None:
-                trial.set_user_attr(TrialKey.FAIL_REASON, reason[:500])
-            elif state != TrialState.FAIL and trial.user_attrs.get(TrialKey.FAIL_REASON):
-                trial.set_user_attr(TrialKey.FAIL_REASON, None)  # a queued-again copy inherits its original's
-            study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
-            if retry:  # as a trial whose process died is: the same parameters, queued again
-                RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, study._storage.get_trial(trial._trial_id))
-            return True
-        except STORAGE_ERRORS as exc:
-            if time.monotonic() > deadline:
-                raise
-            logger.warning("trial %d: storage unavailable (%s); telling it again in %.0f s", trial.number,
-                           str(exc).splitlines()[0], delay)
-            time.sleep(delay)
-            delay = min(30.0, 2 * delay)
-        except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
-            if study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
-                raise  # refused for another reason than being finished elsewhere
-            logger.warning("trial %d was finished by another process while this one ran it (failed as stale and "
-                           "queued again): its result is dropped", trial.number)
-            return False
+    def tell() -> None:
+        if state == TrialState.FAIL and reason is not None:
+            trial.set_user_attr(TrialKey.FAIL_REASON, reason[:500])
+        elif state != TrialState.FAIL and trial.user_attrs.get(TrialKey.FAIL_REASON):
+            trial.set_user_attr(TrialKey.FAIL_REASON, None)  # a queued-again copy inherits its original's
+        study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+
+    try:
+        patiently(tell, f"trial {trial.number}: tell")
+    except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+        if patiently(lambda: study._storage.get_trial(trial._trial_id).state, "trial state") == TrialState.RUNNING:
+            raise  # refused for another reason than being finished elsewhere
+        logger.warning("trial %d was finished by another process while this one ran it (failed as stale and "
+                       "queued again): its result is dropped", trial.number)
+        return False
+    if retry:  # as a trial whose process died is: the same parameters, queued again
+        patiently(lambda: RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(
+            study, study._storage.get_trial(trial._trial_id)), f"trial {trial.number}: queue again")
+    return True
 
 
 def mark_alive(storage: optuna.storages.BaseStorage, trial: optuna.Trial) -> None:

@@ -46,6 +46,7 @@ from .start import enqueue_informed
 from .storage import (
     STORAGE_ERRORS,
     Heartbeat,
+    PatientTrial,
     count_trials,
     fail_dead_trials,
     finish_trial,
@@ -254,14 +255,15 @@ def claim_and_run(study: optuna.Study, job: SearchJob, objective: Objective, loc
 
 def run_trial(study: optuna.Study, trial: optuna.Trial, objective: Objective,
               storage: optuna.storages.BaseStorage) -> int:
-    """Run a claimed trial under a heartbeat that outlives storage outages and tell the study its end, waiting
-    for the storage if need be (:func:`~adapruner.search.storage.finish_trial`). A trial the objective fails
-    is FAIL with its reason; one that failed because the storage was away is FAIL with that reason and queued
-    again, and is not the job's failure. Returns 1 when the trial failed through its own fault, else 0."""
+    """Run a claimed trial under a heartbeat that outlives storage outages, its calls to the storage waiting them
+    out (:class:`~adapruner.search.storage.PatientTrial`), and tell the study its end, waiting for the storage if
+    need be (:func:`~adapruner.search.storage.finish_trial`). A trial the objective fails is FAIL with its
+    reason; one the storage failed all the same (an outage longer than the patience) is FAIL with that reason
+    and queued again, and is not the job's failure. Returns 1 when the trial failed through its own fault."""
     reason, retry = None, False
     with Heartbeat(storage, trial):
         try:
-            value, state = objective(trial), TrialState.COMPLETE
+            value, state = objective(PatientTrial(trial)), TrialState.COMPLETE
         except optuna.TrialPruned:
             value, state = None, TrialState.PRUNED
         except STORAGE_ERRORS as exc:
