@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import schemathesis
 from fastapi.testclient import TestClient
-from helpers import TOKEN, service_env
+from helpers import TOKEN, drop_postgres, postgres_url_or_skip, service_env
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
@@ -34,9 +34,11 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def api_schema(request, tmp_path_factory, roots):
+    """The API on a database of its own (the jobs schemathesis submits stay queued: no other test's workers may
+    find them), dropped afterwards."""
     folder = tmp_path_factory.mktemp("schema")
-    url = f"sqlite:///{folder / 'service.db'}" if request.param == "sqlite" else request.getfixturevalue(
-        "postgres_url")
+    url = f"sqlite:///{folder / 'service.db'}" if request.param == "sqlite" else postgres_url_or_skip()
+    request.addfinalizer(lambda: None if url.startswith("sqlite") else drop_postgres(url))
     upgrade(url)
     app = create_app(Settings(**{k.removeprefix("ADAPRUNER_").lower(): v
                                  for k, v in service_env(folder / "data", url, roots).items()}))
