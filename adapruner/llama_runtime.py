@@ -23,7 +23,7 @@ import torch
 
 from .evaluate import Perplexity
 from .inference_cost import InferenceCost, interleave
-from .to_gguf import llama_cpp_module
+from .to_gguf import FILE_TYPES, llama_cpp_module
 
 
 def default_threads() -> int:
@@ -129,6 +129,6 @@ def measure_gguf_interleaved(paths: Mapping[str, str | Path], repeats: int = 5, 
 
 def gguf_type(llm) -> str:
     """The file's weight type as its ``general.file_type`` names it, e.g. ``q4_k_m``."""
-    names = {0: "f32", 1: "f16", 7: "q8_0", 15: "q4_k_m", 32: "bf16"}
+    names = {code: name for name, code in FILE_TYPES.items()}
     file_type = llm.metadata.get("general.file_type")
     return names.get(int(file_type), f"type {file_type}") if file_type is not None else "?"

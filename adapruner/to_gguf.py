@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_k_m")
 QUANTIZED = ("q8_0", "q4_k_m")  # written by llama.cpp's quantizer
+# general.file_type of each type (llama.cpp's llama_ftype, gguf's LlamaFileType): written, quantized to, read back
+FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "q4_k_m": 15, "bf16": 32}
 QUANT_BLOCK = 32  # the row width llama.cpp's q8_0/q5_0 blocks need (q4_K's 256 falls back to them)
 GGUF_TOKENIZER = "gguf_tokenizer.json"  # the source GGUF's tokenizer settings, kept beside a converted model
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # transformers' -> llama.cpp's (uniform)
@@ -250,7 +252,7 @@ def quantize(source: Path, out: Path, quant: str) -> None:
     """llama.cpp's own quantizer: ``source`` (a GGUF file) to ``out`` as ``quant``."""
     llama_cpp = llama_cpp_module()
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M}[quant]
+    params.ftype = FILE_TYPES[quant]
     params.nthread = 0  # llama.cpp's choice: the machine's threads
     log = out.with_name(out.name + ".log")  # its table of tensors and fallbacks: shown only when it fails
     try:
@@ -302,8 +304,7 @@ def _add_metadata(writer, config: dict, layout: GGUFLayout, quant: str) -> None:
 
     base = (config.get("adapruner") or {}).get("base_model") or config.get("_name_or_path") or "model"
     writer.add_name(f"{Path(str(base)).name}, pruned by AdaPruner" if config.get("adapruner") else str(base))
-    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                          "bf16": gguf.LlamaFileType.MOSTLY_BF16}[quant])
+    writer.add_file_type(FILE_TYPES[quant])
     writer.add_block_count(len(layout.ff))
     writer.add_context_length(config.get("max_position_embeddings", 2048))
     writer.add_embedding_length(config["hidden_size"])
