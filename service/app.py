@@ -91,7 +91,8 @@ ERRORS = {code: {"model": ErrorOut, "description": text} for code, text in (
 router = APIRouter(prefix="/v1", tags=["jobs"], responses=ERRORS)
 
 
-@router.post("/jobs", status_code=202, response_model=JobOut)
+@router.post("/jobs", status_code=202, response_model=JobOut, responses={400: {
+    "model": ErrorOut, "description": "a JSON body that is not UTF-8 (FastAPI: 'There was an error parsing the body')"}})
 def submit_job(spec: JobCreate, response: Response, caller: Writer, db: DB, storage: Storage,
                settings: Config) -> JobOut:
     """Queue a search job. Answers 202 with the job and a Location header to follow it."""
@@ -252,7 +253,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def _unprocessable(_request, exc: RequestValidationError):
         # As FastAPI's own handler, except that the echoed input may hold NaN or Infinity (JSON has
         # neither): those are sent as strings rather than failing the answer with a 500.
-        return JSONResponse({"detail": finite(jsonable_encoder(exc.errors()))}, status_code=422)
+        # A body that is not text (no content type, invalid UTF-8) is echoed as bytes: sent decoded, replacing
+        # what is not UTF-8, rather than failing the answer.
+        errors = jsonable_encoder(exc.errors(), custom_encoder={bytes: lambda b: b.decode("utf-8", "replace")})
+        return JSONResponse({"detail": finite(errors)}, status_code=422)
 
     @app.exception_handler(jobs.InvalidTarget)
     def _no_such_target(_request, exc: jobs.InvalidTarget):

@@ -223,6 +223,21 @@ def test_non_finite_numbers_get_422_not_500(client, body):
     assert response.json()["detail"][0]["loc"][1] in ("ratio", "trials", "space")
 
 
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/octet-stream"])
+def test_a_body_that_is_not_text_gets_422_not_500(client, content_type):
+    headers = AUTH if content_type is None else {**AUTH, "Content-Type": content_type}
+    response = client.post("/v1/jobs", content=b"\x80\xff", headers=headers)
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["loc"] == ["body"]
+
+
+def test_json_that_is_not_utf8_gets_the_documented_400(client):
+    response = client.post("/v1/jobs", content=b'{"name": "\xc3("}', headers={**AUTH, "Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    documented = client.get("/openapi.json").json()["paths"]["/v1/jobs"]["post"]["responses"]
+    assert "400" in documented and response.json()["detail"]
+
+
 def test_a_huge_offset_gets_422(client):
     response = client.get("/v1/jobs", params={"offset": 9223372036854775808})
     assert response.status_code == 422
