@@ -49,6 +49,8 @@ from adapruner.statistics import PoolStatistics, collect_statistics
 
 # Dimensions as published (config.json of each release); random weights.
 SHAPES = {
+    "tiny": ("llama", dict(hidden_size=128, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
+                           intermediate_size=2048, vocab_size=49152, tie_word_embeddings=True)),  # dry runs
     "smollm2-135m": ("llama", dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                                    intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True)),
     "llama-3.2-1b": ("llama", dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
@@ -73,6 +75,14 @@ def random_model(shape: str, dtype: torch.dtype, device: torch.device) -> torch.
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
+
+
+def save_random(shape: str, folder: Path, tokenizer, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """A checkpoint folder of ``shape`` with random weights and ``tokenizer``: a model any command can load."""
+    model = random_model(shape, dtype, torch.device("cpu"))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 def measure(shape: str, args, tokenizer, sources) -> dict:
@@ -172,13 +182,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--ratio", type=float, default=0.2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tokenizer", default=None, help="a tokenizer folder (default: the built-in model's)")
     parser.add_argument("--json", default="runs/scale.json")
     parser.add_argument("--table", action="store_true", help="only print the table of what --json holds")
     args = parser.parse_args()
     if args.table:
         return print_table(json.loads(Path(args.json).read_text()), args.batch_size)
     torch.set_num_threads(args.threads)
-    tokenizer = AutoTokenizer.from_pretrained(builtin_checkpoint("smollm2-135m"))  # ids < every shape's vocab
+    # ids < every shape's vocabulary; a folder of its files where the built-in model cannot be fetched (a GPU machine)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or builtin_checkpoint("smollm2-135m"))
     sources = [load_source(spec) for spec in args.sources.split(",")]
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -91,8 +91,10 @@ ERRORS = {code: {"model": ErrorOut, "description": text} for code, text in (
 router = APIRouter(prefix="/v1", tags=["jobs"], responses=ERRORS)
 
 
-@router.post("/jobs", status_code=202, response_model=JobOut, responses={400: {
-    "model": ErrorOut, "description": "a JSON body that is not UTF-8 (FastAPI: 'There was an error parsing the body')"}})
+NOT_UTF8 = {400: {"model": ErrorOut, "description": "a JSON body that is not UTF-8 (FastAPI's body parser)"}}
+
+
+@router.post("/jobs", status_code=202, response_model=JobOut, responses=NOT_UTF8)
 def submit_job(spec: JobCreate, response: Response, caller: Writer, db: DB, storage: Storage,
                settings: Config) -> JobOut:
     """Queue a search job. Answers 202 with the job and a Location header to follow it."""

@@ -232,7 +232,8 @@ def test_a_body_that_is_not_text_gets_422_not_500(client, content_type):
 
 
 def test_json_that_is_not_utf8_gets_the_documented_400(client):
-    response = client.post("/v1/jobs", content=b'{"name": "\xc3("}', headers={**AUTH, "Content-Type": "application/json"})
+    not_utf8 = b'{"name": "\xc3("}'
+    response = client.post("/v1/jobs", content=not_utf8, headers={**AUTH, "Content-Type": "application/json"})
     assert response.status_code == 400, response.text
     documented = client.get("/openapi.json").json()["paths"]["/v1/jobs"]["post"]["responses"]
     assert "400" in documented and response.json()["detail"]
