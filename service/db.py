@@ -69,6 +69,8 @@ class Job(Base):
     best_trial: Mapped[int | None] = mapped_column(Integer)
     artifact_id: Mapped[str | None] = mapped_column(String(64))
     owner: Mapped[str | None] = mapped_column(String(32))  # id of the token that submitted it
+    # What its worker is doing before the first trial ({"phase", "done", "total"}: loading, statistics, moments)
+    phase: Mapped[dict | None] = mapped_column(JSON)
 
 
 class SchemaError(RuntimeError):

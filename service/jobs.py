@@ -288,6 +288,13 @@ def finish_job(db: Session, job_id: str, status: JobStatus, error: str | None = 
     return result.rowcount == 1
 
 
+def record_phase(db: Session, job_id: str, phase: str, done: int, total: int) -> None:
+    """Record what a running job's worker is doing before its first trial (shown as its progress)."""
+    with db.begin():
+        db.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.running)
+                   .values(phase={"phase": phase, "done": done, "total": total}))
+
+
 def job_status(db: Session, job_id: str) -> str:
     with db.begin():
         return db.scalar(select(Job.status).where(Job.id == job_id))

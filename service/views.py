@@ -3,14 +3,13 @@ job's row and its Optuna studies (:mod:`service.jobs` changes them)."""
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, Text, func, select
+from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, func, select
 from sqlalchemy.orm import Session
 
 from adapruner.search import (
@@ -63,29 +62,26 @@ def public_spec(spec: dict, settings: Settings) -> dict:
 
 @dataclass(frozen=True)
 class StudyDigest:
-    """What a job's progress needs of its study: its id, trials per state, the first trial's start,
-    and the phase a worker recorded before the first trial."""
+    """What a job's progress needs of its study: its id, trials per state and the first trial's start."""
 
     study_id: int
     states: Counter
     first_start: datetime | None
-    phase: dict | None
 
     @classmethod
     def of(cls, storage: optuna.storages.BaseStorage, study: optuna.Study, trials: list[FrozenTrial]) -> StudyDigest:
         starts = [t.datetime_start for t in trials if t.datetime_start is not None]
         return cls(storage.get_study_id_from_name(study.study_name), Counter(t.state for t in trials),
-                   min(starts, default=None), study.user_attrs.get(StudyKey.PHASE))
+                   min(starts, default=None))
 
     @classmethod
     def combine(cls, digests: list[StudyDigest]) -> StudyDigest | None:
         """A job of several targets as one digest: the first study's id (the dashboard link), every
-        study's trials, the earliest start, the first phase recorded."""
+        study's trials, the earliest start."""
         if not digests:
             return None
         starts = [d.first_start for d in digests if d.first_start is not None]
-        return cls(digests[0].study_id, sum((d.states for d in digests), Counter()), min(starts, default=None),
-                   next((d.phase for d in digests if d.phase), None))
+        return cls(digests[0].study_id, sum((d.states for d in digests), Counter()), min(starts, default=None))
 
 
 def job_digest(job: Job, digests: dict[str, StudyDigest]) -> StudyDigest | None:
@@ -101,8 +97,6 @@ _optuna = MetaData()
 _studies = Table("studies", _optuna, Column("study_id", Integer), Column("study_name", String))
 _trials = Table("trials", _optuna, Column("study_id", Integer), Column("state", String),
                 Column("datetime_start", DateTime))
-_study_attrs = Table("study_user_attributes", _optuna, Column("study_id", Integer), Column("key", String),
-                     Column("value_json", Text))
 
 
 def study_digests(db: Session, names: list[str]) -> dict[str, StudyDigest]:
@@ -119,10 +113,7 @@ def study_digests(db: Session, names: list[str]) -> dict[str, StudyDigest]:
         states[study_id][TrialState[state]] += count
         if start is not None and (starts[study_id] is None or start < starts[study_id]):
             starts[study_id] = start
-    phases = dict(db.execute(select(_study_attrs.c.study_id, _study_attrs.c.value_json)
-                             .where(_study_attrs.c.study_id.in_(ids.values()), _study_attrs.c.key == "phase")).all())
-    return {name: StudyDigest(i, states[i], starts[i], json.loads(phases[i]) if i in phases else None)
-            for name, i in ids.items()}
+    return {name: StudyDigest(i, states[i], starts[i]) for name, i in ids.items()}
 
 
 def progress(job: Job, digest: StudyDigest) -> Progress:
@@ -144,7 +135,7 @@ def progress(job: Job, digest: StudyDigest) -> Progress:
     elif digest.first_start is not None:
         phase = f"trial {min(finished + 1, budget)}/{budget}"
     else:
-        step = digest.phase
+        step = job.phase
         phase = f"{step['phase']} {step['done']}/{step['total']}" if step else "waiting for a worker"
     return Progress(finished=finished, running=count[TrialState.RUNNING], pruned=count[TrialState.PRUNED],
                     failed=count[TrialState.FAIL], budget=budget, eta_seconds=eta, phase=phase)

@@ -14,13 +14,10 @@ import signal
 import threading
 import time
 
-import optuna
-
 from adapruner.errors import Stopped
 from adapruner.search import (
     STORAGE_ERRORS,
     SearchJob,
-    StudyKey,
     make_storage,
     open_session,
     run_targets,
@@ -100,7 +97,7 @@ class Worker:
             return jobs.job_status(db, job_id) != JobStatus.running.value
 
     def _phase_recorder(self, job):
-        """``on_step`` for the job's long work before its trials: records the phase with its study (at most
+        """``on_step`` for the job's long work before its trials: records the phase in the job's row (at most
         every PHASE_SECONDS) and stops the work within a step once the job is cancelled."""
         last = [0.0]
 
@@ -110,8 +107,8 @@ class Worker:
             now = time.monotonic()
             if now - last[0] >= PHASE_SECONDS or done == 0:
                 last[0] = now
-                study = optuna.load_study(study_name=jobs.job_targets(job)[0][1], storage=self.storage)
-                study.set_user_attr(StudyKey.PHASE, {"phase": phase, "done": done, "total": total})
+                with self.sessions() as db:
+                    jobs.record_phase(db, job.id, phase, done, total)
 
         return on_step
 

@@ -13,7 +13,6 @@ from sqlalchemy.orm import Session
 from service.cli import main
 from service.db import (
     VERSION_TABLE,
-    Base,
     Job,
     SchemaError,
     check_drift,
@@ -30,18 +29,22 @@ def url(fresh_database):
     return fresh_database
 
 
+ADDED_SINCE_0001 = ("phase",)  # columns of the jobs table that later migrations added
+
+
 def legacy_database(url: str) -> None:
-    """What ``adapruner db upgrade`` made before Alembic: the tables by ``create_all``, version 1 recorded,
-    and one job."""
+    """What ``adapruner db upgrade`` made before Alembic: the jobs table as it was then (``create_all`` of the
+    models of that time), version 1 recorded, and one job."""
     engine = make_engine(url)
     legacy = MetaData()
     version = Table("adapruner_schema", legacy, Column("version", Integer, primary_key=True),
                     Column("applied_at", DateTime(timezone=True)))
-    Base.metadata.create_all(engine)
+    jobs = Table("jobs", legacy, *[c.copy() for c in Job.__table__.columns if c.name not in ADDED_SINCE_0001])
     legacy.create_all(engine)
     with Session(engine) as session, session.begin():
         session.execute(version.insert().values(version=1, applied_at=datetime.now(UTC)))
-        session.add(Job(id="a" * 32, spec={"model": "tiny"}, study_name="old-study"))
+        session.execute(jobs.insert().values(id="a" * 32, spec={"model": "tiny"}, study_name="old-study",
+                                             status="queued", created_at=datetime.now(UTC)))
     engine.dispose()
 
 

@@ -13,9 +13,11 @@ from helpers import TOKEN, service_env, small_job
 from optuna.trial import TrialState
 from pydantic import ValidationError
 from sqlalchemy import update
+from sqlalchemy.orm import Session
 
 from service.app import create_app
 from service.db import Job, make_engine, upgrade, utcnow
+from service.jobs import record_phase
 from service.schemas import JobCreate
 from service.settings import Settings
 
@@ -98,7 +100,8 @@ def test_submit_answers_202_with_location_and_queued_baselines(client):
 
 
 def test_the_job_list_shows_the_progress_the_job_shows(client, backend):
-    """The list reads progress from Optuna's tables in one query; the job reads it from the study."""
+    """The list reads the trials' progress from Optuna's tables in one query, the job from its study; the phase
+    before the first trial, from the job's row."""
     url = backend["ADAPRUNER_DATABASE_URL"]
     job = submit(client).json()
     storage = optuna.storages.RDBStorage(url)
@@ -112,7 +115,8 @@ def test_the_job_list_shows_the_progress_the_job_shows(client, backend):
     engine = make_engine(url)
     with engine.begin() as connection:
         connection.execute(update(Job).where(Job.id == job["id"]).values(status="running", started_at=utcnow()))
-    study.set_user_attr("phase", {"phase": "pool statistics", "done": 3, "total": 12})
+    with Session(engine) as db:
+        record_phase(db, job["id"], "pool statistics", 3, 12)  # as the worker does
     listed, shown = listed_and_shown()
     assert listed == shown
     assert listed["phase"] == "pool statistics 3/12"

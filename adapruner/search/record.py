@@ -28,7 +28,6 @@ class StudyKey:
     INFERENCE_COST = "inference_cost"  # measured speed and memory of the same models
     RECOVERY = "recovery"  # the chosen model's recovery training, when the job asks for one
     BEST_MODEL = "best_model"  # the exported model's trial and artifact
-    PHASE = "phase"  # a worker's progress before the first trial: {"phase", "done", "total"}
 
 
 class TrialKey:
