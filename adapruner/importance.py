@@ -293,7 +293,15 @@ def _flap_fluctuation(shapes: Sequence[LayerShape], stats: SubsetStatistics, wei
 
 
 def _standardise(scores: torch.Tensor) -> torch.Tensor:
+    if scores.numel() < 2:  # one column left: nothing to rank it against
+        return torch.zeros_like(scores)
     return (scores - scores.mean()) / scores.std()
+
+
+def _flap_layer(n_groups: int, o_fluctuation: torch.Tensor,
+                down_fluctuation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's FLAP scores from its fluctuations (variance x ‖W_:,j‖²): per attention group, per channel."""
+    return _standardise(o_fluctuation.square()).view(n_groups, -1).mean(1), _standardise(down_fluctuation)
 
 
 def _flap_scores(shapes: Sequence[LayerShape], stats: SubsetStatistics, weights: WeightSummary) -> GroupScores:
@@ -302,8 +310,30 @@ def _flap_scores(shapes: Sequence[LayerShape], stats: SubsetStatistics, weights:
     attn, mlp = [], []
     for i, shape in enumerate(shapes):
         fluctuation = {m: stats.input_variance(i, m) * weights.l2[(i, m)] for m in ("o_proj", "down_proj")}
-        attn.append(_standardise(fluctuation["o_proj"].square()).view(shape.n_groups, -1).mean(1))
-        mlp.append(_standardise(fluctuation["down_proj"]))
+        groups, channels = _flap_layer(shape.n_groups, fluctuation["o_proj"], fluctuation["down_proj"])
+        attn.append(groups)
+        mlp.append(channels)
+    return GroupScores(attn, mlp)
+
+
+def flap_remeasured(shapes: Sequence[LayerShape], keep_groups: Sequence[Sequence[int]],
+                    keep_channels: Sequence[Sequence[int]],
+                    fluctuation: Mapping[tuple[int, str], torch.Tensor]) -> GroupScores:
+    """FLAP's scores, as :func:`_flap_scores` computes them, of the units a partly pruned model still has, on the
+    dense layout: ``fluctuation[(i, module)]`` (the pruned model's input variance x its weight column's squared
+    norm, one value per kept o_proj/down_proj column of dense layer ``i``) standardised over what layer ``i``
+    keeps (``keep_groups[i]``, ``keep_channels[i]``). Units already removed, and every unit of a layer with no
+    fluctuation (dropped whole), score ``-inf``: a further plan removes them first."""
+    attn, mlp = [], []
+    for i, shape in enumerate(shapes):
+        groups = torch.full((shape.n_groups,), -torch.inf)
+        channels = torch.full((shape.n_channels,), -torch.inf)
+        if (i, "o_proj") in fluctuation:
+            kept_g, kept_c = list(keep_groups[i]), list(keep_channels[i])
+            groups[kept_g], channels[kept_c] = _flap_layer(len(kept_g), fluctuation[(i, "o_proj")],
+                                                           fluctuation[(i, "down_proj")])
+        attn.append(groups)
+        mlp.append(channels)
     return GroupScores(attn, mlp)
 
 

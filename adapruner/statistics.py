@@ -210,6 +210,38 @@ class _ActivationRecorder:
             handle.remove()
 
 
+@torch.no_grad()
+def input_variances(model: nn.Module, windows: torch.Tensor, modules: Sequence[str] = ("o_proj", "down_proj"),
+                    batch_size: int = 8) -> dict[tuple[int, str], torch.Tensor]:
+    """The variance of each input column of ``modules`` over ``windows``' tokens, per decoder layer of ``model``
+    (its own layers, pruned or not): one forward pass, no gradients, float64 sums."""
+    device = next(model.parameters()).device
+    sums: dict[tuple[int, str], torch.Tensor] = {}
+    squares: dict[tuple[int, str], torch.Tensor] = {}
+    tokens = [0]
+
+    def hook(key):
+        def record(_module, args):
+            x = args[0].detach().flatten(0, -2).double()
+            sums[key] = sums.get(key, 0) + x.sum(0)
+            squares[key] = squares.get(key, 0) + x.square().sum(0)
+        return record
+
+    handles = [layer_linears(layer)[m].register_forward_pre_hook(hook((i, m)))
+               for i, layer in enumerate(decoder_layers(model)) for m in modules]
+    with eval_mode(model):
+        try:
+            for start in range(0, windows.shape[0], batch_size):
+                batch = windows[start : start + batch_size]
+                tokens[0] += batch.numel()
+                model(input_ids=batch.to(device), use_cache=False)
+        finally:
+            for handle in handles:
+                handle.remove()
+    n = tokens[0]
+    return {key: (squares[key] / n - (sums[key] / n).square()).clamp_min(0.0).float().cpu() for key in sums}
+
+
 def _grad_only_on_projections(model: nn.Module) -> dict[nn.Parameter, bool]:
     """Gradients for the prunable projections only: embeddings and lm_head need none."""
     before = {p: p.requires_grad for p in model.parameters()}

@@ -64,14 +64,17 @@ class SpaceSpec(BaseModel):
         "also search how many whole decoder layers to drop (0 .. a quarter), those of lowest block influence"))
     repairs: list[Literal[REPAIR_MODES]] = Field(default=list(SearchSpace.repairs), min_length=1)  # type: ignore[valid-type]
     ridge: tuple[PositiveFloat, PositiveFloat] = Field(default=SearchSpace.ridge, description="searched on a log scale")
+    iterations: tuple[Annotated[StrictInt, Field(ge=1, le=16)], Annotated[StrictInt, Field(ge=1, le=16)]] = Field(
+        default=SearchSpace.iterations, description=(
+            "steps FLAP's score may build the plan in, re-measured on the pruned model between them ([1, 1]: one)"))
     fixed: dict[Annotated[str, Field(max_length=64)], FixedValue] = Field(
         default_factory=dict, max_length=64, description="parameters not searched, e.g. {\"aggregation\": \"sum\"}")
 
-    @field_validator("ridge")
+    @field_validator("ridge", "iterations")
     @classmethod
-    def _ridge_is_a_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+    def _is_a_range(cls, value: tuple, info) -> tuple:
         if value[0] > value[1]:
-            raise ValueError(f"ridge must be [min, max] with min <= max, got {list(value)}")
+            raise ValueError(f"{info.field_name} must be [min, max] with min <= max, got {list(value)}")
         return value
 
 
@@ -176,7 +179,8 @@ class JobCreate(BaseModel):
         data = self.model_dump(exclude={"name", "trust_remote_code", "space"})
         data["ratio"] = self.targets[0] if ratio is None else ratio
         space = self.space.model_dump()
-        space["subset_size"], space["ridge"] = tuple(space["subset_size"]), tuple(space["ridge"])
+        for key in ("subset_size", "ridge", "iterations"):
+            space[key] = tuple(space[key])
         return SearchJob.from_dict({**data, "space": SearchSpace.from_dict(space).to_dict(),
                                     "recover": {**data["recover"], "seed": self.seed} if self.recover else None})
 

@@ -270,12 +270,23 @@ def subset_range(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"--subset-size takes MIN:MAX, got {text!r}") from None
 
 
-def ridge_range(text: str) -> tuple[float, float]:
-    lo, _, hi = text.partition(":")
-    try:
-        low, high = float(lo), float(hi or lo)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--ridge takes MIN:MAX, got {text!r}") from None
-    if not 0 < low <= high < float("inf"):
-        raise argparse.ArgumentTypeError(f"--ridge takes MIN:MAX with 0 < MIN <= MAX, got {text!r}")
-    return low, high
+def number_range(kind: type, flag: str, low: float, inclusive: bool = True):
+    """An argparse type for ``flag``'s ``MIN:MAX`` (one value: both) of ``kind``: ``low <= MIN <= MAX`` (``low <
+    MIN`` unless ``inclusive``), finite."""
+    bound = f"{low:g} {'<=' if inclusive else '<'} MIN <= MAX"
+
+    def parse(text: str) -> tuple:
+        lo, _, hi = text.partition(":")
+        try:
+            first, last = kind(lo), kind(hi or lo)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} takes MIN:MAX, got {text!r}") from None
+        if not ((first >= low if inclusive else first > low) and first <= last < float("inf")):
+            raise argparse.ArgumentTypeError(f"{flag} takes MIN:MAX with {bound}, got {text!r}")
+        return first, last
+
+    return parse
+
+
+iterations_range = number_range(int, "--iterations", 1)
+ridge_range = number_range(float, "--ridge", 0, inclusive=False)

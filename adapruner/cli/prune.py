@@ -48,6 +48,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
                                           attn_share=args.attn_share), drop_layers=args.drop_layers, scope=args.scope)
     if args.incremental and allocation.drop_layers:
         raise AdaPrunerError("--drop-layers is not applied by --incremental; leave it off")
+    if args.incremental and args.iterations > 1:
+        raise AdaPrunerError("--iterations is --incremental's own schedule without LoRA; give one of them")
+    PruneConfig(mixture, (), allocation, repair, args.iterations)  # its checks, before the slow model load
     if args.export_format == "gguf":
         from ..models import check_gguf_exportable
         from ..to_gguf import check_quant
@@ -62,7 +65,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
                                   trust_remote_code=args.trust_remote_code, max_eval_windows=args.max_windows or None,
                                   batch_size=args.batch_size, channel_multiple=args.channel_multiple,
                                   repair_windows=args.repair_windows)
-    config = PruneConfig(mixture, tuple(range(len(session.pool))), allocation, repair)
+    config = PruneConfig(mixture, tuple(range(len(session.pool))), allocation, repair, args.iterations)
     before = session.structure.total_params
     if args.incremental:
         from ..data import training_windows
@@ -126,5 +129,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--incremental", action="store_true",
                    help="Adapt-Pruner's schedule: prune --step at a time, re-estimating importance each step")
     p.add_argument("--step", type=positive(float, "--step"), default=0.05, help="incremental step (default: 0.05)")
+    p.add_argument("--iterations", type=positive(int, "--iterations"), default=1,
+                   help="build the plan in this many steps, FLAP's score re-measured on the pruned (and repaired) "
+                   "model between them; needs --metric flap (default: 1)")
     add_lora_args(p, "--finetune-steps", 0)
     p.set_defaults(func=cmd_prune)

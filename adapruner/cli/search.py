@@ -11,6 +11,7 @@ from .args import (
     add_export_format_args,
     add_lora_args,
     add_model_args,
+    iterations_range,
     lora_from,
     not_negative,
     parse_fixed,
@@ -41,7 +42,7 @@ def search_job(args: argparse.Namespace):
         calibration=args.calibration, subset_size=args.subset_size, n_clusters=args.clusters,
         repairs=tuple(args.repairs.split(",")), scopes=tuple(args.scopes.split(",")),
         scores=tuple(args.scores.split(",")), depth=args.depth, aggregations=tuple(args.aggregations.split(",")),
-        ridge=args.ridge, attn_share=args.attn_share, fixed=dict(args.fix or []),
+        ridge=args.ridge, attn_share=args.attn_share, iterations=args.iterations, fixed=dict(args.fix or []),
     )
     return SearchJob(
         model=args.model, calibration=tuple(args.calib or SearchJob.calibration), evaluation=tuple(args.eval or ()),
@@ -221,6 +222,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--aggregations", default=",".join(SearchSpace.aggregations),
                    help=f"how the mixture may aggregate a group's unit scores, comma-separated, from "
                    f"{', '.join(AGGREGATIONS)} (default: %(default)s)")
+    p.add_argument("--iterations", type=iterations_range, default=SearchSpace.iterations, metavar="MIN:MAX",
+                   help="steps FLAP's score may build the plan in, re-measured on the pruned model between them "
+                   "(default: %(default)s; 1:1 for one step)")
     p.add_argument("--ridge", type=ridge_range, default=SearchSpace.ridge, metavar="MIN:MAX",
                    help="range of the repair's ridge, searched on a log scale (default: %(default)s)")
     p.add_argument("--attn-share", action=argparse.BooleanOptionalAction, default=SearchSpace.attn_share,

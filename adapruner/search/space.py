@@ -25,6 +25,10 @@ TPE, GP, BoTorch, QMC — handles it. With ``depth`` the
 number of whole layers dropped (0 .. a quarter of them, and never more than the target pays for) is
 searched too; fixing ``drop_layers`` sets it.
 
+**Iterations.** With FLAP's score, the plan may be built in 1-4 steps, FLAP's score re-measured on the model
+pruned and repaired so far between them (:class:`~adapruner.session.PruneConfig` ``iterations``); with the
+mixture, one step (its gradients would need a statistics pass per step).
+
 **Repair.** Whether (and how) the kept o_proj/down_proj columns are repaired after the cut
 (:mod:`adapruner.repair`: FLAP's bias compensation, or the ridge regression from the repair windows), and
 the ridge ``λ`` on a log scale.
@@ -61,7 +65,7 @@ FIXABLE: dict[str, tuple] = {
     "calib_size": ("integer", 1, None), "calib_seed": ("integer", 0, 2**20), "aggregation": AGGREGATIONS,
     "layer_first": ("integer", 0, None), "layer_last": ("integer", 0, None), "strength": _UNIT, "attn_share": _UNIT,
     "repair": REPAIR_MODES, "ridge": ("positive number", 0.0, None), "drop_layers": ("integer", 0, None),
-    "scope": SCOPES, "score": SCORES,
+    "scope": SCOPES, "score": SCORES, "iterations": ("integer", 1, None),
     **{f"w_{m}": _UNIT for m in METRICS},
 }
 
@@ -110,6 +114,7 @@ class SearchSpace:
     repairs: tuple[str, ...] = ("off", "bias", "pool")  # repair modes searched (one: fixed)
     ridge: tuple[float, float] = (1e-3, 10.0)  # range of the repair's ridge, searched on a log scale
     depth: bool = True  # search how many whole layers to drop (0 .. n_layers // 4, as far as the target pays)
+    iterations: tuple[int, int] = (1, 4)  # steps FLAP's score builds the plan in (one: not searched)
     fixed: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -142,6 +147,9 @@ class SearchSpace:
         lo, hi = self.ridge
         if not 0 < lo <= hi < float("inf"):
             raise AdaPrunerError(f"ridge must be 0 < min <= max, got {self.ridge}")
+        lo, hi = self.iterations
+        if isinstance(lo, bool) or isinstance(hi, bool) or not 1 <= lo <= hi:
+            raise AdaPrunerError(f"iterations must be 1 <= min <= max, got {self.iterations}")
         for name, value in self.fixed.items():
             check_fixed(name, value, self.n_clusters)
 
@@ -162,7 +170,7 @@ class SearchSpace:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SearchSpace:
         data = dict(data)
-        for key in ("metrics", "scores", "aggregations", "subset_size", "scopes", "repairs", "ridge"):
+        for key in ("metrics", "scores", "aggregations", "subset_size", "scopes", "repairs", "ridge", "iterations"):
             if key in data:
                 data[key] = tuple(data[key])
         return cls(**data)
@@ -276,8 +284,12 @@ def suggest_config(trial: optuna.Trial, space: SearchSpace, clusters: PoolCluste
             weights = {m: 1.0 for m in space.metrics}
     aggregation = p.categorical("aggregation", space.aggregations)
     mixture = Mixture(weights, aggregation, seed)
+    lo, hi = space.iterations
+    iterations = p.int("iterations", lo, hi) if hi > lo or "iterations" in space.fixed else lo
     if p.categorical("score", space.scores) == "flap":  # weights and aggregation are then not used
         mixture = Mixture.single("flap", aggregation, seed)
+    else:
+        iterations = 1  # the mixture is measured once (see the module docstring)
     allocation = Allocation(
         first=p.int("layer_first", 0, n_layers // 4),
         last=-p.int("layer_last", 0, n_layers // 8),
@@ -293,4 +305,4 @@ def suggest_config(trial: optuna.Trial, space: SearchSpace, clusters: PoolCluste
     ridged = ("pool", "sequential")
     may_repair = space.fixed.get("repair", "pool") in ridged and any(m in ridged for m in space.repairs)
     ridge = p.float("ridge", *space.ridge, log=True) if may_repair else Repair.ridge
-    return PruneConfig(mixture, subset, allocation, Repair(mode, ridge))
+    return PruneConfig(mixture, subset, allocation, Repair(mode, ridge), iterations)

@@ -110,13 +110,13 @@ def peer_params(job: SearchJob, structure: ModelStructure, n_clusters: int) -> l
         "score": "mixture", "aggregation": "sum", "layer_first": min(4, n_layers // 4),
         "layer_last": min(2, n_layers // 8),
         "strength": 0.0, "attn_share": shape.n_groups * shape.group_params / shape.prunable_params,
-        "scope": "layer", "repair": "off", "drop_layers": 0,
+        "scope": "layer", "repair": "off", "drop_layers": 0, "iterations": 1,
     }
     flap = {
         "calib_size": job.space.subset_size[1], "calib_seed": job.seed, **even,
         **_metric_weights("flap_fluctuation", job.space.metrics), "score": "flap", "aggregation": "last",
         "layer_first": 0, "layer_last": 0, "strength": 0.0, "attn_share": 0.0, "scope": "global",
-        "repair": "bias", "drop_layers": 0,
+        "repair": "bias", "drop_layers": 0, "iterations": 1,
     }
     repaired = {"repair": "pool", "ridge": rule_ridge(job, structure)}
     return [llm_pruner, flap, {**llm_pruner, **repaired}, {**flap, **repaired}]
