@@ -123,8 +123,9 @@ def test_the_space_searches_iterations_with_flaps_score_only(session):
 
 
 def test_prune_refuses_iterations_without_flaps_score_before_loading(capsys, monkeypatch):
-    import adapruner.session as session_module
     from test_cli import run
+
+    import adapruner.session as session_module
 
     monkeypatch.setattr(session_module, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
     code, _, err = run(capsys, "prune", "--model", "smollm2-135m", "--metric", "magnitude_l2", "--iterations", 2)

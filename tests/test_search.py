@@ -2,6 +2,7 @@
 
 import math
 import tarfile
+from dataclasses import replace
 
 import optuna
 import pytest
@@ -91,7 +92,7 @@ def suggest(space, params):
 def test_suggest_builds_a_config_and_respects_fixed_params():
     params = {"calib_size": 5, "calib_c0": 1.0, "calib_c1": 0.0, "calib_c2": 0.5, "aggregation": "max",
               "layer_first": 1, "layer_last": 1, "strength": 0.3, "attn_share": 0.2, "repair": "pool", "ridge": 0.05,
-              "scope": "layer", "score": "mixture", **{f"w_{m}": 0.5 for m in SPACE.metrics}}
+              "scope": "layer", "score": "mixture", "iterations": 1, **{f"w_{m}": 0.5 for m in SPACE.metrics}}
     config = suggest(SPACE, params)
     assert len(config.subset) == 5
     assert config.mixture.aggregation == "max"
@@ -116,7 +117,7 @@ def test_suggest_builds_a_config_and_respects_fixed_params():
 def test_the_repair_and_its_ridge_are_searched_or_fixed():
     params = {"calib_size": 5, "calib_c0": 1.0, "calib_c1": 0.0, "calib_c2": 0.5, "aggregation": "max",
               "layer_first": 1, "layer_last": 1, "strength": 0.3, "attn_share": 0.2, "repair": "pool", "ridge": 0.05,
-              "scope": "layer", "score": "mixture", **{f"w_{m}": 0.5 for m in SPACE.metrics}}
+              "scope": "layer", "score": "mixture", "iterations": 1, **{f"w_{m}": 0.5 for m in SPACE.metrics}}
     assert suggest(SPACE, params).repair == Repair("pool", 0.05)
     assert suggest(SPACE, {**params, "repair": "bias"}).repair.mode == "bias"
     flap_only = SearchSpace(subset_size=(2, 8), n_clusters=3, fixed={"repair": "bias"}, depth=False)
@@ -707,7 +708,9 @@ def test_paired_estimate_compares_like_with_like():
 
 
 def test_gp_completes_stopped_trials_with_estimates_that_never_win(session, tmp_path):
-    job = tiny_job(trials=14, sampler="gp", val_windows=12, baselines=("wanda-sp", "magnitude"))
+    # one step per plan: the sample path on which the GP's proposals include trials stopped early
+    job = tiny_job(trials=14, sampler="gp", val_windows=12, baselines=("wanda-sp", "magnitude"),
+                   space=replace(SPACE, iterations=(1, 1)))
     study = run_search(job, None, "gp-est", session=session, progress=False, artifact_dir=tmp_path).study
     assert not any(t.state == TrialState.PRUNED for t in study.trials)
     estimated = [t for t in study.trials if t.user_attrs.get("estimated")]

@@ -13,7 +13,7 @@ from adapruner.structure import model_structure
 
 PARAMS = {"calib_size": 5, "calib_c0": 1.0, "calib_c1": 0.0, "calib_c2": 0.5, "aggregation": "max",
           "layer_first": 1, "layer_last": 1, "strength": 0.3, "attn_share": 0.2, "repair": "off", "ridge": 0.05,
-          "scope": "layer", "score": "mixture", **{f"w_{m}": 0.5 for m in SPACE.metrics}}
+          "scope": "layer", "score": "mixture", "iterations": 1, **{f"w_{m}": 0.5 for m in SPACE.metrics}}
 
 
 def suggest(space, params, max_drop=None):

@@ -285,7 +285,9 @@ def suggest_config(trial: optuna.Trial, space: SearchSpace, clusters: PoolCluste
     aggregation = p.categorical("aggregation", space.aggregations)
     mixture = Mixture(weights, aggregation, seed)
     lo, hi = space.iterations
-    iterations = p.int("iterations", lo, hi) if hi > lo or "iterations" in space.fixed else lo
+    # Searched wherever FLAP's score may be, whatever this trial's score (a flat space, as the ridge's below)
+    may_iterate = space.fixed.get("score", "flap") == "flap" and "flap" in space.scores
+    iterations = p.int("iterations", lo, hi) if (hi > lo and may_iterate) or "iterations" in space.fixed else lo
     if p.categorical("score", space.scores) == "flap":  # weights and aggregation are then not used
         mixture = Mixture.single("flap", aggregation, seed)
     else:
