@@ -12,10 +12,12 @@ unless ``threads`` says otherwise).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -31,12 +33,54 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def load_gguf(path: str | Path, n_ctx: int = 512, threads: int | None = None, logits_all: bool = True):
-    """A ``llama_cpp.Llama`` for ``path`` with a context of ``n_ctx`` tokens, quiet."""
+@functools.cache
+def cpu_has_amx() -> bool:
+    """Whether this CPU has Intel AMX (Linux's ``/proc/cpuinfo`` flags; False where they cannot be read)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_int8" in flags or "amx_tile" in flags
+
+
+def extra_buffers_default() -> bool:
+    """Whether llama.cpp may hold weights in its extra CPU buffer types (repacked layouts, AMX tiles).
+
+    Off on CPUs with AMX: there llama-cpp-python 0.3.36 (llama.cpp 0c1e570), built natively, crashes (segmentation
+    fault) in its first evaluation of a quantized file (q8_0, q4_k_m: SmolLM2-135M unpruned as well as the tests'
+    tiny models; f32/f16/bf16 run), and runs them without. ``ADAPRUNER_LLAMA_EXTRA_BUFFERS=1`` (or ``0``) decides."""
+    chosen = os.environ.get("ADAPRUNER_LLAMA_EXTRA_BUFFERS")
+    return chosen.strip() not in ("0", "false", "no", "off") if chosen else not cpu_has_amx()
+
+
+@contextmanager
+def model_params(llama_cpp, extra_buffers: bool):
+    """``llama_cpp.Llama`` takes its model parameters from ``llama_model_default_params()`` and offers no argument
+    for ``use_extra_bufts``: while this is open, those defaults carry ``extra_buffers``."""
+    low = llama_cpp.llama_cpp
+    defaults = low.llama_model_default_params
+
+    def params():
+        chosen = defaults()
+        chosen.use_extra_bufts = extra_buffers
+        return chosen
+
+    low.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        low.llama_model_default_params = defaults
+
+
+def load_gguf(path: str | Path, n_ctx: int = 512, threads: int | None = None, logits_all: bool = True,
+              extra_buffers: bool | None = None):
+    """A ``llama_cpp.Llama`` for ``path`` with a context of ``n_ctx`` tokens, quiet; ``extra_buffers``: see
+    :func:`extra_buffers_default` (None: that)."""
     llama_cpp = llama_cpp_module()
     threads = threads or default_threads()
-    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=logits_all,
-                           n_threads=threads, n_threads_batch=threads, verbose=False)
+    with model_params(llama_cpp, extra_buffers_default() if extra_buffers is None else extra_buffers):
+        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+                               logits_all=logits_all, n_threads=threads, n_threads_batch=threads, verbose=False)
 
 
 def sequence_logits(llm, ids: Sequence[int]) -> np.ndarray:

@@ -336,3 +336,19 @@ def test_a_quantized_export_quantizes_every_cut_projection(tmp_path, tiny_tokeni
     kinds = {t.name: t.tensor_type for t in GGUFReader(path).tensors}
     down = [kind for name, kind in kinds.items() if name.endswith("ffn_down.weight")]
     assert down and all(kind == GGMLQuantizationType.Q8_0 for kind in down), kinds
+
+
+def test_llama_cpp_extra_buffers_are_off_on_amx_cpus_unless_told(monkeypatch):
+    from adapruner import llama_runtime
+
+    monkeypatch.delenv("ADAPRUNER_LLAMA_EXTRA_BUFFERS", raising=False)
+    for amx in (True, False):
+        monkeypatch.setattr(llama_runtime, "cpu_has_amx", lambda amx=amx: amx)
+        assert llama_runtime.extra_buffers_default() is (not amx)
+    for value, expected in (("0", False), ("off", False), ("1", True)):
+        monkeypatch.setenv("ADAPRUNER_LLAMA_EXTRA_BUFFERS", value)
+        assert llama_runtime.extra_buffers_default() is expected
+    llama_cpp = pytest.importorskip("llama_cpp")
+    with llama_runtime.model_params(llama_cpp, extra_buffers=False):
+        assert llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts is False
+    assert llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts is True  # restored
