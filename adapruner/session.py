@@ -70,7 +70,8 @@ class PruneConfig:
     each, the model pruned (and repaired) so far is measured again on the subset's windows, and FLAP's score of
     what it still has ranks the next share (Adapt-Pruner's and iterative FLAP's argument: what matters changes
     as the model shrinks). Measured on text no study reports (docs/results.md): FLAP's global plan at 20% on
-    SmolLM2-135M, Python docs perplexity 108.9 in one step, 77.8 in two, 66.3 in four."""
+    SmolLM2-135M, Python docs perplexity 108.9 in one step, 77.8 in two, 66.3 in four; in the leave-one-source-out
+    bench (seed 0) the search, validating in domain, chose one-step plans, and the held-out margins did not move."""
 
     mixture: Mixture
     subset: tuple[int, ...]
