@@ -6,7 +6,7 @@ When every layer kept the same sizes the config is an ordinary one, and the fold
 in ``config.json``'s ``auto_map``: ``from_pretrained(folder, trust_remote_code=True)`` loads it on any
 machine with transformers, AdaPruner or not; :func:`load_pruned` builds the same class without the flag.
 
-The weights are written in the dtype asked for (commands ask for the dense checkpoint's, bf16 for
+The weights are written in the dtype asked for (commands ask for the unpruned checkpoint's, bf16 for
 SmolLM2, where the search ran in fp32 on a CPU): the shards are cast one at a time after saving, so
 casting never holds a second copy of the model.
 """
@@ -92,8 +92,8 @@ def model_card(config, uniform: bool, folder: Path) -> str:
     info = config.adapruner
     lines = ["---", "library_name: transformers", "tags: [pruned, adapruner]", "---", "",
              f"# {info.get('base_model', 'model')}, pruned by AdaPruner", ""]
-    if info.get("ratio") is not None:
-        lines.append(f"- parameters removed: {info['ratio']:.2%} of all")
+    if info.get("removed_share") is not None:
+        lines.append(f"- parameters removed: {info['removed_share']:.2%} of all")
     for key in ("target", "trial", "val_ppl", "test_ppl", "heldout_ppl"):
         if info.get(key) is not None:
             lines.append(f"- {key.replace('_', ' ')}: {info[key]}")

@@ -1,4 +1,4 @@
-"""Recovery after pruning: LoRA fine-tuning (peft), merged back into the pruned weights.
+"""Fine-tuning after pruning: LoRA (peft), merged back into the pruned weights.
 
 AdaPruner and LLM-Pruner recover a pruned model's quality with a short LoRA run on general text.
 Adapters go on every projection (q/k/v/o/gate/up/down) of every layer, whatever its pruned size; the
@@ -24,7 +24,7 @@ from .structure import ATTN_MODULES, MLP_MODULES
 
 @dataclass(frozen=True)
 class LoRA:
-    """A LoRA recovery budget: r=8, alpha=16, dropout=0.05 as LLM-Pruner's recipe; lr 2e-4 (LLM-Pruner's is 1e-4)."""
+    """A LoRA fine-tuning budget: r=8, alpha=16, dropout=0.05 as LLM-Pruner's recipe; lr 2e-4 (LLM-Pruner's is 1e-4)."""
 
     steps: int = 100
     r: int = 8

@@ -141,7 +141,7 @@ class Mixture:
 class WeightSummary:
     """Per-unit weight statistics, ``Σ|w|`` and ``Σw²`` (biases of q/k/v/gate/up rows included).
 
-    They depend on the weights alone, so a search computes them once for its (never modified) dense
+    They depend on the weights alone, so a search computes them once for its (never modified) unpruned
     model instead of once per trial; for o_proj/down_proj columns they are also what Wanda-sp and
     FLAP multiply their activation statistics with.
     """
@@ -320,8 +320,8 @@ def flap_remeasured(shapes: Sequence[LayerShape], keep_groups: Sequence[Sequence
                     keep_channels: Sequence[Sequence[int]],
                     fluctuation: Mapping[tuple[int, str], torch.Tensor]) -> GroupScores:
     """FLAP's scores, as :func:`_flap_scores` computes them, of the units a partly pruned model still has, on the
-    dense layout: ``fluctuation[(i, module)]`` (the pruned model's input variance x its weight column's squared
-    norm, one value per kept o_proj/down_proj column of dense layer ``i``) standardised over what layer ``i``
+    unpruned layout: ``fluctuation[(i, module)]`` (the pruned model's input variance x its weight column's squared
+    norm, one value per kept o_proj/down_proj column of unpruned layer ``i``) standardised over what layer ``i``
     keeps (``keep_groups[i]``, ``keep_channels[i]``). Units already removed, and every unit of a layer with no
     fluctuation (dropped whole), score ``-inf``: a further plan removes them first."""
     attn, mlp = [], []

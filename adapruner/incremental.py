@@ -29,7 +29,7 @@ from .structure import model_structure
 class StepRecord:
     """One step of the incremental schedule: where it brought the model and what it cost."""
 
-    target_ratio: float  # cumulative share of the original parameters removed after this step
+    target: float  # cumulative share of the original parameters removed after this step
     removed: int  # parameters removed by this step
     params: int  # parameters left
     seconds: float
@@ -45,17 +45,18 @@ class IncrementalResult:
     steps: list[StepRecord] = field(default_factory=list)
 
     @property
-    def ratio(self) -> float:
+    def removed_share(self) -> float:
+        """Share of the original parameters the whole schedule removed."""
         original = self.steps[0].params + self.steps[0].removed if self.steps else 0
         return 1 - self.steps[-1].params / original if original else 0.0
 
 
 def schedule(target: float, step: float) -> list[float]:
-    """Cumulative ratios ``step, 2*step, ..., target``."""
+    """Cumulative targets ``step, 2*step, ..., target``."""
     if not 0 < target < 1:
-        raise AdaPrunerError(f"pruning ratio must be in (0, 1), got {target}")
+        raise AdaPrunerError(f"the incremental target must be a fraction in (0, 1), got {target}")
     if not 0 < step <= target:
-        raise AdaPrunerError(f"incremental step must be in (0, ratio], got {step}")
+        raise AdaPrunerError(f"incremental step must be in (0, target], got {step}")
     n = math.ceil(target / step - 1e-9)
     return [min(target, (k + 1) * step) for k in range(n)]
 

@@ -231,7 +231,7 @@ def ratio_text(ratio: float, spread: dict | None) -> str:
     return text + " noisy" if spread["noisy"] else text
 
 
-def speedups(costs: Mapping[str, InferenceCost], reference: str = "dense") -> dict[str, dict[str, float]]:
+def speedups(costs: Mapping[str, InferenceCost], reference: str = "unpruned") -> dict[str, dict[str, float]]:
     """Each model's decode and prefill tokens/s as a multiple of ``reference``'s, and its share of the
     reference's parameters and peak memory."""
     if reference not in costs:

@@ -22,10 +22,10 @@ metric).
 **Depth.** An allocation may also remove ``drop_layers`` whole decoder layers (ShortGPT): those whose
 output is most like their input on the calibration samples (highest cosine similarity, i.e. lowest
 block influence ``1 - cos``). Their parameters count towards the target, and the width budget covers
-the rest; layer indices (the pruned range, the dropped layers) always refer to the dense model.
+the rest; layer indices (the pruned range, the dropped layers) always refer to the unpruned model.
 
 **Hardware-friendly sizes.** ``channel_multiple`` rounds each layer's kept MLP channels to a multiple
-of it (64 suits GPU matrix units; a layer whose dense size is not a multiple keeps channel steps);
+of it (64 suits GPU matrix units; a layer whose unpruned size is not a multiple keeps channel steps);
 the rounding error is carried on like any other, so the target is still met within one rounding step.
 
 Inside a layer, attention groups and MLP channels are paid for in one currency, parameters:
@@ -151,7 +151,7 @@ class LayerPlan:
 
 @dataclass(frozen=True)
 class PruningPlan:
-    """One :class:`LayerPlan` per layer of the dense model; the ``dropped`` layers go whole (their
+    """One :class:`LayerPlan` per layer of the unpruned model; the ``dropped`` layers go whole (their
     layer plans are not applied)."""
 
     layers: tuple[LayerPlan, ...]
@@ -160,13 +160,13 @@ class PruningPlan:
     dropped: tuple[int, ...] = ()
 
     @property
-    def ratio(self) -> float:
+    def removed_share(self) -> float:
         """Share of all parameters removed."""
         return self.removed_params / self.total_params
 
     @property
     def kept_layers(self) -> tuple[int, ...]:
-        """Dense-model indices of the layers that stay, in order."""
+        """Unpruned-model indices of the layers that stay, in order."""
         return tuple(i for i in range(len(self.layers)) if i not in self.dropped)
 
     def sizes(self) -> list[dict[str, int]]:
@@ -180,18 +180,22 @@ class PruningPlan:
         return cls(layers, 0, structure.total_params)
 
 
+# What a search or a prune removes unless told: a fifth of all parameters.
+DEFAULT_TARGET = 0.2
+
+
 def check_target(target: float | int) -> float | int:
-    """What to remove, checked (the one place it is): a ratio of all parameters, a float in (0, 1), or a
+    """What to remove, checked (the one place it is): a share of all parameters, a float in (0, 1), or a
     parameter count, an int >= 1. Returned unchanged."""
     fraction = isinstance(target, float) and 0.0 < target < 1.0
     count = isinstance(target, int) and not isinstance(target, bool) and target >= 1
     if not (fraction or count):
-        raise AdaPrunerError(f"ratio must be a fraction in (0, 1) or a whole parameter count >= 1, got {target!r}")
+        raise AdaPrunerError(f"target must be a fraction in (0, 1) or a whole parameter count >= 1, got {target!r}")
     return target
 
 
 def params_to_remove(structure: ModelStructure, target: float | int) -> int:
-    """The parameters to remove: a ratio in (0, 1) of all of them, or a parameter count (see
+    """The parameters to remove: a share in (0, 1) of all of them, or a parameter count (see
     :func:`check_target`), which must not exceed the prunable ones."""
     if isinstance(check_target(target), float):
         return round(target * structure.total_params)
@@ -222,13 +226,13 @@ def _layer_budgets(structure: ModelStructure, n_remove: int, weights: Sequence[f
     if remaining > max(s.channel_params for s in layers):
         raise AdaPrunerError(
             f"cannot remove {n_remove} parameters from the chosen layers without emptying a layer "
-            "(lower the ratio or prune more layers)"
+            "(lower the target or prune more layers)"
         )
     return budgets
 
 
 def _grid(shape: LayerShape, multiple: int) -> int:
-    """The step of a layer's kept MLP channels: ``multiple`` where its dense size is a multiple of it."""
+    """The step of a layer's kept MLP channels: ``multiple`` where its unpruned size is a multiple of it."""
     return multiple if multiple > 1 and shape.n_channels > multiple and shape.n_channels % multiple == 0 else 1
 
 
@@ -236,7 +240,7 @@ def layer_counts(structure: ModelStructure, n_remove: int, allocation: Allocatio
                  layer_cos: torch.Tensor | None = None, dropped: Sequence[int] = (),
                  channel_multiple: int = 1) -> list[tuple[int, int]]:
     """``(attention groups, MLP channels)`` to remove from each layer (besides the ``dropped`` ones); each
-    layer keeps a multiple of ``channel_multiple`` channels where its dense size is one."""
+    layer keeps a multiple of ``channel_multiple`` channels where its unpruned size is one."""
     layers = structure.layers
     budgets = _layer_budgets(structure, n_remove, allocation.layer_weights(len(layers), layer_cos, dropped))
     counts, carry_groups, carry = [], 0.0, 0.0
@@ -268,7 +272,7 @@ def layer_counts(structure: ModelStructure, n_remove: int, allocation: Allocatio
         counts[i] = (groups, channels + move * step)
         carry -= move * unit
     if abs(carry) > max(_grid(s, channel_multiple) * s.channel_params for s in layers):
-        raise AdaPrunerError(f"cannot remove {n_remove} parameters without emptying a layer (lower the ratio)")
+        raise AdaPrunerError(f"cannot remove {n_remove} parameters without emptying a layer (lower the target)")
     return counts
 
 

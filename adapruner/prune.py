@@ -104,12 +104,12 @@ def prune_model(model: nn.Module, plan: PruningPlan, inplace: bool = False,
 def drop_layers(model: nn.Module, dropped: tuple[int, ...]) -> None:
     """Take the ``dropped`` decoder layers out of ``model`` (in place) and renumber the rest.
 
-    ``config.adapruner["dropped_layers"]`` keeps the indices of the first dense model's layers that are
+    ``config.adapruner["dropped_layers"]`` keeps the indices of the first unpruned model's layers that are
     gone, through repeated prunings.
     """
     layers, config = decoder_layers(model), model.config
     before = getattr(config, "adapruner", {}).get("dropped_layers", [])
-    original = [i for i in range(len(layers) + len(before)) if i not in before]  # dense index of each layer
+    original = [i for i in range(len(layers) + len(before)) if i not in before]  # unpruned index of each layer
     for i in sorted(dropped, reverse=True):
         del layers[i]
     for position, layer in enumerate(layers):

@@ -2,8 +2,8 @@
 
 A plan removes *input* columns of two projections per layer: o_proj loses the removed heads' columns,
 down_proj the removed MLP channels'. With ``W = [W_K W_R]`` split into kept and removed columns, the
-dense output is ``W_K x_K + W_R x_R``; the cut keeps only ``W_K x_K``. Given the mean ``μ`` and the
-covariance ``C`` of the projection's input over many calibration tokens (the dense model's), the
+unpruned output is ``W_K x_K + W_R x_R``; the cut keeps only ``W_K x_K``. Given the mean ``μ`` and the
+covariance ``C`` of the projection's input over many calibration tokens (the unpruned model's), the
 repair predicts the removed inputs from the kept ones by ridge regression,
 ``x̂_R = μ_R + C_RK (C_KK + λ·mean(diag C_KK)·I)⁻¹ (x_K − μ_K)``, and folds ``W_R x̂_R`` into the kept
 weights and a bias::
@@ -27,7 +27,7 @@ at 65k and 131k, where ``k / T`` is 0.12, 0.016 and 0.008.
 Modes (:data:`REPAIR_MODES`):
 
 * ``bias`` — FLAP's bias compensation alone (the ``λ → ∞`` limit; no ridge).
-* ``pool`` — the regression above, from the dense model's input moments over the *repair windows*:
+* ``pool`` — the regression above, from the unpruned model's input moments over the *repair windows*:
   hundreds of windows of every calibration source's pool part, far more tokens than any trial's
   calibration subset (one forward pass per job, no gradients, cached on disk; see
   :meth:`~adapruner.session.PruningSession.moments`).
@@ -88,7 +88,7 @@ class Repair:
 
 @dataclass(frozen=True)
 class InputMoments:
-    """Mean and covariance of each o_proj/down_proj input over ``tokens`` tokens of the dense model."""
+    """Mean and covariance of each o_proj/down_proj input over ``tokens`` tokens of the unpruned model."""
 
     mean: Mapping[Key, torch.Tensor]  # [in], float32
     covariance: Mapping[Key, torch.Tensor]  # [in, in], float32
@@ -151,7 +151,7 @@ def compensate(weight: torch.Tensor, mean: torch.Tensor, covariance: torch.Tenso
 
 
 def kept_columns(structure, plan: PruningPlan) -> dict[Key, torch.Tensor]:
-    """Kept input columns of each o_proj/down_proj that ``plan`` cuts (on the dense layout ``structure``)."""
+    """Kept input columns of each o_proj/down_proj that ``plan`` cuts (on the unpruned layout ``structure``)."""
     table: dict[Key, torch.Tensor] = {}
     for i, (shape, lp) in enumerate(zip(structure.layers, plan.layers, strict=True)):
         if i in plan.dropped:
@@ -177,18 +177,18 @@ def _refit(target: nn.Linear, full: nn.Linear, mean: torch.Tensor, covariance: t
 
 
 @torch.no_grad()
-def repair_pruned(pruned: nn.Module, dense: nn.Module, plan: PruningPlan, moments: InputMoments,
+def repair_pruned(pruned: nn.Module, unpruned: nn.Module, plan: PruningPlan, moments: InputMoments,
                   repair: Repair) -> nn.Module:
-    """Repair, in place, the sliced o_proj/down_proj of ``pruned`` (``plan`` applied to ``dense``) from the
-    dense model's input ``moments``, as ``repair`` (mode ``bias`` or ``pool``) says; returns ``pruned``."""
+    """Repair, in place, the sliced o_proj/down_proj of ``pruned`` (``plan`` applied to ``unpruned``) from the
+    unpruned model's input ``moments``, as ``repair`` (mode ``bias`` or ``pool``) says; returns ``pruned``."""
     if repair.mode not in ("bias", "pool"):
         raise AdaPrunerError(f"repair_pruned takes the modes bias and pool, not {repair.mode!r}")
-    keep = kept_columns(model_structure(dense), plan)
-    dense_layers, pruned_layers = decoder_layers(dense), decoder_layers(pruned)
-    position = {i: p for p, i in enumerate(plan.kept_layers)}  # dense index -> index in the pruned stack
+    keep = kept_columns(model_structure(unpruned), plan)
+    unpruned_layers, pruned_layers = decoder_layers(unpruned), decoder_layers(pruned)
+    position = {i: p for p, i in enumerate(plan.kept_layers)}  # unpruned index -> index in the pruned stack
     for (i, module), columns in keep.items():
         covariance = moments.covariance[(i, module)] if repair.mode == "pool" else None
-        _refit(layer_linears(pruned_layers[position[i]])[module], layer_linears(dense_layers[i])[module],
+        _refit(layer_linears(pruned_layers[position[i]])[module], layer_linears(unpruned_layers[i])[module],
                moments.mean[(i, module)], covariance, columns, repair.ridge, moments.tokens)
     if keep:
         give_output_biases(pruned)
@@ -267,31 +267,31 @@ class _LayerInputs(Exception):
 
 
 @torch.no_grad()
-def repair_sequential(pruned: nn.Module, dense: nn.Module, plan: PruningPlan, windows: torch.Tensor,
+def repair_sequential(pruned: nn.Module, unpruned: nn.Module, plan: PruningPlan, windows: torch.Tensor,
                       ridge: float | None, batch_size: int = 8) -> nn.Module:
     """Re-fit layer by layer, each input's moments taken from the pruned model's own (already repaired)
     activations.
 
     The calibration windows' hidden states are carried through ``pruned`` one decoder layer at a time.
-    The target of a cut projection is the *dense* projection's output on the pruned model's real
-    inputs, so its full-width input is measured by running the dense block (attention, then MLP) in
+    The target of a cut projection is the *unpruned* projection's output on the pruned model's real
+    inputs, so its full-width input is measured by running the unpruned block (attention, then MLP) in
     the pruned layer's place: one pass for o_proj's moments (o_proj is then re-fitted), one for
     down_proj's, behind the re-fitted attention (down_proj is then re-fitted), and one through the
     repaired layer for the next layer's hidden states. Returns ``pruned``, repaired in place.
     """
-    keep = kept_columns(model_structure(dense), plan)
+    keep = kept_columns(model_structure(unpruned), plan)
     device = next(pruned.parameters()).device
-    layers, dense_layers = decoder_layers(pruned), decoder_layers(dense)
+    layers, unpruned_layers = decoder_layers(pruned), decoder_layers(unpruned)
     batches = [windows[s : s + batch_size].to(device) for s in range(0, windows.shape[0], batch_size)]
     hidden, kwargs = first_layer_inputs(pruned, batches)
     with eval_mode(pruned):
-        for i, layer in zip(plan.kept_layers, layers, strict=True):  # i: the layer's index in the dense model
+        for i, layer in zip(plan.kept_layers, layers, strict=True):  # i: the layer's index in the unpruned model
             for module, block in (("o_proj", "self_attn"), ("down_proj", "mlp")):
                 if (i, module) not in keep:
                     continue
                 own = getattr(layer, block)
-                setattr(layer, block, getattr(dense_layers[i], block))  # the dense block on the pruned inputs
-                recorder = _MomentRecorder({i: dense_layers[i]}, (module,))
+                setattr(layer, block, getattr(unpruned_layers[i], block))  # the unpruned block on the pruned inputs
+                recorder = _MomentRecorder({i: unpruned_layers[i]}, (module,))
                 try:
                     for h, kw in zip(hidden, kwargs, strict=True):
                         layer(h, **kw)
@@ -299,7 +299,7 @@ def repair_sequential(pruned: nn.Module, dense: nn.Module, plan: PruningPlan, wi
                     recorder.remove()
                     setattr(layer, block, own)
                 mean, covariance = recorder.moments((i, module))
-                _refit(layer_linears(layer)[module], layer_linears(dense_layers[i])[module], mean, covariance,
+                _refit(layer_linears(layer)[module], layer_linears(unpruned_layers[i])[module], mean, covariance,
                        keep[(i, module)], ridge, recorder.tokens[(i, module)])
             hidden = [layer_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs, strict=True)]
     if keep:

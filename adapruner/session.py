@@ -110,7 +110,7 @@ class PruningSession:
     tokenizer: object
     pool: CalibrationPool
     eval_sources: Sequence[TextSource] = ()
-    train_sources: Sequence[TextSource] = ()  # whose pool parts recovery fine-tunes on
+    train_sources: Sequence[TextSource] = ()  # whose pool parts LoRA fine-tuning trains on
     heldout_sources: Sequence[TextSource] = ()  # scored on their test part only: out-of-domain test
     model_name: str = "model"
     max_eval_windows: int | dict[str, int | None] | None = 64  # per source; a dict sets each split
@@ -175,7 +175,7 @@ class PruningSession:
 
     @cached_property
     def weight_summary(self) -> WeightSummary:
-        """Weight-only unit statistics of the dense model, computed once (the model is never modified)."""
+        """Weight-only unit statistics of the unpruned model, computed once (the model is never modified)."""
         return WeightSummary.of(self.model)
 
     @cached_property
@@ -215,7 +215,7 @@ class PruningSession:
 
     @cached_property
     def moments(self) -> InputMoments:
-        """Mean and covariance of every o_proj/down_proj input over :attr:`repair_pool` (dense model): loaded
+        """Mean and covariance of every o_proj/down_proj input over :attr:`repair_pool` (unpruned model): loaded
         from the cache, or measured in one forward pass and cached. Kept apart from the statistics, so that a
         job that never repairs never holds them (see :mod:`adapruner.repair` for their size)."""
         digest = hashlib.sha256(self.repair_pool.numpy().tobytes()).hexdigest()[:16]

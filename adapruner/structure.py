@@ -11,7 +11,7 @@ Per layer there are two kinds of group:
   of ``down_proj``.
 
 Shapes are read from the modules themselves, so a model pruned earlier (whose layers differ in size)
-is described as correctly as a dense one. This module is the bottom of the library's vocabulary of
+is described as correctly as an unpruned one. This module is the bottom of the library's vocabulary of
 layouts: which model types are supported, and how per-layer sizes are written into a config.
 """
 

@@ -2,11 +2,11 @@
 scored on the activations of the layers below it *as already pruned*.
 
 For layer ``i`` the calibration windows' hidden states (carried through the pruned layers ``0 .. i-1``)
-are passed through the dense layer ``i``, recording ``Σ_t x_j²`` of every input column of o_proj and
+are passed through the unpruned layer ``i``, recording ``Σ_t x_j²`` of every input column of o_proj and
 down_proj; a column's score is ``Σ_r |W_rj| · ‖x_j‖`` (FLAP averages over the rows, the same ranking), a
 KV group's the sum over its ``n_rep · head_dim`` o_proj columns (FLAP: a head's 128 columns); the lowest
 ``counts[i]`` groups and channels are removed, and the pruned layer's outputs feed layer ``i + 1``. So,
-unlike the ``wanda_sp`` metric (from the dense model's pool statistics, any subset), the score of a layer
+unlike the ``wanda_sp`` metric (from the unpruned model's pool statistics, any subset), the score of a layer
 depends on what was removed below it, and on how many units each layer loses: a plan's per-layer counts
 are an input here, not an output.
 """

@@ -35,7 +35,7 @@ def main() -> None:
             built = time.time() - start
             sources = [*session.eval_sources, *session.heldout_sources]
             ppl = {s.name: perplexity(model, session.source_windows(s, "test"), 8, progress=False).ppl for s in sources}
-            print(f"seed {seed} {name}: removed {plan.removed_params:,} ({plan.ratio:.4%}); "
+            print(f"seed {seed} {name}: removed {plan.removed_params:,} ({plan.removed_share:.4%}); "
                   + ", ".join(f"{k} {v:.2f} ({session.source_windows(s, 'test').shape[0]} windows)"
                               for s, (k, v) in zip(sources, ppl.items(), strict=True))
                   + f"; geo {geometric_mean(ppl.values()):.2f}; built in {built:.0f}s", flush=True)

@@ -141,7 +141,7 @@ def worker_check(args, model: Path, texts: Path, out: Path) -> int:
     os.environ.update(env)
     upgrade(env["ADAPRUNER_DATABASE_URL"])
     job = {"name": "device-check", "model": model.name, "calibration": ["books.txt", "wiki.txt"],
-           "heldout": ["news.txt"], "ratio": 0.2, "trials": 4, "pool_size": 8, "seq_len": 64, "val_windows": 4,
+           "heldout": ["news.txt"], "target": 0.2, "trials": 4, "pool_size": 8, "seq_len": 64, "val_windows": 4,
            "test_windows": 4, "baselines": ["flap"], "repair_windows": 8, "measure_cost": False}
     auth = {"Authorization": f"Bearer {token}"}
     with TestClient(create_app(Settings())) as client:
@@ -212,7 +212,7 @@ def check(args, out: Path, kit: Path, work: Path) -> int:
         f"AutoTokenizer.from_pretrained({str(tokenizer)!r}))")], out, args.step_seconds))
     small = ["--pool-size", "8", "--seq-len", "64", "--val-windows", "4", "--test-windows", "4",
              "--repair-windows", "8"] if args.dry else ["--pool-size", "32", "--repair-windows", "32"]
-    rows.append(run_step("search", [python, "-m", "service.cli", "search", "--model", str(model), "--ratio", "0.2",
+    rows.append(run_step("search", [python, "-m", "service.cli", "search", "--model", str(model), "--target", "0.2",
                                     "--trials", "2" if args.dry else "8", "--device", args.device,
                                     "--calib", str(texts / "books.txt"), "--calib", str(texts / "wiki.txt"),
                                     "--heldout", str(texts / "news.txt"), "--baselines", "flap,llm-pruner",

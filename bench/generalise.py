@@ -70,7 +70,7 @@ def without_repair(session, job: SearchJob, config: dict) -> dict | None:
     if not config.repair.enabled:
         return None
     plain = PruneConfig(config.mixture, config.subset, config.allocation, Repair())
-    return scores(test_scores(session, session.prune(plain, job.ratio)[0]))
+    return scores(test_scores(session, session.prune(plain, job.target)[0]))
 
 
 def summarise(study: optuna.Study, session, job: SearchJob, budgets: list[int]) -> dict:
@@ -80,10 +80,10 @@ def summarise(study: optuna.Study, session, job: SearchJob, budgets: list[int]) 
     best[job.trials] = {"trial": chosen.number, "baseline": chosen.user_attrs.get(TrialKey.BASELINE),
                         **scores(chosen.user_attrs), "config": chosen.user_attrs[TrialKey.CONFIG],
                         "finalists": study.user_attrs[StudyKey.SELECTION]["finalists"]}
-    dense = study.user_attrs[StudyKey.DENSE]
+    unpruned = study.user_attrs[StudyKey.UNPRUNED]
     reference = baselines[REFERENCE]
     return {
-        "unpruned": {"in_domain": dense["test"], "out_of_domain": dense["heldout"]},
+        "unpruned": {"in_domain": unpruned["test"], "out_of_domain": unpruned["heldout"]},
         "baselines": {name: scores(t.user_attrs) for name, t in baselines.items()},
         "llm_pruner_draws": [{"in_domain": d["test_ppl"], "out_of_domain": d["heldout_ppl"]}
                              for d in reference.user_attrs[TrialKey.DRAWS]],
@@ -104,7 +104,7 @@ def run(args) -> list[dict]:
                     continue
                 calibration = tuple(f"builtin:{name}" for name in BUILTIN_SOURCES if name != left_out)
                 job = SearchJob(model="smollm2-135m", calibration=calibration, heldout=(f"builtin:{left_out}",),
-                                ratio=args.ratio, trials=max(budgets), seed=seed, pool_size=args.pool_size,
+                                target=args.ratio, trials=max(budgets), seed=seed, pool_size=args.pool_size,
                                 val_windows=args.val_windows, test_windows=args.test_windows, start=start,
                                 measure_cost=False)
                 name = f"generalise-{left_out}-s{seed}"

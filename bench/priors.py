@@ -46,7 +46,7 @@ def main() -> None:
     priors = []
     for pair in itertools.combinations(BUILTIN_SOURCES, 2):
         calibration = tuple(f"builtin:{name}" for name in pair)
-        job = SearchJob(model="smollm2-135m", calibration=calibration, heldout=(), ratio=args.ratio,
+        job = SearchJob(model="smollm2-135m", calibration=calibration, heldout=(), target=args.ratio,
                         trials=args.trials, seed=args.seed, val_windows=args.val_windows,
                         test_windows=args.test_windows, start="informed", measure_cost=False,
                         baselines=tuple(name for name in args.baselines.split(",") if name))

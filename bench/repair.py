@@ -59,7 +59,7 @@ def run_pair(args, ratio: float, seed: int) -> dict:
     for kind, repairs, baselines in (("plain", ("off",), ("llm-pruner",)),
                                      ("repaired", ("pool",), ("llm-pruner", "llm-pruner+repair"))):
         job = SearchJob(model="smollm2-135m", calibration=("builtin:books",), heldout=("builtin:wiki", "builtin:news"),
-                        ratio=ratio, trials=args.trials, sampler=args.sampler, seed=seed, pool_size=args.pool_size,
+                        target=ratio, trials=args.trials, sampler=args.sampler, seed=seed, pool_size=args.pool_size,
                         val_windows=args.val_windows, test_windows=args.test_windows,
                         baselines=baselines, space=SearchSpace(repairs=repairs))
         name = f"repair-{kind}-r{ratio:g}-s{seed}-t{args.trials}-{args.sampler}"
@@ -67,10 +67,10 @@ def run_pair(args, ratio: float, seed: int) -> dict:
             studies[kind] = run_search(job, args.storage, name, artifact_dir=artifacts, progress=False).study
     plain, repaired = studies["plain"], studies["repaired"]
     baselines = baseline_trials(repaired)
-    dense = plain.user_attrs[StudyKey.DENSE]
+    unpruned = plain.user_attrs[StudyKey.UNPRUNED]
     return {
         "ratio": ratio, "seed": seed,
-        "unpruned": {"books": dense["test"], **dense.get("heldout_by_source", {})},
+        "unpruned": {"books": unpruned["test"], **unpruned.get("heldout_by_source", {})},
         "llm_pruner": by_source(baselines["llm-pruner"].user_attrs),
         "llm_pruner_repair": by_source(baselines["llm-pruner+repair"].user_attrs),
         "best_plain": by_source(plain.best_trial.user_attrs),

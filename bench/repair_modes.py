@@ -38,7 +38,7 @@ def main() -> None:
     session.moments  # noqa: B018  (the repair windows' input moments, once per job)
     print(f"Input moments of {session.repair_pool.shape[0]} repair windows: {time.perf_counter() - start:.1f} s "
           "once per job. Plan: LLM-Pruner's, "
-          f"{plan.ratio:.2%} removed.\n")
+          f"{plan.removed_share:.2%} removed.\n")
     sources = [*session.eval_sources, *session.heldout_sources]
     print("| repair | ridge | " + " | ".join(s.name for s in sources) + " | seconds per re-fit |")
     print("|---|---:|" + "---:|" * len(sources) + "---:|")

@@ -53,7 +53,7 @@ def models_at(ratio: float, args, session, out: Path) -> dict[str, list[Path]]:
                                                              out / f"llm-pruner-r{ratio:g}-draw{draw}"))
     for variant, depth in (("width", False), ("width+depth", True)):
         # no baselines in the study: LLM-Pruner's draws are built and scored here, on the same windows as the rest
-        job = SearchJob(model=MODEL, ratio=ratio, trials=args.trials, seed=0, space=SearchSpace(depth=depth),
+        job = SearchJob(model=MODEL, target=ratio, trials=args.trials, seed=0, space=SearchSpace(depth=depth),
                         baselines=(), measure_cost=False)
         name = f"runtime-r{ratio:g}-{variant}"
         started = time.perf_counter()

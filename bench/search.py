@@ -50,7 +50,7 @@ from adapruner.search.record import StudyKey, TrialKey
 
 def copy_reference(source: optuna.Study, target: optuna.Study) -> None:
     """Give ``target`` the baseline trials and unpruned perplexities already computed in ``source``."""
-    for key in ("dense", "data"):
+    for key in (StudyKey.UNPRUNED, StudyKey.DATA):
         target.set_user_attr(key, source.user_attrs[key])
     for trial in baseline_trials(source).values():
         target.add_trial(optuna.trial.create_trial(
@@ -95,7 +95,7 @@ def summarise(study: optuna.Study, checkpoints: list[int]) -> dict:
         "best_test": {n: (p.test_ppl if p else None) for n, p in at.items()},
         "best_val": {n: (p.val_ppl if p else None) for n, p in at.items()},
         "baselines": baselines,
-        "dense": study.user_attrs[StudyKey.DENSE],
+        "unpruned": study.user_attrs[StudyKey.UNPRUNED],
         "windows_mean": statistics.mean(t.user_attrs.get(TrialKey.WINDOWS, 0) for t in searched) if searched else None,
         "windows_full": data["val_windows"],
         "seconds": {phase: statistics.mean(t.user_attrs.get(TrialKey.SECONDS, {}).get(phase, 0.0) for t in searched)
@@ -142,7 +142,7 @@ def markdown(rows: list[dict], checkpoints: list[int], command: str) -> str:
     out += ["", "Baselines and the unpruned model (test ppl, mean over seeds): "
             + ", ".join(f"{name} {mean_sd([r['baselines'].get(name) for r in per_seed])}"
                         for name in first["baselines"])
-            + f", unpruned {mean_sd([r['dense']['test'] for r in per_seed])}.", ""]
+            + f", unpruned {mean_sd([r['unpruned']['test'] for r in per_seed])}.", ""]
     out += ["| sampler | calibration | seed | searched trials | stopped early | mean windows | "
             "importance s | plan s | prune s | validation s | test s | full trial less test / its pass | "
             "mean trial / full pass |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -175,9 +175,9 @@ def main() -> None:
         reference, session = None, None
         for calibration in args.calibrations.split(","):
             for sampler in args.samplers.split(","):
-                job = SearchJob(model="smollm2-135m", ratio=0.2, trials=args.trials, sampler=sampler, seed=seed,
+                job = SearchJob(model="smollm2-135m", target=0.2, trials=args.trials, sampler=sampler, seed=seed,
                                 pool_size=args.pool_size, val_windows=args.val_windows,
-                                test_windows=args.test_windows, space=SearchSpace(calibration=calibration))
+                                test_windows=args.test_windows, space=SearchSpace(subset_mode=calibration))
                 session = session or open_session(job)
                 # GP/BoTorch studies complete stopped trials with estimates (see objective.paired_estimate)
                 flavour = f"{sampler}-est" if sampler in ESTIMATING_SAMPLERS else sampler

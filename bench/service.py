@@ -60,7 +60,7 @@ def texts(folder: Path) -> None:
 
 
 def job(name: str, trials: int, val_windows: int = 12) -> dict:
-    return {"name": name, "model": "tiny", "calibration": ["toy"], "ratio": 0.2, "trials": trials, "pool_size": 12,
+    return {"name": name, "model": "tiny", "calibration": ["toy"], "target": 0.2, "trials": trials, "pool_size": 12,
             "seq_len": 32, "val_windows": val_windows, "test_windows": 6, "baselines": ["wanda-sp", "magnitude"],
             "space": {"subset_size": [2, 6], "n_clusters": 3}}
 

@@ -36,9 +36,9 @@ def main() -> None:
     tasks = args.tasks.split(",")
     best_config = PruneConfig.from_dict(study.best_trial.user_attrs[TrialKey.CONFIG])
     models = {"unpruned": lambda: session.model,
-              "llm-pruner": lambda: session.prune(baseline_config("llm-pruner", session, job.seed), job.ratio)[0],
+              "llm-pruner": lambda: session.prune(baseline_config("llm-pruner", session, job.seed), job.target)[0],
               f"best searched (trial {study.best_trial.number})":
-                  lambda: session.prune(best_config, job.ratio)[0]}
+                  lambda: session.prune(best_config, job.target)[0]}
     scores = {}
     for label, build in models.items():
         start = time.perf_counter()

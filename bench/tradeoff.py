@@ -66,7 +66,7 @@ def main() -> None:
         drop = min(max_drop_layers(session.structure, ratio / 2), n_layers // 4)
         for kind, space in (("width", SearchSpace()), (f"width+depth ({drop} layers)",
                                                         SearchSpace(fixed={"drop_layers": drop}))):
-            job = replace(base, ratio=ratio, space=space)
+            job = replace(base, target=ratio, space=space)
             name = f"tradeoff-{'depth' if 'depth' in kind else 'width'}-r{ratio:g}-t{args.trials}"
             start = time.perf_counter()
             with tempfile.TemporaryDirectory(prefix="adapruner-bench-") as artifacts:
@@ -83,8 +83,9 @@ def main() -> None:
                 config = PruneConfig.from_dict(reference.user_attrs[TrialKey.CONFIG])
                 rows[f"{ratio:.0%} LLM-Pruner default"] = {"ratio": ratio, **quality(reference.user_attrs),
                                                           "model": lambda c=config, r=ratio: session.prune(c, r)[0]}
-    dense = next(iter(studies.values())).user_attrs[StudyKey.DENSE]
-    rows["unpruned"] |= {"val_ppl": dense["validation"], "test_ppl": dense["test"], "heldout_ppl": dense.get("heldout")}
+    unpruned = next(iter(studies.values())).user_attrs[StudyKey.UNPRUNED]
+    rows["unpruned"] |= {"val_ppl": unpruned["validation"], "test_ppl": unpruned["test"],
+                         "heldout_ppl": unpruned.get("heldout")}
     print(f"measuring {len(rows)} models one after another ({args.threads} threads, {args.repeats} repeats)",
           flush=True)
     results = {}

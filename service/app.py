@@ -122,7 +122,7 @@ def get_job(job_id: str, reader: Reader, db: DB, storage: Storage, settings: Con
 @router.get("/jobs/{job_id}/trials", response_model=TrialList)
 def get_trials(job_id: str, reader: Reader, db: DB, storage: Storage) -> TrialList:
     studies = jobs.load_studies(storage, jobs.get_job(db, job_id, reader))
-    return TrialList(items=[views.trial_summary(t, ratio) for ratio, study in studies
+    return TrialList(items=[views.trial_summary(t, target) for target, study in studies
                             for t in study.get_trials(deepcopy=False)])
 
 
@@ -139,7 +139,7 @@ def cancel_job(job_id: str, caller: Writer, reader: Reader, db: DB, storage: Sto
 def download_model(job_id: str, reader: Reader, db: DB, storage: Storage, settings: Config,
                    filename: Annotated[str | None, Query(pattern=SAFE_NAME)] = None,
                    target: Annotated[float | None, Query(gt=0, description="which target's model, for a job of "
-                                                         "several (its ratio, as submitted)")] = None,
+                                                         "several (as submitted)")] = None,
                    file_format: Annotated[Literal[MODEL_FORMATS], Query(alias="format", description=(  # type: ignore[valid-type]
                        "tar: the transformers folder as a tar archive; gguf: one GGUF file for llama.cpp (a job "
                        "submitted with export_format gguf)"))] = "tar",

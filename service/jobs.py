@@ -64,10 +64,9 @@ class Caller:
 
 
 def job_targets(job: Job) -> list[tuple[float | int, str]]:
-    """Each target of the job (its ratios, in the order asked) with the name of its study."""
-    ratio = job.spec["ratio"]
-    ratios = ratio if isinstance(ratio, list) else [ratio]
-    return [(r, target_study_name(job.study_name, r, len(ratios) > 1)) for r in ratios]
+    """Each target of the job (in the order asked) with the name of its study."""
+    targets = JobCreate.model_validate(job.spec).targets
+    return [(t, target_study_name(job.study_name, t, len(targets) > 1)) for t in targets]
 
 
 def study_budget(job: Job) -> int:
@@ -83,8 +82,8 @@ def create_job(db: Session, storage: optuna.storages.BaseStorage, spec: JobCreat
     job = Job(id=job_id, name=spec.name, spec=spec.model_dump(mode="json"), owner=owner, study_name=study_name)
     created = []
     try:
-        for ratio, name in job_targets(job):
-            create_study(storage, name, spec.to_search_job(ratio))
+        for target, name in job_targets(job):
+            create_study(storage, name, spec.to_search_job(target))
             created.append(name)
         db.add(job)
         db.commit()
@@ -152,9 +151,9 @@ def load_study(storage: optuna.storages.BaseStorage, job: Job, name: str | None 
 
 
 def load_studies(storage: optuna.storages.BaseStorage, job: Job) -> list[tuple[float | int, optuna.Study]]:
-    """Each target's ratio and study, for the studies that exist."""
-    found = [(ratio, load_study(storage, job, name)) for ratio, name in job_targets(job)]
-    return [(ratio, study) for ratio, study in found if study is not None]
+    """Each target and its study, for the studies that exist."""
+    found = [(target, load_study(storage, job, name)) for target, name in job_targets(job)]
+    return [(target, study) for target, study in found if study is not None]
 
 
 def stored_job(storage: optuna.storages.BaseStorage, job: Job) -> SearchJob:
@@ -179,7 +178,7 @@ def target_artifact(job: Job, storage: optuna.storages.BaseStorage, target: floa
         if not job.artifact_id:
             raise Conflict(f"job {job.id} has no model yet (status {job.status})")
         return job.artifact_id
-    names = [name for ratio, name in targets if math.isclose(ratio, target, rel_tol=1e-9)]
+    names = [name for value, name in targets if math.isclose(value, target, rel_tol=1e-9)]
     if not names:
         raise InvalidTarget(f"job {job.id} has no target {target:g} (its targets: "
                             f"{', '.join(f'{r:g}' for r, _ in targets)})")
@@ -198,7 +197,7 @@ def _gguf_artifact(job: Job, storage: optuna.storages.BaseStorage, target: float
     if target is None and len(targets) > 1:
         raise InvalidTarget(f"job {job.id} has several targets: name one with ?target= "
                             f"({', '.join(f'{r:g}' for r, _ in targets)})")
-    names = [name for ratio, name in targets if target is None or math.isclose(ratio, target, rel_tol=1e-9)]
+    names = [name for value, name in targets if target is None or math.isclose(value, target, rel_tol=1e-9)]
     if not names:
         raise InvalidTarget(f"job {job.id} has no target {target:g} (its targets: "
                             f"{', '.join(f'{r:g}' for r, _ in targets)})")

@@ -134,7 +134,7 @@ def check_against_model(spec: JobCreate, model: str) -> None:
     counts = [t for t in spec.targets if isinstance(t, int)]
     prunable = prunable_params_of(config) if counts else None
     if prunable is not None and max(counts) > prunable:
-        raise InvalidField("ratio", f"cannot remove {max(counts)} parameters: the model has {prunable} prunable "
+        raise InvalidField("target", f"cannot remove {max(counts)} parameters: the model has {prunable} prunable "
                                     f"parameters")
 
 
@@ -147,9 +147,9 @@ def check_spec(spec: JobCreate, settings: Settings) -> JobCreate:
     for name, limit in limits.items():
         if getattr(spec, name) > limit:
             raise InvalidField(name, f"{name} must be at most {limit} on this server, got {getattr(spec, name)}")
-    if spec.recover is not None and spec.recover.steps > settings.max_recover_steps:
-        raise InvalidField("recover.steps", f"recover.steps must be at most {settings.max_recover_steps} on this "
-                                            f"server, got {spec.recover.steps}")
+    if spec.finetune is not None and spec.finetune.steps > settings.max_finetune_steps:
+        raise InvalidField("finetune.steps", f"finetune.steps must be at most {settings.max_finetune_steps} on this "
+                                             f"server, got {spec.finetune.steps}")
     try:  # counts in the calibration specs (builtin:books:5000) decide the pool as much as pool_size does
         pool = sum(n for _, n in pool_draws(spec.calibration, spec.pool_size))
     except AdaPrunerError as exc:

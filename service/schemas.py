@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
 from adapruner.errors import AdaPrunerError
 from adapruner.finetune import LoRA
@@ -14,7 +14,6 @@ from adapruner.plan import SCOPES
 from adapruner.repair import REPAIR_MODES
 from adapruner.search import (
     BASELINES,
-    CALIBRATION_MODES,
     DEFAULT_BASELINES,
     EXPORT_DTYPES,
     EXPORT_FORMATS,
@@ -22,6 +21,7 @@ from adapruner.search import (
     SAMPLERS,
     SCORES,
     STARTS,
+    SUBSET_MODES,
     SearchJob,
     SearchSpace,
     check_targets,
@@ -42,7 +42,7 @@ def whole_number(value: Any) -> Any:
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
-Ratio = Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False, strict=True)] | Annotated[StrictInt, Field(ge=1)]
+Target = Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False, strict=True)] | Annotated[StrictInt, Field(ge=1)]
 
 
 class SpaceSpec(BaseModel):
@@ -54,7 +54,10 @@ class SpaceSpec(BaseModel):
     scores: list[Literal[SCORES]] = Field(default=list(SearchSpace.scores), min_length=1, description=(  # type: ignore[valid-type]
         "importance searched: the weighted mixture of the metrics, or FLAP's standardised score"))
     aggregations: list[Literal[AGGREGATIONS]] = Field(default=list(SearchSpace.aggregations), min_length=1)  # type: ignore[valid-type]
-    calibration: Literal[CALIBRATION_MODES] = SearchSpace.calibration  # type: ignore[valid-type]
+    subset_mode: Literal[SUBSET_MODES] = Field(  # type: ignore[valid-type]
+        default=SearchSpace.subset_mode, validation_alias=AliasChoices("subset_mode", "calibration"), description=(
+            "how a trial's calibration subset is chosen: clusters of the pool weighted per trial, a random size and "
+            "seed, or the whole pool (also accepted under its earlier name, calibration)"))
     subset_size: tuple[int, int] = SearchSpace.subset_size
     n_clusters: int = Field(default=SearchSpace.n_clusters, ge=1, le=64)
     attn_share: StrictBool = SearchSpace.attn_share
@@ -78,7 +81,7 @@ class SpaceSpec(BaseModel):
         return value
 
 
-class RecoverSpec(BaseModel):
+class FinetuneSpec(BaseModel):
     """LoRA fine-tuning of the best configuration after the search (not of every trial)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -94,7 +97,7 @@ class JobCreate(BaseModel):
     """A search job: what to prune, on which texts, how far, and how to search."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-        {"name": "smollm-20", "model": "smollm2-135m", "ratio": 0.2, "trials": 12, "pool_size": 16,
+        {"name": "smollm-20", "model": "smollm2-135m", "target": 0.2, "trials": 12, "pool_size": 16,
          "val_windows": 16, "test_windows": 32}]})
 
     name: str | None = Field(default=None, pattern=SAFE_NAME, description="also names the model archive")
@@ -104,10 +107,11 @@ class JobCreate(BaseModel):
     heldout: list[Reference] | None = Field(default=None, max_length=8, description=(
         "out-of-domain test sources, never calibrated or validated on; null: the built-in sources the job "
         "does not use (when it uses one); [] for none"))
-    ratio: Ratio | Annotated[list[Ratio], Field(min_length=1, max_length=8)] = Field(
-        default=SearchJob.ratio, description=(
+    target: Target | Annotated[list[Target], Field(min_length=1, max_length=8)] = Field(
+        default=SearchJob.target, validation_alias=AliasChoices("target", "ratio"), description=(
             "share of all parameters to remove, in (0, 1), or a parameter count; a list of them runs one study "
-            "per target on one loaded model and reports the trade-off (GET .../model?target=0.3 for each)"))
+            "per target on one loaded model and reports the trade-off (GET .../model?target=0.3 for each); also "
+            "accepted under its earlier name, ratio"))
     trials: StrictInt = Field(default=SearchJob.trials, ge=1, description=(
         "searched trials to finish; the baselines (and each of their calibration draws) run besides them"))
     sampler: Literal[SAMPLERS] = SearchJob.sampler  # type: ignore[valid-type]
@@ -133,7 +137,9 @@ class JobCreate(BaseModel):
         "validation windows per source added for that re-scoring"))
     channel_multiple: StrictInt | None = Field(default=SearchJob.channel_multiple, ge=1, le=4096, description=(
         "kept MLP channels per layer in multiples of this (hardware-friendly sizes); null: 64 on CUDA, 1 on CPU"))
-    recover: RecoverSpec | None = None
+    finetune: FinetuneSpec | None = Field(
+        default=None, validation_alias=AliasChoices("finetune", "recover"), description=(
+            "LoRA fine-tuning of the best model after the search (also accepted under its earlier name, recover)"))
     tasks: list[TaskName] = Field(default_factory=list, max_length=16, description=(
         "lm-eval tasks to score the unpruned model, the baselines and the best configuration on after the "
         "search: books-cloze and books-lastword are built in; hub tasks need allow_hub_datasets"))
@@ -157,10 +163,10 @@ class JobCreate(BaseModel):
     @classmethod
     def _whole_numbers(cls, value):
         """JSON has one kind of number: 5.0 is the whole number 5, as JSON Schema's ``integer`` says (strings and
-        booleans are still refused). Not ``ratio``, where 1.0 is a share out of range, never a count of 1."""
+        booleans are still refused). Not ``target``, where 1.0 is a share out of range, never a count of 1."""
         return whole_number(value)
 
-    @field_validator("ratio")
+    @field_validator("target")
     @classmethod
     def _targets_differ(cls, value):
         if isinstance(value, list):
@@ -172,17 +178,17 @@ class JobCreate(BaseModel):
 
     @property
     def targets(self) -> list[float | int]:
-        return list(self.ratio) if isinstance(self.ratio, list) else [self.ratio]
+        return list(self.target) if isinstance(self.target, list) else [self.target]
 
-    def to_search_job(self, ratio: float | int | None = None) -> SearchJob:
+    def to_search_job(self, target: float | int | None = None) -> SearchJob:
         """The search of one target (default: the first)."""
         data = self.model_dump(exclude={"name", "trust_remote_code", "space"})
-        data["ratio"] = self.targets[0] if ratio is None else ratio
+        data["target"] = self.targets[0] if target is None else target
         space = self.space.model_dump()
         for key in ("subset_size", "ridge", "iterations"):
             space[key] = tuple(space[key])
         return SearchJob.from_dict({**data, "space": SearchSpace.from_dict(space).to_dict(),
-                                    "recover": {**data["recover"], "seed": self.seed} if self.recover else None})
+                                    "finetune": {**data["finetune"], "seed": self.seed} if self.finetune else None})
 
 
 class Links(BaseModel):
@@ -200,8 +206,8 @@ class Progress(BaseModel):
 
     finished: int = Field(description="trials done: complete or stopped early, baselines included")
     running: int
-    pruned: int = Field(description="of the finished, trials stopped early by the early-stopping pruner (Optuna's "
-                                    "PRUNED state; not pruned models)")
+    stopped_early: int = Field(description="of the finished, trials stopped early by the early-stopping pruner "
+                                           "(Optuna's PRUNED state)")
     failed: int
     budget: int = Field(description="trials the job finishes: its searched trials and its baseline runs, per target")
     eta_seconds: float | None
@@ -212,7 +218,7 @@ class TrialSummary(BaseModel):
     """One trial as served: its state, perplexities, configuration parameters, size and timings."""
 
     number: int
-    target: float | int | None = Field(default=None, description="the ratio of the target whose study it is in")
+    target: float | int | None = Field(default=None, description="the target whose study it is in")
     state: str
     value: float | None = Field(description="validation perplexity")
     test_ppl: float | None
@@ -221,7 +227,7 @@ class TrialSummary(BaseModel):
     draw: int | None = Field(default=None, description="which calibration draw of a baseline that draws at random")
     params: dict[str, Any]
     windows: int | None
-    ratio: float | None
+    removed_share: float | None = Field(description="the share of all parameters its plan removes")
     seconds: dict[str, float] | None
     worker: str | None
     fail_reason: str | None
@@ -238,7 +244,7 @@ class TargetOut(BaseModel):
     """One target of a job: its study, its best configuration, LLM-Pruner's and the other baselines, what its
     models measured, and where its model downloads."""
 
-    ratio: float | int
+    target: float | int
     study_name: str
     finished: int = Field(description="finished trials of this target's study")
     best: TrialSummary | None = None
@@ -264,9 +270,10 @@ class JobOut(BaseModel):
     progress: Progress | None = None
     best: TrialSummary | None = None
     baselines: list[TrialSummary] = Field(default_factory=list)
-    dense: dict[str, float | dict[str, float]] | None = Field(default=None, description=(
+    unpruned: dict[str, float | dict[str, float]] | None = Field(default=None, description=(
         "the unpruned model's perplexities: val, test, heldout, and heldout_by_source (one per held-out source)"))
-    recovery: dict[str, Any] | None = None
+    finetune: dict[str, Any] | None = Field(default=None, description=(
+        "the best model's LoRA fine-tuning, when the job asked for one: steps, test perplexity before and after"))
     tasks: dict[str, Any] | None = Field(default=None, description=(
         "once the search is done: accuracy per task of the unpruned model, each baseline and the best "
         "(models.*.results), their means (mean_acc) with standard errors (mean_acc_stderr), and best_retained = "
@@ -275,7 +282,7 @@ class JobOut(BaseModel):
         "once the search is done: measured decode/prefill tokens/s, parameters and peak memory of the unpruned "
         "model, each baseline and the best (models.*), and each as a multiple of the unpruned (speedups.*)"))
     targets: list[TargetOut] = Field(default_factory=list, description=(
-        "one entry per target (ratio), each its own study; best, baselines, tasks and inference_cost above "
+        "one entry per target, each its own study; best, baselines, tasks and inference_cost above "
         "describe a job of one target, and are left empty for a job of several"))
     load: str | None = Field(default=None, description="once the job succeeded: the line of code that loads "
                                                         "the model folder from the downloaded archive")

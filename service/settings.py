@@ -43,7 +43,7 @@ class Settings(BaseSettings):
     max_pool_size: int = 256
     max_eval_windows: int = 512
     max_concurrent_jobs: int = 4
-    max_recover_steps: int = 5000
+    max_finetune_steps: int = 5000  # LoRA steps a job's finetune may ask for
 
     # Links and workers.
     dashboard_url: str | None = "http://127.0.0.1:8081"  # empty: no dashboard, no dashboard links

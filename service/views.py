@@ -20,6 +20,7 @@ from adapruner.search import (
     baseline_of,
     best_trial,
     load_line,
+    stored,
 )
 
 from .db import Job, JobStatus, utcnow
@@ -36,7 +37,8 @@ def trial_summary(trial: FrozenTrial, target: float | int | None = None) -> Tria
         test_ppl=attrs.get(TrialKey.TEST_PPL), heldout_ppl=attrs.get(TrialKey.HELDOUT_PPL), baseline=baseline_of(trial),
         draw=attrs.get(TrialKey.DRAW),
         params=trial.params,
-        windows=attrs.get(TrialKey.WINDOWS), ratio=attrs.get(TrialKey.RATIO), seconds=attrs.get(TrialKey.SECONDS),
+        windows=attrs.get(TrialKey.WINDOWS), removed_share=stored(attrs, TrialKey.REMOVED_SHARE),
+        seconds=attrs.get(TrialKey.SECONDS),
         worker=attrs.get(TrialKey.WORKER), fail_reason=attrs.get(TrialKey.FAIL_REASON),
         started=trial.datetime_start, completed=trial.datetime_complete,
     )
@@ -137,40 +139,40 @@ def progress(job: Job, digest: StudyDigest) -> Progress:
     else:
         step = job.phase
         phase = f"{step['phase']} {step['done']}/{step['total']}" if step else "waiting for a worker"
-    return Progress(finished=finished, running=count[TrialState.RUNNING], pruned=count[TrialState.PRUNED],
+    return Progress(finished=finished, running=count[TrialState.RUNNING], stopped_early=count[TrialState.PRUNED],
                     failed=count[TrialState.FAIL], budget=budget, eta_seconds=eta, phase=phase)
 
 
 def job_view(job: Job, storage: optuna.storages.BaseStorage, settings: Settings) -> JobOut:
     """The job as served, with its progress, each target's best trial, baselines and measurements, and how
     to load the result."""
-    studies = [(ratio, study, study.get_trials(deepcopy=False)) for ratio, study in load_studies(storage, job)]
+    studies = [(target, study, study.get_trials(deepcopy=False)) for target, study in load_studies(storage, job)]
     if not studies:
         return job_summary(job, settings, None)
     out = job_summary(job, settings, StudyDigest.combine([StudyDigest.of(storage, s, t) for _, s, t in studies]))
     several = len(job_targets(job)) > 1
-    out.targets = [target_view(ratio, study, trials, out.links.model, several) for ratio, study, trials in studies]
+    out.targets = [target_view(target, study, trials, out.links.model, several) for target, study, trials in studies]
     first = studies[0][1]
-    out.dense = first.user_attrs.get(StudyKey.DENSE)
+    out.unpruned = stored(first.user_attrs, StudyKey.UNPRUNED)
     if not several:
         target = out.targets[0]
         out.best, out.baselines, out.tasks = target.best, target.baselines, target.tasks
         out.inference_cost = target.inference_cost
-        out.recovery = first.user_attrs.get(StudyKey.RECOVERY)
+        out.finetune = stored(first.user_attrs, StudyKey.FINETUNE)
         if job.best_trial is not None:
             out.load = load_line(first.trials[job.best_trial])
     return out
 
 
-def target_view(ratio: float | int, study: optuna.Study, trials: list[FrozenTrial], model_link: str,
+def target_view(target: float | int, study: optuna.Study, trials: list[FrozenTrial], model_link: str,
                 several: bool) -> TargetOut:
     baselines = [trial_summary(t) for draws in baseline_draws(study).values() for t in draws]
     best = best_trial(study)
     return TargetOut(
-        ratio=ratio, study_name=study.study_name, finished=sum(t.state in FINISHED for t in trials),
+        target=target, study_name=study.study_name, finished=sum(t.state in FINISHED for t in trials),
         best=trial_summary(best) if best is not None else None, baselines=baselines,
         tasks=study.user_attrs.get(StudyKey.TASKS), inference_cost=study.user_attrs.get(StudyKey.INFERENCE_COST),
-        model=f"{model_link}?target={ratio:g}" if several else model_link,
+        model=f"{model_link}?target={target:g}" if several else model_link,
         has_model=StudyKey.BEST_MODEL in study.user_attrs,
     )
 

@@ -147,7 +147,7 @@ class Worker:
             if len(results) == 1:
                 write_report(result.study, folder)
             else:
-                for ratio, target in zip(spec.targets, results, strict=True):
-                    write_report(target.study, folder / f"r{ratio:g}")
+                for target, result_of_target in zip(spec.targets, results, strict=True):
+                    write_report(result_of_target.study, folder / f"r{target:g}")
                 write_tradeoff_report([r.study for r in results], folder)
             logger.info("job %s succeeded: best trial %s", job.id, result.best_trial.number)

@@ -131,7 +131,7 @@ def service_env(data_dir: Path, db_url: str, roots: Path, **extra: str) -> dict[
 
 
 def small_job(**overrides) -> dict:
-    job = {"name": "tiny-job", "model": "tiny", "calibration": ["toy"], "ratio": 0.2, "trials": 6, "pool_size": 12,
+    job = {"name": "tiny-job", "model": "tiny", "calibration": ["toy"], "target": 0.2, "trials": 6, "pool_size": 12,
            "seq_len": 32, "val_windows": 12, "test_windows": 6, "baselines": ["wanda-sp", "magnitude"],
            "space": {"subset_size": [2, 6], "n_clusters": 3}, "measure_cost": False}
     return {**job, **overrides}

@@ -37,18 +37,18 @@ def test_prune_saves_a_loadable_model(capsys, tmp_path, tiny_model_dir, corpus, 
     assert f'load    AutoModelForCausalLM.from_pretrained("{out_dir}"' in out  # how to use what was saved
     model, _ = load_pruned(out_dir)
     assert model.config.adapruner["config"]["mixture"]["weights"]
-    assert 0.19 < model.config.adapruner["ratio"] < 0.21
+    assert 0.19 < model.config.adapruner["removed_share"] < 0.21
     assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape[-1] == 320
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["prune", "--ratio", "-0.2"], "--ratio must be in (0, 1)"),
-    (["prune", "--ratio", "abc"], "--ratio takes a fraction"),
-    (["search", "--ratio", "1.5"], "--ratio must be in (0, 1) or a parameter count >= 1"),
-    (["search", "--ratio", "0"], "--ratio must be in (0, 1) or a parameter count >= 1"),
-    (["search", "--ratio", "0.2,0.2"], "--ratio lists a target twice"),
-    (["search", "--ratio", "0.2,0.2000001"], "name one study, r0.2"),
-    (["search", "--ratio", "0.2,1.5"], "--ratio must be in (0, 1) or a parameter count >= 1"),
+    (["prune", "--ratio", "-0.2"], "--target must be in (0, 1)"),
+    (["prune", "--target", "abc"], "--target takes a fraction"),
+    (["search", "--target", "1.5"], "--target must be in (0, 1) or a parameter count >= 1"),
+    (["search", "--target", "0"], "--target must be in (0, 1) or a parameter count >= 1"),
+    (["search", "--target", "0.2,0.2"], "--target lists a target twice"),
+    (["search", "--target", "0.2,0.2000001"], "name one study, r0.2"),
+    (["search", "--target", "0.2,1.5"], "--target must be in (0, 1) or a parameter count >= 1"),
     (["prune", "--layers", "x"], "--layers takes FIRST:LAST"),
     (["prune", "--repair", "refit"], "invalid choice: 'refit'"),
     (["prune", "--ridge", "0"], "--ridge"),
@@ -193,15 +193,15 @@ def test_user_errors_exit_2_with_one_line(capsys, tmp_path, tiny_model_dir, corp
 
 
 def test_search_takes_a_parameter_count_as_its_ratio():
-    assert build_parser().parse_args(["search", "--ratio", "28021248"]).ratio == (28021248,)
+    assert build_parser().parse_args(["search", "--ratio", "28021248"]).target == (28021248,)
 
 
 def test_search_takes_a_fraction_as_its_ratio():
-    assert build_parser().parse_args(["search", "--ratio", "0.3"]).ratio == (0.3,)
+    assert build_parser().parse_args(["search", "--target", "0.3"]).target == (0.3,)
 
 
 def test_search_takes_several_targets():
-    assert build_parser().parse_args(["search", "--ratio", "0.1, 0.2,0.3"]).ratio == (0.1, 0.2, 0.3)
+    assert build_parser().parse_args(["search", "--target", "0.1, 0.2,0.3"]).target == (0.1, 0.2, 0.3)
 
 
 def test_serve_opens_the_api_only_the_dashboard_stays_on_localhost():
@@ -297,7 +297,7 @@ def _search_options() -> dict[str, object]:
 
 
 def _http_fields(model, prefix: str = "") -> list[str]:
-    """Every field of a pydantic request body, ``space.*``/``recover.*`` for the nested ones."""
+    """Every field of a pydantic request body, ``space.*``/``finetune.*`` for the nested ones."""
     from pydantic import BaseModel
 
     fields = []
@@ -323,7 +323,7 @@ def test_the_search_flags_and_the_http_spec_take_the_same_fields_with_the_same_d
     args = build_parser().parse_args(["search", "--aggregations", "sum", "--ridge", "0.01:1", "--no-attn-share",
                                       "--lora-steps", "3", "--lora-alpha", "8", "--train-batch-size", "2"])
     http = JobCreate(space={"aggregations": ["sum"], "ridge": [0.01, 1], "attn_share": False},
-                     recover={"steps": 3, "alpha": 8, "batch_size": 2})
+                     finetune={"steps": 3, "alpha": 8, "batch_size": 2})
     assert search_job(args).to_dict() == http.to_search_job().to_dict()
 
 

@@ -87,7 +87,7 @@ def test_in_domain_test_covers_each_evaluation_source(heldout_study):
 
 
 def test_the_unpruned_model_is_scored_on_the_heldout_source(heldout_study):
-    assert heldout_study.user_attrs["dense"]["heldout"] > 1
+    assert heldout_study.user_attrs["unpruned"]["heldout"] > 1
 
 
 def test_the_report_shows_heldout_beside_in_domain_test(heldout_study):

@@ -127,7 +127,7 @@ def test_gradient_and_activation_metrics_beat_random(session):
     def test_ppl(metric):
         config = PruneConfig(Mixture.single(metric), tuple(range(8)), Allocation.named("layer_range"))
         pruned, plan = session.prune(config, 0.2)
-        assert abs(plan.ratio - 0.2) < 1e-4
+        assert abs(plan.removed_share - 0.2) < 1e-4
         return session.perplexity(pruned, "test").ppl
 
     random_ppl = test_ppl("random")

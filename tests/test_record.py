@@ -20,12 +20,17 @@ def _literal(node: ast.AST) -> str | None:
     return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
 
 
+def _reads_one_key(call: ast.Call) -> bool:
+    """``stored(attrs, Key.X)``: the value of one key, not the attributes themselves."""
+    return isinstance(call.func, ast.Name) and call.func.id == "stored"
+
+
 def stored_key_literals(source: str) -> list[tuple[int, str]]:
     """``(line, key)`` for each user-attribute key written as a string literal in ``source``."""
     tree = ast.parse(source)
     aliases = {t.id for node in ast.walk(tree) if isinstance(node, ast.Assign)
                and (_is_attrs(node.value, set()) or isinstance(node.value, ast.Call) and node.value.args
-                    and _is_attrs(node.value.args[0], set()))
+                    and _is_attrs(node.value.args[0], set()) and not _reads_one_key(node.value))
                for t in node.targets if isinstance(t, ast.Name)}
     found = []
     for node in ast.walk(tree):

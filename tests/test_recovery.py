@@ -100,16 +100,16 @@ def test_search_job_recovers_the_best_configuration(tiny_tokenizer, tmp_path):
                              max_eval_windows={"validation": 8, "test": 6}, progress=False, cache_statistics=False)
     job = SearchJob(model="tiny", calibration=("toy",), trials=4, pool_size=12, seq_len=32, val_windows=8,
                     test_windows=6, baselines=("wanda-sp",), space=SearchSpace(subset_size=(2, 6), n_clusters=2),
-                    recover=LoRA(steps=15, r=4, alpha=8, lr=5e-3, dropout=0.0))
+                    finetune=LoRA(steps=15, r=4, alpha=8, lr=5e-3, dropout=0.0))
     assert SearchJob.from_dict(job.to_dict()) == job
     result = run_search(job, None, "rec", session=session, out_dir=tmp_path / "out", artifact_dir=tmp_path / "a",
                         progress=False)
-    recovery = result.study.user_attrs["recovery"]
+    recovery = result.study.user_attrs["finetune"]
     assert recovery["steps"] == 15
     assert recovery["test_ppl_after"] < recovery["test_ppl_before"]
     assert recovery["test_ppl_before"] == pytest.approx(result.best_trial.user_attrs["test_ppl"])
     model, _ = load_pruned(result.model_dir)
-    assert model.config.adapruner["recovery"]["test_ppl_after"] == recovery["test_ppl_after"]
+    assert model.config.adapruner["finetune"]["test_ppl_after"] == recovery["test_ppl_after"]
 
 
 def test_cli_finetune_and_incremental_prune(capsys, tmp_path, tiny_model_dir):
@@ -131,4 +131,4 @@ def test_cli_finetune_and_incremental_prune(capsys, tmp_path, tiny_model_dir):
     assert "before  test ppl" in out
     assert "after   test ppl" in out
     model, _ = load_pruned(str(pruned_dir) + "-lora")
-    assert model.config.adapruner["recovery"]["lora"]["steps"] == 5
+    assert model.config.adapruner["finetune"]["lora"]["steps"] == 5

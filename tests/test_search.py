@@ -101,14 +101,14 @@ def test_suggest_builds_a_config_and_respects_fixed_params():
     assert suggest(SPACE, {**params, "scope": "global"}).allocation.scope == "global"
     flap = suggest(SPACE, {**params, "score": "flap"})
     assert dict(flap.mixture.weights) == {"flap": 1.0}  # FLAP's score instead of the mixture, not mixed into it
-    fixed = SearchSpace(subset_size=(2, 8), n_clusters=3, metrics=("wanda_sp",), calibration="all",
+    fixed = SearchSpace(subset_size=(2, 8), n_clusters=3, metrics=("wanda_sp",), subset_mode="all",
                         fixed={"aggregation": "sum", "strength": 0.0, "layer_first": 0, "layer_last": 0,
                                "attn_share": 0.1, "repair": "off", "scope": "layer", "score": "mixture",
                                "drop_layers": 0})
     config = suggest(fixed, {})  # nothing left to search: a FixedTrial with no params works
     assert config.subset == tuple(range(16))
     assert dict(config.mixture.weights) == {"wanda_sp": 1.0}
-    random_mode = SearchSpace(subset_size=(2, 8), calibration="random", depth=False)
+    random_mode = SearchSpace(subset_size=(2, 8), subset_mode="random", depth=False)
     a = suggest(random_mode, {**params, "calib_seed": 3})
     assert a.subset == suggest(random_mode, {**params, "calib_seed": 3}).subset
     assert len(a.subset) == 5
@@ -139,8 +139,8 @@ def test_the_repair_space_is_checked():
 
 
 def test_bad_jobs_are_refused():
-    with pytest.raises(AdaPrunerError, match="ratio"):
-        tiny_job(ratio=1.5)
+    with pytest.raises(AdaPrunerError, match="target"):
+        tiny_job(target=1.5)
     with pytest.raises(AdaPrunerError, match="sampler"):
         tiny_job(sampler="cmaes")
     with pytest.raises(AdaPrunerError, match="baseline"):
@@ -153,17 +153,17 @@ def test_bad_jobs_are_refused():
 
 
 def test_a_job_takes_a_parameter_count_as_its_ratio():
-    assert tiny_job(ratio=28021248).ratio == 28021248
+    assert tiny_job(target=28021248).target == 28021248
 
 
 def test_a_counted_ratio_survives_the_stored_job():
-    assert SearchJob.from_dict(tiny_job(ratio=28021248).to_dict()).ratio == 28021248
+    assert SearchJob.from_dict(tiny_job(target=28021248).to_dict()).target == 28021248
 
 
 @pytest.mark.parametrize("ratio", [1.5, 0, 0.0, -3, 1.0, 28021248.0, True, float("nan"), float("inf")])
 def test_a_ratio_neither_a_fraction_nor_a_count_is_refused(ratio):
-    with pytest.raises(AdaPrunerError, match=r"ratio must be a fraction in \(0, 1\) or a whole parameter count >= 1"):
-        tiny_job(ratio=ratio)
+    with pytest.raises(AdaPrunerError, match=r"target must be a fraction in \(0, 1\) or a whole parameter count >= 1"):
+        tiny_job(target=ratio)
 
 
 # -- the study ----------------------------------------------------------------------------------
@@ -255,7 +255,7 @@ def test_the_best_is_tested(searched):
 
 def test_the_best_meets_the_ratio(searched):
     result, _ = searched
-    assert result.best_trial.user_attrs["ratio"] == pytest.approx(0.2, abs=0.01)
+    assert result.best_trial.user_attrs["removed_share"] == pytest.approx(0.2, abs=0.01)
 
 
 def test_the_best_records_the_time_of_each_phase(searched):
@@ -459,8 +459,8 @@ def test_resume_continues_and_budget_may_grow(session, tmp_path):
     assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in result.study.trials) == \
         tiny_job(trials=9).total_trials
     assert sum(bool(t.user_attrs.get("baseline")) for t in result.study.trials) == len(BASELINE_RUNS)  # once
-    with pytest.raises(AdaPrunerError, match="different job .*ratio"):
-        run_search(tiny_job(ratio=0.3), url, "r", session=session, progress=False)
+    with pytest.raises(AdaPrunerError, match="different job .*target"):
+        run_search(tiny_job(target=0.3), url, "r", session=session, progress=False)
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")

@@ -83,7 +83,7 @@ def test_trials_record_the_layers_they_dropped(deep):
 
 
 def test_trials_still_meet_the_ratio(deep):
-    assert [round(t.user_attrs["ratio"], 2) for t in deep.study.trials] == [0.2, 0.2, 0.2]
+    assert [round(t.user_attrs["removed_share"], 2) for t in deep.study.trials] == [0.2, 0.2, 0.2]
 
 
 def test_the_exported_best_has_the_best_trials_depth(deep):

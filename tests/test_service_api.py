@@ -90,7 +90,7 @@ def test_submit_answers_202_with_location_and_queued_baselines(client):
     assert body["links"]["dashboard"].startswith("http://127.0.0.1:8081/dashboard/studies/")
     assert body["spec"]["model"] == "tiny"
     assert body["spec"]["calibration"] == ["toy"]  # no server paths shown
-    assert body["spec"]["recover"] is None
+    assert body["spec"]["finetune"] is None
     trials = client.get(body["links"]["trials"]).json()["items"]
     assert [t["baseline"] for t in trials] == ["wanda-sp", "magnitude"]
     assert trials[0]["state"] == "waiting"
@@ -128,7 +128,7 @@ def test_the_job_list_shows_the_progress_the_job_shows(client, backend):
     eta_listed, eta_shown = listed.pop("eta_seconds"), shown.pop("eta_seconds")
     assert listed == shown
     assert eta_listed == pytest.approx(eta_shown, abs=5)  # read a moment apart
-    assert (listed["finished"], listed["pruned"], listed["failed"], listed["running"]) == (3, 1, 1, 1)
+    assert (listed["finished"], listed["stopped_early"], listed["failed"], listed["running"]) == (3, 1, 1, 1)
     assert listed["phase"] == "trial 4/8"  # 6 searched and 2 baseline runs
     assert eta_listed > 0
     engine.dispose()
@@ -136,11 +136,11 @@ def test_the_job_list_shows_the_progress_the_job_shows(client, backend):
 
 
 @pytest.mark.parametrize(("change", "status", "field", "message"), [
-    ({"ratio": -0.2}, 422, "ratio", "greater than 0"),
-    ({"ratio": 1.0}, 422, "ratio", "less than 1"),
-    ({"ratio": 0}, 422, "ratio", "greater than 0"),
-    ({"ratio": -5}, 422, "ratio", "greater than or equal to 1"),
-    ({"ratio": 28021248.5}, 422, "ratio", "less than 1"),
+    ({"target": -0.2}, 422, "target", "greater than 0"),
+    ({"target": 1.0}, 422, "target", "less than 1"),
+    ({"target": 0}, 422, "target", "greater than 0"),
+    ({"target": -5}, 422, "target", "greater than or equal to 1"),
+    ({"target": 28021248.5}, 422, "target", "less than 1"),
     ({"trials": 10**9}, 422, "trials", "at most 500"),
     ({"pool_size": 100000}, 422, "pool_size", "at most 256"),
     ({"sampler": "cmaes"}, 422, "sampler", "Input should be"),
@@ -163,8 +163,8 @@ def test_the_job_list_shows_the_progress_the_job_shows(client, backend):
     ({"space": {"ridge": [0, 1]}}, 422, "space.ridge", "greater than 0"),
     ({"space": {"ridge": [1, 0.1]}}, 422, "space.ridge", "min <= max"),
     ({"surprise": 1}, 422, "surprise", "Extra inputs are not permitted"),
-    ({"recover": {"steps": 0}}, 422, "steps", "greater than or equal to 1"),
-    ({"recover": {"steps": 9000}}, 422, "steps", "at most 5000"),
+    ({"finetune": {"steps": 0}}, 422, "steps", "greater than or equal to 1"),
+    ({"finetune": {"steps": 9000}}, 422, "steps", "at most 5000"),
     ({"model": "a\u0000b.gguf"}, 422, "model", "String should match pattern"),
     ({"calibration": ["toy\u0000"]}, 422, "calibration", "String should match pattern"),
     ({"heldout": ["x\u0000y"]}, 422, "heldout", "String should match pattern"),
@@ -184,15 +184,15 @@ def test_the_job_list_shows_the_progress_the_job_shows(client, backend):
     ({"evaluation": ["toy/" + "x" * 300]}, 422, "evaluation", "cannot be a path in the texts folder"),
     ({"heldout": ["x" * 300]}, 422, "heldout", "cannot be a path in the texts folder"),
     ({"calibration": ["loop"]}, 422, "calibration", "cannot be a path in the texts folder (a symlink loop)"),
-    ({"ratio": "0.2"}, 422, "ratio", "valid number"),  # strict types: no strings for numbers or booleans
+    ({"target": "0.2"}, 422, "target", "valid number"),  # strict types: no strings for numbers or booleans
     ({"trust_remote_code": 0}, 422, "trust_remote_code", "valid boolean"),
     ({"space": {"depth": "yes"}}, 422, "depth", "valid boolean"),
     ({"measure_cost": 1}, 422, "measure_cost", "valid boolean"),
     ({"space": {"fixed": {"drop_layers": 4}}}, 422, "space.fixed", "would drop every layer of a model of 4"),
     ({"space": {"fixed": {"layer_first": 2, "layer_last": 2}}}, 422, "space.fixed", "leave no layer to prune"),
-    ({"ratio": 10**8}, 422, "ratio", "cannot remove 100000000 parameters: the model has"),
-    ({"ratio": [0.2, 0.2]}, 422, "ratio", "lists a target twice"),
-    ({"ratio": [0.2, 0.2000001]}, 422, "ratio", "name one study, r0.2"),  # no command-line hint over HTTP
+    ({"target": 10**8}, 422, "target", "cannot remove 100000000 parameters: the model has"),
+    ({"target": [0.2, 0.2]}, 422, "target", "lists a target twice"),
+    ({"target": [0.2, 0.2000001]}, 422, "target", "name one study, r0.2"),  # no command-line hint over HTTP
     ({"evaluation": ["builtin:books:5"]}, 422, "evaluation", "take no sample count"),
     ({"heldout": ["builtin:news:5"]}, 422, "heldout", "take no sample count"),
     ({"calibration": ["builtin:books:\u00b2"]}, 422, "calibration", "unknown built-in text 'books:\u00b2'"),
@@ -219,12 +219,12 @@ def test_a_whole_number_written_with_a_decimal_point_is_that_number(client):
     assert refused.status_code == 422 and refused.json()["detail"][0]["loc"][-1] == "trials"
 
 
-@pytest.mark.parametrize("body", ['{"ratio": NaN}', '{"trials": Infinity}', '{"trials": 1e400}',
-                                  '{"ratio": -Infinity}', '{"space": {"ridge": [NaN, 1]}}'])
+@pytest.mark.parametrize("body", ['{"target": NaN}', '{"trials": Infinity}', '{"trials": 1e400}',
+                                  '{"target": -Infinity}', '{"space": {"ridge": [NaN, 1]}}'])
 def test_non_finite_numbers_get_422_not_500(client, body):
     response = client.post("/v1/jobs", content=body, headers={**AUTH, "Content-Type": "application/json"})
     assert response.status_code == 422, response.text
-    assert response.json()["detail"][0]["loc"][1] in ("ratio", "trials", "space")
+    assert response.json()["detail"][0]["loc"][1] in ("target", "trials", "space")
 
 
 @pytest.mark.parametrize("content_type", [None, "text/plain", "application/octet-stream"])
@@ -257,15 +257,15 @@ def test_the_error_answers_are_documented(client):
 
 
 def test_a_job_takes_a_parameter_count_as_its_ratio(client):
-    response = submit(client, ratio=20000)  # of the tiny model's 122,880 prunable parameters
+    response = submit(client, target=20000)  # of the tiny model's 122,880 prunable parameters
     assert response.status_code == 202, response.text
-    assert response.json()["spec"]["ratio"] == 20000
+    assert response.json()["spec"]["target"] == 20000
 
 
 @pytest.mark.parametrize("number", [float("nan"), float("inf"), float("-inf")])
 def test_the_job_schema_refuses_a_non_finite_ratio(number):
     with pytest.raises(ValidationError, match="finite number"):
-        JobCreate(**small_job(ratio=number))
+        JobCreate(**small_job(target=number))
 
 
 def test_unknown_ids_are_404(client):

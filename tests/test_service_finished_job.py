@@ -56,7 +56,7 @@ def test_the_job_shows_both_baselines(finished):
 
 
 def test_the_job_shows_the_unpruned_perplexity(finished):
-    assert finished.job["dense"]["test"] > 1
+    assert finished.job["unpruned"]["test"] > 1
 
 
 def test_the_job_says_how_to_load_its_model(finished):

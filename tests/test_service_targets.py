@@ -1,5 +1,5 @@
 """A job of several targets over HTTP, run to its end by a real worker subprocess: one study per target,
-each target's model downloadable by its ratio, the trade-off report."""
+each target's model downloadable by its target, the trade-off report."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def several(tmp_path_factory, roots):
     (test_service_finished_job.py) runs on both."""
     folder = tmp_path_factory.mktemp("targets")
     url = f"sqlite:///{folder / 'service.db'}"
-    with job_run_to_its_end(folder, url, roots, small_job(trials=3, ratio=[0.1, 0.3])) as job:
+    with job_run_to_its_end(folder, url, roots, small_job(trials=3, target=[0.1, 0.3])) as job:
         yield job
 
 
@@ -43,7 +43,7 @@ def test_each_target_has_its_study(several):
 
 
 def test_each_target_has_a_best_and_a_model(several):
-    assert [(t["ratio"], t["best"] is not None, t["has_model"]) for t in several.job["targets"]] == \
+    assert [(t["target"], t["best"] is not None, t["has_model"]) for t in several.job["targets"]] == \
         [(0.1, True, True), (0.3, True, True)]
 
 
@@ -58,8 +58,8 @@ def test_the_job_list_counts_every_targets_trials(several):
 
 
 def test_each_targets_model_downloads_by_its_ratio(several):
-    models = {target["ratio"]: download(several, target["ratio"]) for target in several.job["targets"]}
-    assert [models[t["ratio"]].config.adapruner["trial"] for t in several.job["targets"]] == \
+    models = {target["target"]: download(several, target["target"]) for target in several.job["targets"]}
+    assert [models[t["target"]].config.adapruner["trial"] for t in several.job["targets"]] == \
         [t["best"]["number"] for t in several.job["targets"]]
 
 
@@ -88,5 +88,5 @@ def test_the_report_draws_the_tradeoff(several):
 
 
 def test_a_target_listed_twice_is_refused(several):
-    answer = several.client.post("/v1/jobs", json=small_job(ratio=[0.2, 0.2]), headers=AUTH)
-    assert (answer.status_code, answer.json()["detail"][0]["loc"]) == (422, ["body", "ratio"])
+    answer = several.client.post("/v1/jobs", json=small_job(target=[0.2, 0.2]), headers=AUTH)
+    assert (answer.status_code, answer.json()["detail"][0]["loc"]) == (422, ["body", "target"])

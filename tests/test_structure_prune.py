@@ -221,7 +221,7 @@ def test_a_non_uniform_export_loads_with_plain_transformers_where_adapruner_is_a
     pruned = prune_model(model, PruningPlan(tuple(layers), 1, structure.total_params))
     sizes = pruned.config.adapruner["layers"]
     assert any(s != sizes[0] for s in sizes), "the plan must give the layers different sizes"
-    save_pruned(pruned, None, tmp_path / "export", info={"base_model": "tiny", "ratio": 0.2})
+    save_pruned(pruned, None, tmp_path / "export", info={"base_model": "tiny", "removed_share": 0.2})
     assert (tmp_path / "export" / "modeling_pruned.py").is_file()
     card = (tmp_path / "export" / "README.md").read_text()
     assert 'from_pretrained("export", trust_remote_code=True)' in card

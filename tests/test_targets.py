@@ -38,7 +38,7 @@ def test_each_of_several_targets_has_its_own_study(targets):
 
 def test_each_target_is_searched_at_its_ratio(targets):
     results, _, _ = targets
-    assert [round(r.best_trial.user_attrs["ratio"], 1) for r in results] == [0.1, 0.3]
+    assert [round(r.best_trial.user_attrs["removed_share"], 1) for r in results] == [0.1, 0.3]
 
 
 def test_the_pool_statistics_are_computed_once_for_all_targets(targets):
@@ -55,7 +55,7 @@ def test_each_target_exports_its_model_in_its_folder(targets):
 def test_the_tradeoff_has_the_unpruned_model_then_best_and_llm_pruner_per_target(targets):
     results, _, _ = targets
     rows = tradeoff_points([r.study for r in results])
-    assert [(r["ratio"], r["model"]) for r in rows] == [(0.0, "unpruned"), (0.1, "best"), (0.1, "llm-pruner"),
+    assert [(r["target"], r["model"]) for r in rows] == [(0.0, "unpruned"), (0.1, "best"), (0.1, "llm-pruner"),
                                                          (0.3, "best"), (0.3, "llm-pruner")]
 
 

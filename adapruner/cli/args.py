@@ -121,38 +121,39 @@ def parse_layers(text: str) -> tuple[int, int]:
     return first, last
 
 
-def ratio_or_count(text: str) -> float | int:
+def target_value(text: str) -> float | int:
+    """What to remove: a fraction in (0, 1) of all parameters, or a parameter count."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--ratio takes a fraction in (0, 1) or a parameter count, got {text!r}") \
+        raise argparse.ArgumentTypeError(f"--target takes a fraction in (0, 1) or a parameter count, got {text!r}") \
             from None
     from ..plan import check_target
 
     try:
         return check_target(int(value) if value >= 1 and value.is_integer() else value)
     except AdaPrunerError:
-        raise argparse.ArgumentTypeError(f"--ratio must be in (0, 1) or a parameter count >= 1, got {text}") from None
+        raise argparse.ArgumentTypeError(f"--target must be in (0, 1) or a parameter count >= 1, got {text}") from None
 
 
-def ratio_list(text: str) -> tuple[float | int, ...]:
-    """``--ratio 0.1,0.2,0.3``: one target or several, each a fraction or a parameter count, no repeats."""
+def target_list(text: str) -> tuple[float | int, ...]:
+    """``--target 0.1,0.2,0.3``: one target or several, each a fraction or a parameter count, no repeats."""
     from ..search import check_targets
 
-    ratios = tuple(ratio_or_count(part.strip()) for part in text.split(","))
+    targets = tuple(target_value(part.strip()) for part in text.split(","))
     try:
-        check_targets(ratios)
+        check_targets(targets)
     except AdaPrunerError as exc:
         raise argparse.ArgumentTypeError(f"--{exc}") from None
-    return ratios
+    return targets
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
     from ..data import DEFAULT_SEQ_LEN
-    from ..plan import LLM_PRUNER_LAYERS, SCOPES
+    from ..plan import DEFAULT_TARGET, LLM_PRUNER_LAYERS, SCOPES
     from ..repair import REPAIR_MODES, REPAIR_WINDOWS, Repair
 
-    p.add_argument("--ratio", type=ratio_or_count, default=0.2,
+    p.add_argument("--target", "--ratio", dest="target", type=target_value, default=DEFAULT_TARGET,
                    help="share of ALL parameters to remove, or a parameter count (default: %(default)s)")
     p.add_argument("--aggregation", default="sum", help="sum | mean | max | prod | last (default: %(default)s)")
     p.add_argument("--allocation", default="layer_range",

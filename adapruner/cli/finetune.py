@@ -1,4 +1,4 @@
-"""``adapruner finetune``: recover a pruned model with LoRA, merged back into its weights."""
+"""``adapruner finetune``: fine-tune a pruned model with LoRA, merged back into its weights."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
           f"loss {result.losses[0]:.3f} -> {result.final_loss:.3f}")
     print(f"after   {args.split} ppl {after.ppl:.4f}")
     out = args.out or str(args.model).rstrip("/") + "-lora"
-    save_pruned(result.model, tokenizer, out, info={"recovery": {
+    save_pruned(result.model, tokenizer, out, info={"finetune": {
         "lora": {"steps": lora.steps, "r": lora.r, "alpha": lora.alpha, "lr": lora.lr, "batch_size": lora.batch_size},
         f"{args.split}_ppl_before": before.ppl, f"{args.split}_ppl_after": after.ppl, "seconds": result.seconds}})
     print(f"saved   {out}")
@@ -39,7 +39,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """The ``finetune`` command's flags."""
-    p = sub.add_parser("finetune", help="recover a pruned model with LoRA, merged back into its weights")
+    p = sub.add_parser("finetune", help="fine-tune a pruned model with LoRA, merged back into its weights")
     add_model_args(p)
     add_eval_args(p)
     add_lora_args(p, "--steps")

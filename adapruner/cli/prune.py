@@ -17,11 +17,12 @@ from .args import (
 )
 
 
-def print_sizes(plan_sizes: list[dict[str, int]], dense: list[dict[str, int]], dropped: tuple[int, ...] = ()) -> None:
-    """Each layer of the dense model: what it kept, or that it was dropped (``plan_sizes``: the kept layers')."""
+def print_sizes(plan_sizes: list[dict[str, int]], unpruned: list[dict[str, int]],
+                dropped: tuple[int, ...] = ()) -> None:
+    """Each layer of the unpruned model: what it kept, or that it was dropped (``plan_sizes``: the kept layers')."""
     print("layer  kv_heads  mlp_channels")
     kept = iter(plan_sizes)
-    for i, base in enumerate(dense):
+    for i, base in enumerate(unpruned):
         if i in dropped:
             print(f"{i:5d}  dropped")
             continue
@@ -71,32 +72,32 @@ def cmd_prune(args: argparse.Namespace) -> int:
         from ..data import training_windows
         from ..incremental import prune_incrementally
 
-        if not isinstance(args.ratio, float):
-            raise AdaPrunerError("--incremental takes --ratio as a fraction")
+        if not isinstance(args.target, float):
+            raise AdaPrunerError("--incremental takes --target as a fraction")
         train = training_windows(session.tokenizer, session.train_sources, args.seq_len) if args.lora_steps else None
-        result = prune_incrementally(session.model, session.pool.windows, mixture, args.ratio, args.step,
+        result = prune_incrementally(session.model, session.pool.windows, mixture, args.target, args.step,
                                      allocation, lora_from(args), train, progress=True)
         pruned = result.model
         for record in result.steps:
             loss = f", LoRA loss {record.finetune_loss:.3f}" if record.finetune_loss is not None else ""
-            print(f"step    -> {record.target_ratio:.2%}: removed {record.removed:,}, {record.params:,} left "
+            print(f"step    -> {record.target:.2%}: removed {record.removed:,}, {record.params:,} left "
                   f"({record.seconds:.0f}s{loss})")
         from ..structure import model_structure
 
-        sizes, ratio = model_structure(pruned).sizes(), 1 - model_structure(pruned).total_params / before
+        sizes, removed_share = model_structure(pruned).sizes(), 1 - model_structure(pruned).total_params / before
         dropped = ()
     else:
-        pruned, plan = session.prune(config, args.ratio)
-        sizes, ratio, dropped = plan.sizes(), plan.ratio, plan.dropped
+        pruned, plan = session.prune(config, args.target)
+        sizes, removed_share, dropped = plan.sizes(), plan.removed_share, plan.dropped
     after = sum(p.numel() for p in pruned.parameters())
-    print(f"params  {before:,} -> {after:,}  (removed {before - after:,} = {ratio:.2%} of all)")
+    print(f"params  {before:,} -> {after:,}  (removed {before - after:,} = {removed_share:.2%} of all)")
     print_sizes(sizes, session.structure.sizes(), dropped)
     for split in ("validation", "test"):
         result = session.perplexity(pruned, split)
         print(f"{split:<10} ppl {result.ppl:.4f}  ({result.windows} windows, {result.seconds:.1f}s)")
     if args.out:
         save_pruned(pruned, session.tokenizer, args.out,
-                    info={"base_model": args.model, "config": config.to_dict(), "ratio": ratio,
+                    info={"base_model": args.model, "config": config.to_dict(), "removed_share": removed_share,
                           "incremental_step": args.step if args.incremental else None},
                     dtype=export_dtype(args.export_dtype, args.model, pruned))
         print(f"saved   {args.out}")

@@ -17,19 +17,19 @@ from .args import (
     parse_fixed,
     parse_heldout,
     positive,
-    ratio_list,
     ridge_range,
     subset_range,
+    target_list,
     task_list,
 )
 
-# The search command's flags whose names differ from the job's fields (``space.*`` and ``recover.*`` for the
-# search space's and the recovery's); every other field ``f`` is the flag ``--f`` with ``-`` for ``_``. The HTTP
+# The search command's flags whose names differ from the job's fields (``space.*`` and ``finetune.*`` for the
+# search space's and the LoRA fine-tuning's); every other field ``f`` is the flag ``--f`` with ``-`` for ``_``. The HTTP
 # API takes the fields by their own names; tests/test_cli.py checks that both take every field, with one default.
 SEARCH_FLAGS = {
     "calibration": "--calib", "evaluation": "--eval", "space.n_clusters": "--clusters", "space.fixed": "--fix",
-    "recover.steps": "--lora-steps", "recover.lr": "--lora-lr", "recover.r": "--lora-r",
-    "recover.alpha": "--lora-alpha", "recover.batch_size": "--train-batch-size", "measure_cost": "--no-measure",
+    "finetune.steps": "--lora-steps", "finetune.lr": "--lora-lr", "finetune.r": "--lora-r",
+    "finetune.alpha": "--lora-alpha", "finetune.batch_size": "--train-batch-size", "measure_cost": "--no-measure",
 }
 
 
@@ -39,7 +39,7 @@ def search_job(args: argparse.Namespace):
 
     space = SearchSpace(
         metrics=tuple(args.metrics.split(",")) if args.metrics else SearchSpace.metrics,
-        calibration=args.calibration, subset_size=args.subset_size, n_clusters=args.clusters,
+        subset_mode=args.subset_mode, subset_size=args.subset_size, n_clusters=args.clusters,
         repairs=tuple(args.repairs.split(",")), scopes=tuple(args.scopes.split(",")),
         scores=tuple(args.scores.split(",")), depth=args.depth, aggregations=tuple(args.aggregations.split(",")),
         ridge=args.ridge, attn_share=args.attn_share, iterations=args.iterations, fixed=dict(args.fix or []),
@@ -47,13 +47,13 @@ def search_job(args: argparse.Namespace):
     return SearchJob(
         model=args.model, calibration=tuple(args.calib or SearchJob.calibration), evaluation=tuple(args.eval or ()),
         heldout=parse_heldout(args.heldout),
-        ratio=args.ratio[0], trials=args.trials, sampler=args.sampler, pruner=args.pruner, seed=args.seed,
+        target=args.target[0], trials=args.trials, sampler=args.sampler, pruner=args.pruner, seed=args.seed,
         pool_size=args.pool_size, seq_len=args.seq_len, val_windows=args.val_windows, test_windows=args.test_windows,
         baselines=tuple(b for b in args.baselines.split(",") if b), baseline_draws=args.baseline_draws, space=space,
         start=args.start, repair_windows=args.repair_windows, finalists=args.finalists,
         selection_windows=args.selection_windows,
         channel_multiple=args.channel_multiple,
-        recover=lora_from(args) if args.lora_steps else None,
+        finetune=lora_from(args) if args.lora_steps else None,
         tasks=tuple(args.tasks or ()), task_limit=args.task_limit, export_dtype=args.export_dtype,
         export_format=args.export_format, gguf_type=args.gguf_type,
         measure_cost=args.measure_cost,
@@ -74,13 +74,13 @@ def cmd_search(args: argparse.Namespace) -> int:
         check_gguf_exportable(job.model)
     name = args.study or job.default_study_name
     out = Path(args.out or Path("runs") / name)
-    results = run_targets(job, args.ratio, args.storage, name, device=args.device, dtype=args.dtype, out_dir=out,
+    results = run_targets(job, args.target, args.storage, name, device=args.device, dtype=args.dtype, out_dir=out,
                           artifact_dir=args.artifacts)
-    several = len(args.ratio) > 1
-    for ratio, result in zip(args.ratio, results, strict=False):
+    several = len(args.target) > 1
+    for target, result in zip(args.target, results, strict=False):
         if several:
-            print(f"target  {ratio:g} ({result.study.study_name})")
-        print_result(result, out / f"r{ratio:g}" if several else out, args.storage)
+            print(f"target  {target:g} ({result.study.study_name})")
+        print_result(result, out / f"r{target:g}" if several else out, args.storage)
     if several:
         print(f"trade-off {write_tradeoff_report([r.study for r in results], out)}")
     return 0
@@ -100,7 +100,7 @@ def speed_line(cost: dict) -> str:
 
 
 def print_result(result, out: Path, storage: str) -> None:
-    """What one target's search found: the best, its margin over LLM-Pruner, tasks, recovery, where things are."""
+    """What one target's search found: the best, its margin over LLM-Pruner, tasks, fine-tuning, where things are."""
     from ..search import (
         GGUF_NAME,
         StudyKey,
@@ -109,6 +109,7 @@ def print_result(result, out: Path, storage: str) -> None:
         describe_config,
         load_line,
         margin_sentence,
+        stored,
         write_report,
     )
 
@@ -134,10 +135,10 @@ def print_result(result, out: Path, storage: str) -> None:
         cost = result.study.user_attrs.get(StudyKey.INFERENCE_COST)
         if cost and "best" in cost["speedups"]:
             print(speed_line(cost))
-    recovery = result.study.user_attrs.get(StudyKey.RECOVERY)
-    if recovery:
-        print(f"LoRA    {recovery['steps']} steps: test ppl {recovery['test_ppl_before']:.3f} -> "
-              f"{recovery['test_ppl_after']:.3f} ({recovery['seconds']:.0f}s)")
+    tuned = stored(result.study.user_attrs, StudyKey.FINETUNE)
+    if tuned:
+        print(f"LoRA    {tuned['steps']} steps: test ppl {tuned['test_ppl_before']:.3f} -> "
+              f"{tuned['test_ppl_after']:.3f} ({tuned['seconds']:.0f}s)")
     print(f"report  {report}")
     if result.model_dir:
         print(f"model   {result.model_dir}  (artifact {result.artifact_id})")
@@ -155,20 +156,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     from ..repair import REPAIR_MODES
     from ..search import (
         BASELINES,
-        CALIBRATION_MODES,
         DEFAULT_BASELINES,
         PRUNERS,
         SAMPLERS,
         STARTS,
+        SUBSET_MODES,
         SearchJob,
         SearchSpace,
     )
 
     p = sub.add_parser("search", help="Bayesian-optimization search for the best pruning configuration")
     add_model_args(p)
-    p.add_argument("--ratio", type=ratio_list, default=(SearchJob.ratio,), metavar="RATIO[,RATIO...]",
+    p.add_argument("--target", "--ratio", dest="target", type=target_list, default=(SearchJob.target,),
+                   metavar="TARGET[,TARGET...]",
                    help="share of ALL parameters to remove, in (0, 1), or a parameter count; several, comma-separated, "
-                   f"run one study per target and report the trade-off (default: {SearchJob.ratio})")
+                   f"run one study per target and report the trade-off (default: {SearchJob.target})")
     p.add_argument("--trials", type=positive(int, "--trials"), default=SearchJob.trials,
                    help="searched trials to finish; the baselines run besides them (default: %(default)s)")
     p.add_argument("--sampler", choices=SAMPLERS, default=SearchJob.sampler)
@@ -209,8 +211,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    default=SearchJob.selection_windows,
                    help="validation windows per source added for that re-scoring (default: %(default)s)")
     p.add_argument("--metrics", default=None, help="metrics the mixture may use, comma-separated")
-    p.add_argument("--calibration", choices=CALIBRATION_MODES, default=SearchSpace.calibration,
-                   help="how subsets are searched (default: %(default)s)")
+    p.add_argument("--subset-mode", "--calibration", dest="subset_mode", choices=SUBSET_MODES,
+                   default=SearchSpace.subset_mode,
+                   help="how a trial's calibration subset is chosen: clusters of the pool weighted per trial, a random "
+                   "size and seed, or the whole pool (default: %(default)s)")
     p.add_argument("--subset-size", type=subset_range, default=SearchSpace.subset_size, metavar="MIN:MAX")
     p.add_argument("--clusters", type=positive(int, "--clusters"), default=SearchSpace.n_clusters)
     p.add_argument("--repairs", default=",".join(SearchSpace.repairs),

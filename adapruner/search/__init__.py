@@ -11,7 +11,7 @@ from .best import GGUF_ARTIFACT, GGUF_NAME, best_trial, export_best
 from .job import EXPORT_DTYPES, EXPORT_FORMATS, STARTS, SearchJob
 from .lock import StudyLock
 from .objective import Objective
-from .record import FINISHED, StudyKey, TrialKey, baseline_of, draw_of
+from .record import FINISHED, StudyKey, TrialKey, baseline_of, draw_of, stored
 from .report import (
     baseline_draws,
     baseline_trials,
@@ -26,9 +26,9 @@ from .report import (
 from .samplers import ESTIMATING_SAMPLERS, PRUNERS, SAMPLERS, make_pruner, make_sampler
 from .selection import record_selection, select
 from .space import (
-    CALIBRATION_MODES,
     DEFAULT_METRICS,
     SCORES,
+    SUBSET_MODES,
     PoolClusters,
     SearchSpace,
     check_fixed,
@@ -48,10 +48,10 @@ from .study import SearchResult, create_study, open_session, run_search
 from .targets import check_targets, run_targets, target_study_name, tradeoff_markdown, write_tradeoff_report
 
 __all__ = [
-    "BASELINES", "CALIBRATION_MODES", "FINISHED", "DEFAULT_BASELINES", "DEFAULT_METRICS", "ESTIMATING_SAMPLERS",
+    "BASELINES", "SUBSET_MODES", "FINISHED", "DEFAULT_BASELINES", "DEFAULT_METRICS", "ESTIMATING_SAMPLERS",
     "EXPORT_DTYPES", "EXPORT_FORMATS", "GGUF_ARTIFACT", "GGUF_NAME", "PRUNERS", "SAMPLERS", "SCORES",
     "SQLITE_BUSY_SECONDS", "STORAGE_ERRORS", "STARTS", "StudyKey", "TrialKey",
-    "artifact_store", "baseline_of", "draw_of",
+    "artifact_store", "baseline_of", "draw_of", "stored",
     "baseline_config", "baseline_draws", "baseline_trials", "best_so_far", "best_trial", "check_fixed", "check_targets",
     "close_storage",
     "cluster_pool", "count_trials", "create_study", "describe_config", "export_best", "fail_dead_trials",

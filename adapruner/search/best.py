@@ -1,4 +1,4 @@
-"""The best configuration of a finished study: rebuilt, saved, uploaded as an artifact, optionally recovered."""
+"""The best configuration of a finished study: rebuilt, saved, uploaded as an artifact, optionally fine-tuned."""
 
 from __future__ import annotations
 
@@ -46,13 +46,13 @@ def compared_models(study: optuna.Study, session: PruningSession, job: SearchJob
                     share_unchanged: bool = False) -> list[tuple[str, Callable[[], torch.nn.Module]]]:
     """What a search is judged on after it ends: the unpruned model, each baseline and the best
     configuration (as searched), each built only when called, so that one pruned copy need exist at a time
-    (``share_unchanged``: copies that share the dense model's uncut tensors, to hold several at once)."""
+    (``share_unchanged``: copies that share the unpruned model's uncut tensors, to hold several at once)."""
     def build(config: PruneConfig) -> torch.nn.Module:
-        return session.prune(config, job.ratio, share_unchanged=share_unchanged)[0]
+        return session.prune(config, job.target, share_unchanged=share_unchanged)[0]
 
     models: list[tuple[str, Callable[[], torch.nn.Module]]] = [(UNPRUNED, lambda: session.model)]
     for name in job.baselines:  # a baseline that draws its calibration: its first draw
-        models.append((name, lambda name=name: build(baseline_config(name, session, job.seed, target=job.ratio))))
+        models.append((name, lambda name=name: build(baseline_config(name, session, job.seed, target=job.target))))
     best = best_trial(study)
     if best is not None:
         config = PruneConfig.from_dict(best.user_attrs[TrialKey.CONFIG])
@@ -87,15 +87,16 @@ def export_best(
     if recorded and recorded.get("trial") == best.number and out_dir is None:
         return None, recorded["artifact_id"]  # another process exported it already
     config = PruneConfig.from_dict(best.user_attrs[TrialKey.CONFIG])
-    pruned, plan = session.prune(config, job.ratio)
+    pruned, plan = session.prune(config, job.target)
     recorded_drop = best.user_attrs.get(TrialKey.DROPPED_LAYERS, [])
     if stored_sizes(plan.sizes()) != best.user_attrs[TrialKey.SIZES] or list(plan.dropped) != recorded_drop:
         raise AdaPrunerError(f"rebuilding trial {best.number} gave other layer sizes than the trial recorded")
     info = {"base_model": job.model, "study": study.study_name, "trial": best.number, "config": config.to_dict(),
-            "ratio": plan.ratio, "val_ppl": best.value, "test_ppl": best.user_attrs.get(TrialKey.TEST_PPL)}
-    if job.recover is not None and job.recover.steps:
-        pruned, info["recovery"] = recover(pruned, session, job.recover, best.user_attrs.get(TrialKey.TEST_PPL))
-        study.set_user_attr(StudyKey.RECOVERY, info["recovery"])
+            "removed_share": plan.removed_share, "val_ppl": best.value,
+            "test_ppl": best.user_attrs.get(TrialKey.TEST_PPL)}
+    if job.finetune is not None and job.finetune.steps:
+        pruned, info["finetune"] = finetune_best(pruned, session, job.finetune, best.user_attrs.get(TrialKey.TEST_PPL))
+        study.set_user_attr(StudyKey.FINETUNE, info["finetune"])
     model_dir, dtype = None, export_dtype(job.export_dtype, job.model, pruned)
     gguf_file = None
     if out_dir is not None:
@@ -122,7 +123,7 @@ def export_best(
     return model_dir, record["artifact_id"]
 
 
-def recover(model, session: PruningSession, lora: LoRA, test_before: float | None) -> tuple[object, dict]:
+def finetune_best(model, session: PruningSession, lora: LoRA, test_before: float | None) -> tuple[object, dict]:
     """LoRA-fine-tune the best pruned model on the calibration sources' pool text; test ppl before/after."""
     if test_before is None:
         test_before = perplexity(model, session.windows("test"), progress=session.progress, desc="test before").ppl

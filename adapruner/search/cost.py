@@ -37,7 +37,7 @@ LLAMA_CPP = "llama_cpp"  # the inference-cost record's entry for the GGUF files 
 def measure_models(study: optuna.Study, session: PruningSession, job: SearchJob, model_dir: Path | None = None,
                    **options) -> dict | None:
     """Measure and record the models' inference cost (``options`` go to :func:`measure_cost`); what is
-    recorded already when another process (or a resume) did it. Bytes on disk are those of the dense
+    recorded already when another process (or a resume) did it. Bytes on disk are those of the unpruned
     checkpoint and of the best's export in ``model_dir`` (the baselines are not written)."""
     if not job.measure_cost:
         return None
@@ -51,7 +51,7 @@ def measure_models(study: optuna.Study, session: PruningSession, job: SearchJob,
         if session.on_step is not None:
             session.on_step("inference cost", done, len(compared))
         if interleaved:
-            models[label] = build()  # all at once, for the rounds; each shares the dense model's uncut tensors
+            models[label] = build()  # all at once, for the rounds; each shares the unpruned model's uncut tensors
         else:
             costs[label] = measure_cost(build(), folder=folders.get(label), **options)
     summary = {}
@@ -68,21 +68,21 @@ def measure_models(study: optuna.Study, session: PruningSession, job: SearchJob,
     return summary
 
 
-def measure_in_llama_cpp(session: PruningSession, build_best, dense_folder: Path | None, best_folder: Path | None,
+def measure_in_llama_cpp(session: PruningSession, build_best, unpruned_folder: Path | None, best_folder: Path | None,
                          quant: str = "q4_k_m", repeats: int = 5) -> dict | None:
     """The unpruned model and the best as ``quant`` GGUF files in llama.cpp, interleaved (what a user deploys);
     ``None`` where llama.cpp is not installed or the model has no GGUF layout here."""
     try:
         llama_cpp_module()
-        read_layout(dense_folder) if dense_folder is not None else None
+        read_layout(unpruned_folder) if unpruned_folder is not None else None
     except AdaPrunerError:
         return None
-    if dense_folder is None or build_best is None:
+    if unpruned_folder is None or build_best is None:
         return None
     with tempfile.TemporaryDirectory(prefix="adapruner-gguf-") as tmp:
         best_folder = best_folder or save_pruned(build_best(), session.tokenizer, Path(tmp) / "best")
         files = {label: write_gguf(folder, Path(tmp) / f"{label}.gguf", quant, progress=False)
-                 for label, folder in ((UNPRUNED, dense_folder), ("best", best_folder))}
+                 for label, folder in ((UNPRUNED, unpruned_folder), ("best", best_folder))}
         costs, rounds = measure_gguf_interleaved(files, repeats=repeats)
     return {"quant": quant, "models": {label: cost.to_dict() for label, cost in costs.items()},
             "speedups": speedups(costs, UNPRUNED), "spread": ratio_spread(rounds, UNPRUNED), "rounds": len(rounds)}

@@ -10,7 +10,7 @@ from ..data import DEFAULT_CALIBRATION, DEFAULT_SEQ_LEN, check_heldout
 from ..errors import AdaPrunerError
 from ..finetune import LoRA
 from ..models import DEFAULT_MODEL
-from ..plan import check_target
+from ..plan import DEFAULT_TARGET, check_target
 from ..repair import REPAIR_WINDOWS
 from ..to_gguf import GGUF_TYPES
 from .baselines import BASELINES, DEFAULT_BASELINES, draws
@@ -24,6 +24,8 @@ EXPORT_FORMATS = ("safetensors", "gguf")
 # How the first searched trials are chosen: by TPE's random start-up alone; from LLM-Pruner's and FLAP's own
 # configurations and the priors shipped with the package; and also from earlier studies in the same storage.
 STARTS = ("random", "informed", "warm")
+# Fields stored by earlier versions under another name (studies keep their job), read under the one name now.
+LEGACY_FIELDS = {"ratio": "target", "recover": "finetune"}
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,7 @@ class SearchJob:
     calibration: tuple[str, ...] = DEFAULT_CALIBRATION  # two kinds of text: see DEFAULT_CALIBRATION
     evaluation: tuple[str, ...] = ()  # default: the calibration sources
     heldout: tuple[str, ...] | None = None  # test only; None: the built-in sources not used above
-    ratio: float | int = 0.2  # a share of all parameters, or a parameter count
+    target: float | int = DEFAULT_TARGET  # what to remove: a share of all parameters, or a parameter count
     trials: int = 30  # searched trials (finished: complete or stopped early); the baselines run besides them
     sampler: str = "tpe"
     pruner: str = "wilcoxon"
@@ -51,7 +53,7 @@ class SearchJob:
     finalists: int = 4  # the best trials by validation (baselines included) re-scored on more validation windows
     selection_windows: int = 96  # validation windows per source added for that re-scoring
     channel_multiple: int | None = None  # kept MLP channels per layer in multiples of this; None: 64 on CUDA, else 1
-    recover: LoRA | None = None  # fine-tune the best configuration after the search
+    finetune: LoRA | None = None  # LoRA fine-tuning of the best configuration after the search
     # lm-eval tasks scored after the search (unpruned, baselines, best); measured, never searched on.
     tasks: tuple[str, ...] = ()
     task_limit: int | None = None  # items per task; None: all
@@ -61,7 +63,7 @@ class SearchJob:
     gguf_type: str = "f16"  # the GGUF file's weights (export_format gguf): see adapruner.to_gguf.GGUF_TYPES
 
     def __post_init__(self) -> None:
-        check_target(self.ratio)
+        check_target(self.target)
         if self.trials < 1:
             raise AdaPrunerError(f"trials must be at least 1, got {self.trials}")
         if self.sampler not in SAMPLERS:
@@ -119,12 +121,12 @@ class SearchJob:
 
     @classmethod
     def from_dict(cls, data: dict) -> SearchJob:
-        data = dict(data)
+        data = {LEGACY_FIELDS.get(k, k): v for k, v in data.items()}
         data["space"] = SearchSpace.from_dict(data.get("space", {}))
-        if data.get("recover") is not None:
-            recover = dict(data["recover"])
-            recover["targets"] = tuple(recover.get("targets", LoRA.targets))
-            data["recover"] = LoRA(**recover)
+        if data.get("finetune") is not None:
+            lora = dict(data["finetune"])
+            lora["targets"] = tuple(lora.get("targets", LoRA.targets))
+            data["finetune"] = LoRA(**lora)
         for key in ("calibration", "evaluation", "baselines", "heldout", "tasks"):
             if data.get(key) is not None:
                 data[key] = tuple(data[key])
@@ -133,4 +135,4 @@ class SearchJob:
     @property
     def default_study_name(self) -> str:
         digest = hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:8]
-        return f"{self.model.replace('/', '_')}-r{self.ratio:g}-{digest}"
+        return f"{self.model.replace('/', '_')}-r{self.target:g}-{digest}"

@@ -175,7 +175,7 @@ class Objective:
             trial.set_user_attr(TrialKey.CONFIG, config.to_dict())
             # a repair's biases count too
             trial.set_user_attr(TrialKey.PARAMS_KEPT, sum(p.numel() for p in pruned.parameters()))
-            trial.set_user_attr(TrialKey.RATIO, round(plan.ratio, 6))
+            trial.set_user_attr(TrialKey.REMOVED_SHARE, round(plan.removed_share, 6))
             trial.set_user_attr(TrialKey.SIZES, stored_sizes(plan.sizes()))
             trial.set_user_attr(TrialKey.DROPPED_LAYERS, list(plan.dropped))
             with phase("validation"):

@@ -9,6 +9,9 @@ which trial is a baseline and of which draw, and which trials are finished.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from optuna.trial import FrozenTrial, TrialState
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # trials whose work counts against the budget
@@ -21,12 +24,12 @@ class StudyKey:
     VERSION = "adapruner_version"  # the package version that created the study
     INTERMEDIATE_UNIT = "intermediate_unit"  # what a trial's intermediate values measure
     DATA = "data"  # the pool, the windows and the model's size, as the study measured them
-    DENSE = "dense"  # the unpruned model's perplexities
+    UNPRUNED = "unpruned"  # the unpruned model's perplexities
     INFORMED_START = "informed_start"  # how many informed trials were queued (once)
     SELECTION = "selection"  # the finalists re-scored on the selection windows, and the choice
     TASKS = "tasks"  # downstream accuracies of the unpruned, baseline and chosen models
     INFERENCE_COST = "inference_cost"  # measured speed and memory of the same models
-    RECOVERY = "recovery"  # the chosen model's recovery training, when the job asks for one
+    FINETUNE = "finetune"  # the chosen model's LoRA fine-tuning, when the job asks for one
     BEST_MODEL = "best_model"  # the exported model's trial and artifact
 
 
@@ -37,7 +40,7 @@ class TrialKey:
     DRAW = "draw"  # which calibration draw of a drawn baseline (0 when absent)
     CONFIG = "config"  # the PruneConfig's dict
     PARAMS_KEPT = "params_kept"
-    RATIO = "ratio"  # the share of prunable parameters actually removed
+    REMOVED_SHARE = "removed_share"  # the share of all parameters the plan removes
     SIZES = "sizes"  # per layer: [KV groups, MLP channels]
     DROPPED_LAYERS = "dropped_layers"
     VAL_PPL = "val_ppl"
@@ -53,6 +56,17 @@ class TrialKey:
     SECONDS = "seconds"  # seconds per phase
     WORKER = "worker"  # the process running it: host:pid
     FAIL_REASON = "fail_reason"
+
+
+# Keys that earlier versions stored under another name; :func:`stored` reads either, so their studies still show them.
+LEGACY_KEYS = {StudyKey.UNPRUNED: "dense", StudyKey.FINETUNE: "recovery", TrialKey.REMOVED_SHARE: "ratio"}
+
+
+def stored(attrs: Mapping[str, Any], key: str, default: Any = None) -> Any:
+    """``attrs[key]``, or what an earlier version stored under the key's old name, else ``default``."""
+    if key in attrs:
+        return attrs[key]
+    return attrs.get(LEGACY_KEYS.get(key), default)
 
 
 def baseline_of(trial: FrozenTrial) -> str | None:

@@ -18,7 +18,7 @@ from .accuracy import accuracy_table
 from .best import best_trial
 from .cost import cost_table
 from .job import SearchJob
-from .record import StudyKey, TrialKey, baseline_of, draw_of
+from .record import StudyKey, TrialKey, baseline_of, draw_of, stored
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ def plot_curve(study: optuna.Study, path: Path) -> Path | None:
     if tests:
         ax.step(*zip(*tests, strict=True), where="post", linestyle="--", label="its test ppl")
     references = {f"{name} (test)": t.user_attrs.get(TrialKey.TEST_PPL) for name, t in baseline_trials(study).items()}
-    references["unpruned (test)"] = study.user_attrs.get(StudyKey.DENSE, {}).get("test")
+    references["unpruned (test)"] = stored(study.user_attrs, StudyKey.UNPRUNED, {}).get("test")
     for label, value in references.items():
         if value:
             ax.axhline(value, linewidth=0.8, color="grey", linestyle=":")
@@ -227,7 +227,7 @@ def load_line(trial: FrozenTrial, folder: str = "model") -> str | None:
 
 def report_markdown(study: optuna.Study, curve_png: str | None = None) -> str:
     job = SearchJob.from_dict(study.user_attrs[StudyKey.JOB])
-    data, dense = study.user_attrs.get(StudyKey.DATA, {}), study.user_attrs.get(StudyKey.DENSE, {})
+    data, unpruned = study.user_attrs.get(StudyKey.DATA, {}), stored(study.user_attrs, StudyKey.UNPRUNED, {})
     trials = study.get_trials(deepcopy=False)
     states = {s: sum(t.state == s for t in trials) for s in TrialState}
     searched = [t for t in finished_trials(study) if not t.user_attrs.get(TrialKey.BASELINE)]
@@ -235,7 +235,7 @@ def report_markdown(study: optuna.Study, curve_png: str | None = None) -> str:
     lines = [f"# AdaPruner search `{study.study_name}`", ""]
     lines += [
         f"- model: `{job.model}` ({_fmt(data.get('params'), 0)} parameters), target: remove "
-        + (f"{job.ratio:.2%} of all parameters" if isinstance(job.ratio, float) else f"{job.ratio:,} parameters"),
+        + (f"{job.target:.2%} of all parameters" if isinstance(job.target, float) else f"{job.target:,} parameters"),
         f"- calibration: {', '.join(job.calibration)} — pool of {job.pool_size} windows of {job.seq_len} tokens "
         f"(sha256 {str(data.get('pool_hash', ''))[:12]})",
         f"- evaluation: {data.get('val_windows', '?')} validation / {data.get('test_windows', '?')} test windows; "
@@ -257,7 +257,7 @@ def report_markdown(study: optuna.Study, curve_png: str | None = None) -> str:
         "",
     ]
     heldout_names = list(data.get("heldout_sources", {}))
-    rows = [("unpruned", dense, data.get("params"))]
+    rows = [("unpruned", unpruned, data.get("params"))]
     baselines = baseline_trials(study)
     for name, trial in baselines.items():
         draws = trial.user_attrs.get(TrialKey.DRAWS)
@@ -279,11 +279,11 @@ def report_markdown(study: optuna.Study, curve_png: str | None = None) -> str:
         if load_line(best):
             lines += ["", f"Load the exported model (the `model` folder beside this report) with transformers alone: "
                       f"`{load_line(best)}`."]
-    recovery = study.user_attrs.get(StudyKey.RECOVERY)
-    if recovery:
-        lines += ["", f"Recovery of the best configuration: LoRA r={recovery['r']}, {recovery['steps']} steps of "
-                  f"{recovery['batch_size']} windows, lr {recovery['lr']:g} ({recovery['seconds']:.0f}s): test "
-                  f"perplexity {_fmt(recovery['test_ppl_before'])} -> **{_fmt(recovery['test_ppl_after'])}** "
+    tuned = stored(study.user_attrs, StudyKey.FINETUNE)
+    if tuned:
+        lines += ["", f"LoRA fine-tuning of the best configuration: r={tuned['r']}, {tuned['steps']} steps of "
+                  f"{tuned['batch_size']} windows, lr {tuned['lr']:g} ({tuned['seconds']:.0f}s): test "
+                  f"perplexity {_fmt(tuned['test_ppl_before'])} -> **{_fmt(tuned['test_ppl_after'])}** "
                   "(the exported model is the fine-tuned one)."]
     tasks = study.user_attrs.get(StudyKey.TASKS)
     if tasks:

@@ -55,14 +55,14 @@ def select(session: PruningSession, job: SearchJob, trials: Sequence[FrozenTrial
     known = known or {}
     scored = [{"trial": t.number, "val_ppl": t.value,
                "selection_ppl": known[t.number] if t.number in known else
-               selection_perplexity(session, PruneConfig.from_dict(t.user_attrs[TrialKey.CONFIG]), job.ratio)}
+               selection_perplexity(session, PruneConfig.from_dict(t.user_attrs[TrialKey.CONFIG]), job.target)}
               for t in chosen_from]
     chosen = min(scored, key=lambda row: (row["selection_ppl"], row["trial"]))
     trial = next(t for t in chosen_from if t.number == chosen["trial"])
     tests = {k: trial.user_attrs[k] for k in TEST_KEYS if k in trial.user_attrs}
     if TrialKey.TEST_PPL not in tests:  # never the best so far during the search: measured now
         config = PruneConfig.from_dict(trial.user_attrs[TrialKey.CONFIG])
-        tests = test_scores(session, session.prune(config, job.ratio)[0])
+        tests = test_scores(session, session.prune(config, job.target)[0])
     windows = {s.name: int(session.source_windows(s, "selection").shape[0]) for s in session.eval_sources}
     return {"finalists": scored, "chosen": chosen["trial"], "windows": windows, "scores": tests}
 

@@ -9,7 +9,7 @@ proportion to the weights, and each cluster contributes its samples nearest to i
 This is a low-dimensional, continuous encoding in which nearby parameters give overlapping subsets,
 which is what Bayesian optimization can exploit; with several text sources the clusters follow the
 sources, so it also covers a per-source mixture. ``bench/search.py`` measures it against plain
-random subsets (``calibration="random"``: a size and a seed per trial).
+random subsets (``subset_mode="random"``: a size and a seed per trial).
 
 **Importance.** One weight in ``[0, 1]`` per metric (relative: the mixture divides by their sum) and the
 aggregation. The default metrics are those computed from cached statistics; ``taylor_first`` may be
@@ -55,7 +55,9 @@ from ..session import PruneConfig
 
 DEFAULT_METRICS = ("magnitude_l1", "magnitude_l2", "taylor_first_persample", "taylor_second", "taylor_vector",
                    "wanda_sp", "flap_fluctuation")
-CALIBRATION_MODES = ("clusters", "random", "all")
+# How a trial's calibration subset is chosen: clusters of the pool weighted per trial, a random size and seed, the
+# whole pool.
+SUBSET_MODES = ("clusters", "random", "all")
 SCORES = ("mixture", "flap")  # a trial's importance: the weighted mixture of metrics, or FLAP's standardised score
 
 
@@ -106,7 +108,7 @@ class SearchSpace:
     metrics: tuple[str, ...] = DEFAULT_METRICS
     scores: tuple[str, ...] = SCORES  # importance searched: the mixture of metrics, FLAP's score (one: fixed)
     aggregations: tuple[str, ...] = AGGREGATIONS
-    calibration: str = "clusters"
+    subset_mode: str = "clusters"  # how a trial's calibration subset is chosen: see SUBSET_MODES
     subset_size: tuple[int, int] = (4, 32)
     n_clusters: int = 8
     attn_share: bool = True  # search it; else the attention's proportional share
@@ -128,9 +130,9 @@ class SearchSpace:
         bad = sorted(set(self.aggregations) - set(AGGREGATIONS))
         if bad or not self.aggregations:
             raise AdaPrunerError(f"unknown aggregation {bad[0] if bad else None!r}")
-        if self.calibration not in CALIBRATION_MODES:
-            raise AdaPrunerError(f"unknown calibration mode {self.calibration!r} "
-                                 f"(choose from {', '.join(CALIBRATION_MODES)})")
+        if self.subset_mode not in SUBSET_MODES:
+            raise AdaPrunerError(f"unknown subset mode {self.subset_mode!r} "
+                                 f"(choose from {', '.join(SUBSET_MODES)})")
         lo, hi = self.subset_size
         if not 1 <= lo <= hi:
             raise AdaPrunerError(f"subset_size must be 1 <= min <= max, got {self.subset_size}")
@@ -169,7 +171,7 @@ class SearchSpace:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SearchSpace:
-        data = dict(data)
+        data = {"subset_mode" if k == "calibration" else k: v for k, v in data.items()}  # its earlier name
         for key in ("metrics", "scores", "aggregations", "subset_size", "scopes", "repairs", "ridge", "iterations"):
             if key in data:
                 data[key] = tuple(data[key])
@@ -266,12 +268,12 @@ def suggest_config(trial: optuna.Trial, space: SearchSpace, clusters: PoolCluste
     """The :class:`PruneConfig` of one trial; ``max_drop``: the most whole layers the target pays for."""
     p = _Params(trial, space.fixed)
     pool_size = clusters.pool_size
-    if space.calibration == "all":
+    if space.subset_mode == "all":
         subset = tuple(range(pool_size))
     else:
         lo, hi = (min(v, pool_size) for v in space.subset_size)
         k = p.int("calib_size", lo, hi)
-        if space.calibration == "random":
+        if space.subset_mode == "random":
             generator = torch.Generator().manual_seed(p.int("calib_seed", 0, 2**20))
             subset = tuple(sorted(torch.randperm(pool_size, generator=generator)[:k].tolist()))
         else:

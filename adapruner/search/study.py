@@ -139,7 +139,7 @@ def requeue_failed_baselines(study: optuna.Study, job: SearchJob) -> None:
 
 def describe_data(study: optuna.Study, session: PruningSession) -> None:
     """Record the texts' content hashes and the unpruned model's perplexities with the study (once)."""
-    if StudyKey.DENSE in study.user_attrs:
+    if StudyKey.UNPRUNED in study.user_attrs:
         return
     study.set_user_attr(StudyKey.DATA, {
         "pool_hash": session.pool.content_hash,
@@ -157,12 +157,12 @@ def describe_data(study: optuna.Study, session: PruningSession) -> None:
                           desc=f"unpruned {source.name} {split}").ppl
 
     # Per-source geometric means, as the objective scores trials.
-    dense = {split: geometric_mean(ppl(s, split) for s in session.eval_sources) for split in ("validation", "test")}
+    unpruned = {split: geometric_mean(ppl(s, split) for s in session.eval_sources) for split in ("validation", "test")}
     heldout = {s.name: ppl(s, "test") for s in session.heldout_sources}
     if heldout:
-        dense["heldout"] = geometric_mean(heldout.values())
-        dense["heldout_by_source"] = heldout
-    study.set_user_attr(StudyKey.DENSE, dense)
+        unpruned["heldout"] = geometric_mean(heldout.values())
+        unpruned["heldout_by_source"] = heldout
+    study.set_user_attr(StudyKey.UNPRUNED, unpruned)
 
 
 def run_search(
@@ -190,9 +190,9 @@ def run_search(
         session.on_step("unpruned perplexity", 0, 1)
     describe_data(study, session)
     clusters = cluster_pool(session.statistics.embedding, job.space.n_clusters, job.seed)
-    baselines = {(name, draw): baseline_config(name, session, job.seed, draw, job.ratio)
+    baselines = {(name, draw): baseline_config(name, session, job.seed, draw, job.target)
                  for name, draw in job.baseline_runs}
-    objective = Objective(session, job.space, clusters, job.ratio, baselines, job.seed,
+    objective = Objective(session, job.space, clusters, job.target, baselines, job.seed,
                           running_mean=reports_running_mean(job.pruner),
                           estimate_stopped=job.sampler in ESTIMATING_SAMPLERS,
                           intermediate_unit=intermediate_unit(study))

@@ -1,6 +1,6 @@
 """Several sizes in one job: one study per target, sharing one session, and the trade-off they draw.
 
-A job may ask for several targets (``--ratio 0.1,0.2,0.3``). Each target is an ordinary study of its own
+A job may ask for several targets (``--target 0.1,0.2,0.3``). Each target is an ordinary study of its own
 (named ``STUDY-r0.2``), searched one after the other on one :class:`~adapruner.session.PruningSession`,
 so the model loads once and the pool statistics are computed once. One study per target rather than
 one multi-objective study, because:
@@ -28,44 +28,44 @@ from ..errors import AdaPrunerError
 from ..session import PruningSession
 from .best import UNPRUNED, best_trial
 from .job import SearchJob
-from .record import StudyKey, TrialKey
+from .record import StudyKey, TrialKey, stored
 from .report import baseline_trials
 from .study import SearchResult, open_session, run_search
 
 REFERENCE = "llm-pruner"
 
 
-def target_study_name(base: str, ratio: float | int, several: bool) -> str:
-    """A one-target job's study is ``base``; each of several targets' is ``base-r{ratio}``."""
-    return f"{base}-r{ratio:g}" if several else base
+def target_study_name(base: str, target: float | int, several: bool) -> str:
+    """A one-target job's study is ``base``; each of several targets' is ``base-r{target}``."""
+    return f"{base}-r{target:g}" if several else base
 
 
-def check_targets(ratios: Sequence[float | int]) -> None:
+def check_targets(targets: Sequence[float | int]) -> None:
     """Several targets must differ as their studies are named (``r0.2``): a repeat, or two so close that
     they print alike, would share one study."""
-    names = [f"r{r:g}" for r in ratios]
+    names = [f"r{t:g}" for t in targets]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
-        raise AdaPrunerError(f"ratio lists a target twice (or two that name one study, {repeated[0]}): "
-                             f"{', '.join(map(str, ratios))}")
+        raise AdaPrunerError(f"target lists a target twice (or two that name one study, {repeated[0]}): "
+                             f"{', '.join(map(str, targets))}")
 
 
-def run_targets(job: SearchJob, ratios: Sequence[float | int], storage_url: str | None, study_name: str | None = None,
+def run_targets(job: SearchJob, targets: Sequence[float | int], storage_url: str | None, study_name: str | None = None,
                 *, session: PruningSession | None = None, out_dir: str | Path | None = None,
                 should_stop: Callable[[], bool] | None = None, **options) -> list[SearchResult]:
-    """Run one study per target in ``ratios`` (``job.ratio`` is replaced by each); ``options`` go to
+    """Run one study per target in ``targets`` (``job.target`` is replaced by each); ``options`` go to
     :func:`~adapruner.search.study.run_search`. Stops after the first target that did not finish
     (cancelled), returning the results so far."""
-    check_targets(ratios)
-    several = len(ratios) > 1
+    check_targets(targets)
+    several = len(targets) > 1
     base = study_name or job.default_study_name
     session = session or open_session(job, options.get("device"), options.get("dtype"),
                                       progress=options.get("progress", True))
     results = []
-    for ratio in ratios:
-        target = replace(job, ratio=ratio)
-        out = None if out_dir is None else Path(out_dir) / f"r{ratio:g}" if several else Path(out_dir)
-        result = run_search(target, storage_url, target_study_name(base, ratio, several), session=session,
+    for target in targets:
+        out = None if out_dir is None else Path(out_dir) / f"r{target:g}" if several else Path(out_dir)
+        result = run_search(replace(job, target=target), storage_url, target_study_name(base, target, several),
+                            session=session,
                             out_dir=out, should_stop=should_stop, **options)
         results.append(result)
         if result.artifact_id is None:
@@ -79,12 +79,12 @@ def tradeoff_points(studies: Sequence[optuna.Study]) -> list[dict]:
     rows: list[dict] = []
     for study in studies:
         cost = study.user_attrs.get(StudyKey.INFERENCE_COST, {}).get("models", {})
-        ratio = SearchJob.from_dict(study.user_attrs[StudyKey.JOB]).ratio
+        target = SearchJob.from_dict(study.user_attrs[StudyKey.JOB]).target
         if not rows:
-            dense = study.user_attrs.get(StudyKey.DENSE, {})
+            unpruned = stored(study.user_attrs, StudyKey.UNPRUNED, {})
             data = study.user_attrs.get(StudyKey.DATA, {})
-            rows.append({"model": UNPRUNED, "ratio": 0.0, "params": data.get("params"),
-                         "test_ppl": dense.get("test"), "heldout_ppl": dense.get("heldout"),
+            rows.append({"model": UNPRUNED, "target": 0.0, "params": data.get("params"),
+                         "test_ppl": unpruned.get("test"), "heldout_ppl": unpruned.get("heldout"),
                          "decode": cost.get(UNPRUNED, {}).get("decode_tokens_per_s")})
         trials = [("best", best_trial(study)),
                   (REFERENCE, baseline_trials(study).get(REFERENCE))]
@@ -92,7 +92,7 @@ def tradeoff_points(studies: Sequence[optuna.Study]) -> list[dict]:
             if trial is None:
                 continue
             attrs = trial.user_attrs
-            rows.append({"model": label, "ratio": ratio, "params": attrs.get(TrialKey.PARAMS_KEPT),
+            rows.append({"model": label, "target": target, "params": attrs.get(TrialKey.PARAMS_KEPT),
                          "test_ppl": attrs.get(TrialKey.TEST_PPL), "heldout_ppl": attrs.get(TrialKey.HELDOUT_PPL),
                          "decode": cost.get(label, {}).get("decode_tokens_per_s")})
     return rows
@@ -113,7 +113,7 @@ def tradeoff_markdown(studies: Sequence[optuna.Study], png: str | None = None) -
              "|---:|---|---:|---:|---:|---:|"]
     for row in rows:
         params = "—" if row["params"] is None else f"{row['params'] / 1e6:,.2f}M"
-        lines.append(f"| {row['ratio']:g} | {row['model']} | {params} | {_cell(row['test_ppl'], '.2f')} | "
+        lines.append(f"| {row['target']:g} | {row['model']} | {params} | {_cell(row['test_ppl'], '.2f')} | "
                      f"{_cell(row['heldout_ppl'], '.2f')} | {_cell(row['decode'], ',.1f')} |")
     if png:
         lines += ["", f"![trade-off]({png})"]
@@ -139,10 +139,10 @@ def plot_tradeoff(studies: Sequence[optuna.Study], path: Path) -> Path | None:
                 xs = [x / 1e6 if key == "params" else x for x, _ in points]
                 ax.plot(xs, [y for _, y in points], style, label="best searched" if model == "best" else
                         "LLM-Pruner default")
-        dense = [r for r in rows if r["model"] == UNPRUNED and r[key] is not None]
-        if dense:
-            x = dense[0][key] / 1e6 if key == "params" else dense[0][key]
-            ax.plot([x], [dense[0]["test_ppl"]], "k*", markersize=12, label="unpruned")
+        unpruned = [r for r in rows if r["model"] == UNPRUNED and r[key] is not None]
+        if unpruned:
+            x = unpruned[0][key] / 1e6 if key == "params" else unpruned[0][key]
+            ax.plot([x], [unpruned[0]["test_ppl"]], "k*", markersize=12, label="unpruned")
         ax.set_xlabel(label)
         ax.set_ylabel("test perplexity")
         ax.set_yscale("log")
