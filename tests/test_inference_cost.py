@@ -131,16 +131,16 @@ def test_the_model_keeps_its_training_mode(tiny_model):
 
 
 def test_a_smaller_model_costs_less_and_speedups_say_so(tiny_model):
-    dense = measure_cost(tiny_model, **FAST)
+    unpruned = measure_cost(tiny_model, **FAST)
     half = measure_cost(make_tiny_model(num_hidden_layers=2), **FAST)
-    assert half.parameters < dense.parameters
-    assert half.weight_bytes < dense.weight_bytes
-    ratios = speedups({"dense": dense, "half": half})
-    assert ratios["dense"] == {"decode": 1.0, "prefill_2x16": 1.0, "parameters": 1.0, "peak_memory": 1.0}
-    assert ratios["half"]["parameters"] == half.parameters / dense.parameters
-    assert ratios["half"]["decode"] == half.decode_tokens_per_s / dense.decode_tokens_per_s
+    assert half.parameters < unpruned.parameters
+    assert half.weight_bytes < unpruned.weight_bytes
+    ratios = speedups({"unpruned": unpruned, "half": half})
+    assert ratios["unpruned"] == {"decode": 1.0, "prefill_2x16": 1.0, "parameters": 1.0, "peak_memory": 1.0}
+    assert ratios["half"]["parameters"] == half.parameters / unpruned.parameters
+    assert ratios["half"]["decode"] == half.decode_tokens_per_s / unpruned.decode_tokens_per_s
     with pytest.raises(KeyError, match="'base'"):
-        speedups({"dense": dense}, reference="base")
+        speedups({"unpruned": unpruned}, reference="base")
 
 
 def test_a_pruned_export_is_measured_from_its_folder(tmp_path, tiny_model, tiny_tokenizer):

@@ -87,7 +87,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         sizes, removed_share = model_structure(pruned).sizes(), 1 - model_structure(pruned).total_params / before
         dropped = ()
     else:
-        pruned, plan = session.prune(config, args.target)
+        pruned, plan = session.prune(config, args.target, share_unchanged=True)  # no second copy of the uncut weights
         sizes, removed_share, dropped = plan.sizes(), plan.removed_share, plan.dropped
     after = sum(p.numel() for p in pruned.parameters())
     print(f"params  {before:,} -> {after:,}  (removed {before - after:,} = {removed_share:.2%} of all)")
