@@ -4,7 +4,7 @@ For each seed and sampler, one study of ``--trials`` trials (baselines included)
 20%, books as calibration and evaluation text. Reported: the test perplexity of the best-by-validation
 configuration after 10/20/40 finished trials beside the baselines of the same study; the per-phase
 trial time and its ratio to one validation pass of the pruned model; how many validation windows
-early stopping saved. ``--calibration random`` studies measure the clustered subset encoding against
+early stopping saved. ``--subset-mode random`` studies measure the clustered subset encoding against
 plain random subsets.
 
 Trial time is wall clock (Optuna's start and completion: sampler, storage writes and every phase).
