@@ -148,6 +148,8 @@ class JobCreate(BaseModel):
     measure_cost: StrictBool = Field(default=SearchJob.measure_cost, description=(
         "after the search, measure decode and prefill speed and peak memory of the unpruned model, the baselines "
         "and the best on the worker's device"))
+    cost_rounds: StrictInt = Field(default=SearchJob.cost_rounds, ge=1, le=50, description=(
+        "interleaved rounds of that measurement (each model once per round): figures are medians with their range"))
     export_dtype: Literal[EXPORT_DTYPES] = Field(default=SearchJob.export_dtype, description=(  # type: ignore[valid-type]
         "dtype of the best model's weights on disk; auto: the dtype the model was released in (bf16 for SmolLM2)"))
     export_format: Literal[EXPORT_FORMATS] = Field(default=SearchJob.export_format, description=(  # type: ignore[valid-type]
@@ -159,7 +161,7 @@ class JobCreate(BaseModel):
 
     @field_validator("trials", "seed", "pool_size", "seq_len", "val_windows", "test_windows", "baseline_draws",
                      "repair_windows", "finalists", "selection_windows", "channel_multiple", "task_limit",
-                     mode="before")
+                     "cost_rounds", mode="before")
     @classmethod
     def _whole_numbers(cls, value):
         """JSON has one kind of number: 5.0 is the whole number 5, as JSON Schema's ``integer`` says (strings and

@@ -248,6 +248,24 @@ def test_the_finalists_are_rescored_and_the_best_there_is_chosen(searched):
     assert result.best_trial.user_attrs["selection_ppl"] == chosen["selection_ppl"]
 
 
+def test_the_selection_tells_each_finalist_and_shows_one_bar_over_their_windows(searched, tiny_tokenizer, capsys):
+    from dataclasses import replace as changed
+
+    from adapruner.search.selection import select
+
+    result, _ = searched
+    steps = []
+    session = changed(tiny_session(tiny_tokenizer), progress=True,
+                      on_step=lambda name, done, total: steps.append((name, done, total)))
+    job = SearchJob.from_dict(result.study.user_attrs["job"])
+    record = select(session, job, result.study.trials, known={})
+    assert [s for s in steps if s[0] == "selection"] == [("selection", i, job.finalists) for i in range(job.finalists)]
+    assert [r["trial"] for r in record["finalists"]] == [r["trial"] for r in result.study.user_attrs["selection"][
+        "finalists"]]
+    bar = capsys.readouterr().err
+    assert f"selection of {job.finalists} finalists:   0%|          | 0/{job.finalists * 18} " in bar
+
+
 def test_the_best_is_tested(searched):
     result, _ = searched
     assert result.best_trial.user_attrs["test_ppl"] > 1
@@ -349,6 +367,24 @@ def test_models_too_big_to_hold_at_once_are_measured_one_at_a_time(searched, tin
     assert list(summary["models"]) == ["unpruned", *job.baselines, "best"]
     assert "spread" not in summary and "rounds" not in summary
     assert "one model after another" in "\n".join(cost_table(summary))
+
+
+def test_the_cost_is_measured_in_the_rounds_the_job_asks_for(searched, tiny_tokenizer, monkeypatch):
+    from adapruner.search import cost
+    from adapruner.search.cost import measure_models
+
+    result, _ = searched
+    study = optuna.create_study()
+    study.add_trials(result.study.trials)
+    study.set_user_attr("job", result.study.user_attrs["job"])
+    in_llama_cpp = []
+    monkeypatch.setattr(cost, "measure_in_llama_cpp", lambda *a, **k: in_llama_cpp.append(k["repeats"]))
+    job = tiny_job(measure_cost=True, cost_rounds=2)
+    summary = measure_models(study, tiny_session(tiny_tokenizer), job, prefill_shapes=((1, 8),), new_tokens=3,
+                             warmup=0)
+    assert summary["rounds"] == 2 and in_llama_cpp == [2]
+    with pytest.raises(AdaPrunerError, match="cost_rounds must be positive"):
+        tiny_job(cost_rounds=0)
 
 
 def test_the_unpruned_model_is_the_speed_reference(searched):

@@ -56,7 +56,7 @@ def search_job(args: argparse.Namespace):
         finetune=lora_from(args) if args.lora_steps else None,
         tasks=tuple(args.tasks or ()), task_limit=args.task_limit, export_dtype=args.export_dtype,
         export_format=args.export_format, gguf_type=args.gguf_type,
-        measure_cost=args.measure_cost,
+        measure_cost=args.measure_cost, cost_rounds=args.cost_rounds,
     )
 
 
@@ -238,6 +238,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "per layer, or one ranking of every unit (FLAP's) (default: %(default)s)")
     p.add_argument("--no-measure", action="store_false", dest="measure_cost",
                    help="skip measuring the speed and memory of the unpruned model, the baselines and the best")
+    p.add_argument("--cost-rounds", type=positive(int, "--cost-rounds"), default=SearchJob.cost_rounds,
+                   help="interleaved rounds of that measurement, each model once per round (default: %(default)s)")
     p.add_argument("--depth", action=argparse.BooleanOptionalAction, default=SearchSpace.depth,
                    help="also search how many whole decoder layers to drop (0 .. a quarter of them, as far as the "
                    "target pays); --no-depth for width only; --fix drop_layers=N drops N in every trial "

@@ -56,12 +56,14 @@ def measure_models(study: optuna.Study, session: PruningSession, job: SearchJob,
             costs[label] = measure_cost(build(), folder=folders.get(label), **options)
     summary = {}
     if interleaved:
-        costs, rounds = measure_interleaved(models, folders=folders, **{"progress": session.progress, **options})
+        costs, rounds = measure_interleaved(models, repeats=job.cost_rounds, folders=folders,
+                                            **{"progress": session.progress, **options})
         summary = {"spread": ratio_spread(rounds, UNPRUNED), "rounds": len(rounds)}
     del models
     summary = {"models": {label: cost.to_dict() for label, cost in costs.items()},
                "speedups": speedups(costs, UNPRUNED), **summary}
-    in_llama_cpp = measure_in_llama_cpp(session, dict(compared).get("best"), folders[UNPRUNED], model_dir)
+    in_llama_cpp = measure_in_llama_cpp(session, dict(compared).get("best"), folders[UNPRUNED], model_dir,
+                                        repeats=job.cost_rounds)
     if in_llama_cpp is not None:
         summary[LLAMA_CPP] = in_llama_cpp
     study.set_user_attr(StudyKey.INFERENCE_COST, summary)

@@ -17,7 +17,8 @@ from .baselines import BASELINES, DEFAULT_BASELINES, draws
 from .samplers import PRUNERS, SAMPLERS
 from .space import SearchSpace
 
-AFTER_THE_SEARCH = ("trials", "tasks", "task_limit", "export_dtype", "measure_cost", "export_format", "gguf_type")
+AFTER_THE_SEARCH = ("trials", "tasks", "task_limit", "export_dtype", "measure_cost", "cost_rounds", "export_format",
+                    "gguf_type")
 EXPORT_DTYPES = ("auto", "float32", "bfloat16", "float16")
 # The best model as a transformers folder (always), and also as one GGUF file llama.cpp runs (adapruner.to_gguf).
 EXPORT_FORMATS = ("safetensors", "gguf")
@@ -58,6 +59,7 @@ class SearchJob:
     tasks: tuple[str, ...] = ()
     task_limit: int | None = None  # items per task; None: all
     measure_cost: bool = True  # measure decode/prefill speed and memory of the unpruned, baselines and best
+    cost_rounds: int = 5  # interleaved rounds of that measurement: each model measured once per round
     export_dtype: str = "auto"  # the best model's weights on disk; auto: the dtype the model was released in
     export_format: str = "safetensors"  # see EXPORT_FORMATS
     gguf_type: str = "f16"  # the GGUF file's weights (export_format gguf): see adapruner.to_gguf.GGUF_TYPES
@@ -76,7 +78,7 @@ class SearchJob:
         if self.start not in STARTS:
             raise AdaPrunerError(f"unknown start {self.start!r} (choose from {', '.join(STARTS)})")
         for name in ("pool_size", "seq_len", "val_windows", "test_windows", "baseline_draws", "repair_windows",
-                     "finalists"):
+                     "finalists", "cost_rounds"):
             if getattr(self, name) < (2 if name == "seq_len" else 1):
                 raise AdaPrunerError(f"{name} must be positive, got {getattr(self, name)}")
         if not self.calibration:

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
+from tqdm.auto import tqdm
 
 from ..evaluate import window_losses
 from ..session import PruneConfig, PruningSession
@@ -36,12 +37,17 @@ def finalists(trials: Sequence[FrozenTrial], n: int) -> list[FrozenTrial]:
 
 
 def selection_perplexity(session: PruningSession, config: PruneConfig, target: float | int,
-                         batch_size: int = 4) -> float:
-    """The per-source geometric mean perplexity of ``config``'s pruned model on the selection windows."""
+                         batch_size: int = 4, bar: tqdm | None = None) -> float:
+    """The per-source geometric mean perplexity of ``config``'s pruned model on the selection windows (``bar``
+    advanced by one per window)."""
     windows = session.windows("selection")
     weights = source_weights(session.window_sources("selection"))
     model = session.prune(config, target)[0]
-    losses = dict(window_losses(model, windows, batch_size))
+    losses = {}
+    for index, loss in window_losses(model, windows, batch_size):
+        losses[index] = loss
+        if bar is not None:
+            bar.update()
     return math.exp(weighted_mean(losses, weights))
 
 
@@ -53,10 +59,16 @@ def select(session: PruningSession, job: SearchJob, trials: Sequence[FrozenTrial
     if not chosen_from:
         return {}
     known = known or {}
-    scored = [{"trial": t.number, "val_ppl": t.value,
-               "selection_ppl": known[t.number] if t.number in known else
-               selection_perplexity(session, PruneConfig.from_dict(t.user_attrs[TrialKey.CONFIG]), job.target)}
-              for t in chosen_from]
+    todo = [t for t in chosen_from if t.number not in known]
+    with tqdm(total=len(todo) * session.windows("selection").shape[0], desc=f"selection of {len(todo)} finalists",
+              unit="win", disable=not (session.progress and todo), leave=False) as bar:
+        scored = []
+        for t in chosen_from:
+            if session.on_step is not None and t.number not in known:
+                session.on_step("selection", todo.index(t), len(todo))
+            scored.append({"trial": t.number, "val_ppl": t.value,
+                           "selection_ppl": known[t.number] if t.number in known else selection_perplexity(
+                               session, PruneConfig.from_dict(t.user_attrs[TrialKey.CONFIG]), job.target, bar=bar)})
     chosen = min(scored, key=lambda row: (row["selection_ppl"], row["trial"]))
     trial = next(t for t in chosen_from if t.number == chosen["trial"])
     tests = {k: trial.user_attrs[k] for k in TEST_KEYS if k in trial.user_attrs}
