@@ -24,15 +24,16 @@ install: $(STAMP)
 
 # A short real search: SmolLM2-135M, 20% of its parameters, Jane Austen and Wikipedia as calibration and validation
 # text, news as the held-out test, 12 searched trials beside two baselines (LLM-Pruner over its 3 calibration draws,
-# and FLAP, the strongest training-free peer) on the CPU; the repair's moments from 64 windows of each source; the
-# 4 finalists re-scored on 16 more validation windows per source. The study is named after the job (a hash), so a
+# and FLAP, the strongest training-free peer) on the CPU; the repair's moments from 32 windows of each source; the
+# 3 best re-scored on 16 more validation windows per source. The study is named after the job (a hash), so a
 # demo of an older version in runs/demo.db never blocks a newer one. Afterwards the unpruned model, the baselines
 # and the best answer 20 items of each built-in task (the report's downstream accuracy), and their speed is measured
 # in 3 interleaved rounds.
 demo: install
-	$(BIN)/adapruner search --model smollm2-135m --target 0.2 --trials 12 --pool-size 24 --repair-windows 64 \
-		--val-windows 16 --test-windows 16 --selection-windows 16 --baselines llm-pruner,flap --cost-rounds 3 \
-		--storage sqlite:///runs/demo.db --out runs/demo --tasks books-cloze,books-lastword --task-limit 20
+	$(BIN)/adapruner search --model smollm2-135m --target 0.2 --trials 12 --pool-size 24 --repair-windows 32 \
+		--val-windows 16 --test-windows 16 --selection-windows 16 --finalists 3 --baselines llm-pruner,flap \
+		--cost-rounds 3 --storage sqlite:///runs/demo.db --out runs/demo --tasks books-cloze,books-lastword \
+		--task-limit 20
 
 test: install
 	$(BIN)/python -m pytest

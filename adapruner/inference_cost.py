@@ -18,7 +18,8 @@ one after the other are compared on the same input.
   malloc kept from earlier work handed back first. Where ``/proc`` cannot be read or reset (not
   Linux), it is the weights' bytes alone.
 
-Times are medians over ``repeats`` runs, all taken after ``warmup`` runs of every measurement; on
+Times are medians over ``repeats`` runs, all taken after ``warmup`` runs of every measurement (a warm-up
+decodes at most ``WARMUP_DECODE_TOKENS``: it pages in the cached step, it measures nothing); on
 CUDA the device is synchronised before each clock reading. The model stays on its device and dtype,
 and torch's thread count is left as it is (and recorded).
 """
@@ -72,6 +73,9 @@ class InferenceCost:
                       "decode_range": decode})
 
 
+WARMUP_DECODE_TOKENS = 16  # a warm-up's decode: the cached step's kernels and buffers, not the rate
+
+
 def measure_cost(
     model: torch.nn.Module,
     *,
@@ -111,7 +115,7 @@ def measure_cost(
             for _ in range(warmup):
                 for ids in prefill_ids.values():
                     _prefill_seconds(model, ids)
-                _decode_seconds(model, prompt, new_tokens)
+                _decode_seconds(model, prompt, min(new_tokens, WARMUP_DECODE_TOKENS))
             memory = PeakMemory(device)
             prefill = {shape: ids.numel() / _median(partial(_prefill_seconds, model, ids), repeats)
                        for shape, ids in prefill_ids.items()}

@@ -165,11 +165,12 @@ def check_tasks(names: Sequence[str], local: dict[str, Path] | None = None) -> N
 
 
 @functools.cache
-def task_manager():
-    """lm-eval's task registry, read once per process (it indexes every task's YAML: seconds)."""
+def task_manager(hub: bool = True):
+    """lm-eval's task registry, read once per process; ``hub`` False: without lm-eval's own tasks, whose index
+    (every task's YAML, about 14,000 files) takes seconds to build and is needed only for a hub task."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager()
+    return TaskManager(include_defaults=hub)
 
 
 def hub_task_names() -> frozenset[str]:
@@ -204,6 +205,7 @@ def evaluate_tasks(
     files = dict(local or {})
     if any(t in BUILTIN_TASKS for t in tasks):
         files.update({k: v for k, v in builtin_task_data().items() if k not in files})
+    hub = any(name not in files for name in tasks)
     results = []
     # lm-eval's wrapper puts the model in eval mode too: inside eval_mode, so undone
     with eval_mode(model), output_to(log, loggers=("lm_eval",)):
@@ -218,7 +220,7 @@ def evaluate_tasks(
                 task, digest = name, None
             try:
                 out = simple_evaluate(model=wrapped, tasks=[task], limit=limit, num_fewshot=num_fewshot,
-                                      task_manager=task_manager(), log_samples=False, bootstrap_iters=1000,
+                                      task_manager=task_manager(hub), log_samples=False, bootstrap_iters=1000,
                                       verbosity="ERROR")
             except Exception as exc:  # noqa: BLE001 -- one task's failure (its data, say) is that task's result
                 logger.warning("task %s failed: %s", name, exc)

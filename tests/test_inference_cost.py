@@ -278,3 +278,11 @@ def test_models_too_big_to_hold_at_once_are_measured_one_after_another(monkeypat
     assert not cost.fits_at_once(make_tiny_model(), 2)
     monkeypatch.setattr(cost, "available_memory", lambda device: None)  # unknown: try
     assert cost.fits_at_once(make_tiny_model(), 2)
+
+
+def test_a_warm_up_decodes_a_few_tokens_and_the_timed_runs_all_of_them(tiny_model, monkeypatch):
+    decoded = []
+    real = inference_cost._decode_seconds
+    monkeypatch.setattr(inference_cost, "_decode_seconds", lambda m, p, n: decoded.append(n) or real(m, p, n))
+    measure_cost(tiny_model, prefill_shapes=((1, 8),), new_tokens=40, prompt_tokens=4, repeats=2, warmup=1)
+    assert decoded == [inference_cost.WARMUP_DECODE_TOKENS, 40, 40] and inference_cost.WARMUP_DECODE_TOKENS < 40

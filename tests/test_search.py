@@ -387,6 +387,23 @@ def test_the_cost_is_measured_in_the_rounds_the_job_asks_for(searched, tiny_toke
         tiny_job(cost_rounds=0)
 
 
+def test_a_search_decodes_its_own_number_of_tokens_unless_told(searched, tiny_tokenizer, monkeypatch):
+    from adapruner.search import cost
+    from adapruner.search.cost import DECODE_TOKENS, measure_models
+
+    result, _ = searched
+    asked = []
+    real = cost.measure_interleaved
+    monkeypatch.setattr(cost, "measure_interleaved", lambda models, **kw: asked.append(kw["new_tokens"]) or real(
+        models, **{**kw, "new_tokens": 3, "prefill_shapes": ((1, 8),), "repeats": 1, "warmup": 0}))
+    monkeypatch.setattr(cost, "measure_in_llama_cpp", lambda *a, **k: None)
+    for options in ({}, {"new_tokens": 5}):
+        study = optuna.create_study()
+        study.add_trials(result.study.trials)
+        measure_models(study, tiny_session(tiny_tokenizer), tiny_job(measure_cost=True), **options)
+    assert asked == [DECODE_TOKENS, 5] and DECODE_TOKENS == 64
+
+
 def test_the_unpruned_model_is_the_speed_reference(searched):
     result, _ = searched
     assert result.study.user_attrs["inference_cost"]["speedups"]["unpruned"]["decode"] == 1.0

@@ -112,6 +112,25 @@ def test_a_task_whose_data_cannot_be_fetched_fails_alone(non_uniform, tiny_token
     assert out[1].metrics["acc"] >= 0
 
 
+def test_lm_evals_own_task_index_is_read_only_for_a_hub_task(non_uniform, tiny_tokenizer, tiny_tasks, monkeypatch):
+    import lm_eval.tasks
+
+    import adapruner.tasks
+
+    built = []
+    real = lm_eval.tasks.TaskManager
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", lambda **kw: built.append(kw) or real(**kw))
+    adapruner.tasks.task_manager.cache_clear()
+    try:
+        local = evaluate_tasks(non_uniform, tiny_tokenizer, ["tiny-lastword"], local=tiny_tasks, limit=2)
+        assert built == [{"include_defaults": False}] and local[0].error is None
+        monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+        evaluate_tasks(non_uniform, tiny_tokenizer, ["piqa", "tiny-lastword"], local=tiny_tasks, limit=2)
+        assert built[1:] == [{"include_defaults": True}]  # a hub task needs lm-eval's own (its data may still fail)
+    finally:
+        adapruner.tasks.task_manager.cache_clear()
+
+
 def test_an_unknown_task_is_refused_with_how_to_list_them():
     with pytest.raises(AdaPrunerError, match="--list-tasks"):
         check_tasks(["no-such-task"])

@@ -32,17 +32,22 @@ from .job import SearchJob
 from .record import StudyKey
 
 LLAMA_CPP = "llama_cpp"  # the inference-cost record's entry for the GGUF files measured in llama.cpp
+# A search's decode measurement: 64 new tokens after the 32-token prompt, in each of the job's rounds (a rate, so
+# the rounds' spread says more than a longer run; `adapruner bench-model` defaults to 128)
+DECODE_TOKENS = 64
 
 
 def measure_models(study: optuna.Study, session: PruningSession, job: SearchJob, model_dir: Path | None = None,
                    **options) -> dict | None:
-    """Measure and record the models' inference cost (``options`` go to :func:`measure_cost`); what is
-    recorded already when another process (or a resume) did it. Bytes on disk are those of the unpruned
-    checkpoint and of the best's export in ``model_dir`` (the baselines are not written)."""
+    """Measure and record the models' inference cost (``options`` go to :func:`measure_cost`, ``new_tokens``
+    :data:`DECODE_TOKENS` unless given); what is recorded already when another process (or a resume) did it.
+    Bytes on disk are those of the unpruned checkpoint and of the best's export in ``model_dir`` (the baselines
+    are not written)."""
     if not job.measure_cost:
         return None
     if StudyKey.INFERENCE_COST in study.user_attrs:
         return study.user_attrs[StudyKey.INFERENCE_COST]
+    options = {"new_tokens": DECODE_TOKENS, **options}
     compared = compared_models(study, session, job, share_unchanged=True)
     folders = {UNPRUNED: checkpoint_folder(session.model_name), "best": model_dir}
     interleaved = fits_at_once(session.model, len(compared))  # else one at a time: no rounds, no ratio ranges
