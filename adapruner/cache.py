@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,6 +34,26 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         partial.replace(path)
     finally:
         partial.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """A folder of this process's own beside ``path`` to fill; renamed onto ``path`` only when the block succeeds.
+    Where another process (a second worker on a fresh machine) published ``path`` first, ours is discarded: both
+    built the same thing, and a reader of ``path`` never sees a folder being filled or replaced."""
+    path = Path(path)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.part")
+    shutil.rmtree(partial, ignore_errors=True)  # this process's own, interrupted
+    partial.mkdir(parents=True)
+    try:
+        yield partial
+        try:
+            partial.rename(path)
+        except OSError:
+            if not path.is_dir():
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:

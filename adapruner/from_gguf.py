@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from .cache import atomic_folder
 from .errors import AdaPrunerError
 from .structure import check_supported
 from .to_gguf import GGUF_TOKENIZER, source_tokenizer_settings
@@ -165,24 +165,21 @@ def convert_gguf(gguf_file: Path, out_dir: Path, shard_bytes: int = SHARD_BYTES,
     processor = TENSOR_PROCESSORS.get(read_field(reader, "general.architecture")[0], TensorProcessor)(
         config=parsed["config"])
     hf_names = get_gguf_hf_weights_map(skeleton, processor)
-    partial = out_dir.with_name(out_dir.name + ".part")
-    shutil.rmtree(partial, ignore_errors=True)  # an interrupted conversion's shards
-    partial.mkdir(parents=True)
-    writer = _ShardWriter(partial, shard_bytes)
-    for tensor in tqdm(reader.tensors, desc="de-quantising GGUF tensors", unit="tensor", disable=not progress,
-                       leave=False):
-        result = processor.process(weights=_dequantize_rows(tensor, dequantize), name=tensor.name,
-                                   tensor_key_mapping=hf_names, parsed_parameters=parsed)
-        if result.name in hf_names:  # what the model has no place for is skipped, as transformers does
-            # owned, writable fp32 (a float32 tensor of the file comes as a read-only view of the mapping)
-            writer.add(hf_names[result.name], torch.from_numpy(np.require(result.weights, np.float32, "CWO")))
-    written = set(writer.close())
-    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    missing = sorted(set(skeleton.state_dict()) - written - tied)
-    if missing:
-        raise AdaPrunerError(f"{gguf_file.name} has no tensor for {missing[0]} (and {len(missing) - 1} more)")
-    skeleton.config.save_pretrained(partial)
-    skeleton.generation_config.save_pretrained(partial)
-    AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(partial)
-    (partial / GGUF_TOKENIZER).write_text(json.dumps(source_tokenizer_settings(reader), indent=1) + "\n")
-    partial.replace(out_dir)
+    with atomic_folder(out_dir) as partial:
+        writer = _ShardWriter(partial, shard_bytes)
+        for tensor in tqdm(reader.tensors, desc="de-quantising GGUF tensors", unit="tensor", disable=not progress,
+                           leave=False):
+            result = processor.process(weights=_dequantize_rows(tensor, dequantize), name=tensor.name,
+                                       tensor_key_mapping=hf_names, parsed_parameters=parsed)
+            if result.name in hf_names:  # what the model has no place for is skipped, as transformers does
+                # owned, writable fp32 (a float32 tensor of the file comes as a read-only view of the mapping)
+                writer.add(hf_names[result.name], torch.from_numpy(np.require(result.weights, np.float32, "CWO")))
+        written = set(writer.close())
+        tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+        missing = sorted(set(skeleton.state_dict()) - written - tied)
+        if missing:
+            raise AdaPrunerError(f"{gguf_file.name} has no tensor for {missing[0]} (and {len(missing) - 1} more)")
+        skeleton.config.save_pretrained(partial)
+        skeleton.generation_config.save_pretrained(partial)
+        AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(partial)
+        (partial / GGUF_TOKENIZER).write_text(json.dumps(source_tokenizer_settings(reader), indent=1) + "\n")

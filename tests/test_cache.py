@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from adapruner.cache import atomic_path, load_layer_tensors, save_layer_tensors
+from adapruner.cache import atomic_folder, atomic_path, load_layer_tensors, save_layer_tensors
 
 
 def test_a_write_that_fails_leaves_nothing_behind(tmp_path):
@@ -23,6 +23,28 @@ def test_a_write_replaces_the_old_file_only_when_complete(tmp_path):
         assert target.read_text() == "old"
     assert target.read_text() == "new"
     assert list(tmp_path.iterdir()) == [target]
+
+
+def test_a_folder_appears_whole_and_two_processes_building_it_at_once_both_succeed(tmp_path):
+    target = tmp_path / "models" / "smollm2-135m"
+    target.parent.mkdir()
+    with atomic_folder(target) as first, atomic_folder(target.with_name("other")) as unrelated:
+        (first / "config.json").write_text("first")
+        (unrelated / "x").write_text("x")
+        assert not target.exists()
+        racer = target.with_name(f"{target.name}.racer.part")  # another process's folder, published first
+        racer.mkdir()
+        (racer / "config.json").write_text("racer")
+        racer.rename(target)
+    assert (target / "config.json").read_text() == "racer"  # ours discarded, theirs kept whole
+    assert sorted(p.name for p in tmp_path.joinpath("models").iterdir()) == ["other", "smollm2-135m"]
+
+
+def test_a_folder_that_fails_to_fill_leaves_nothing_behind(tmp_path):
+    with pytest.raises(RuntimeError), atomic_folder(tmp_path / "model") as partial:
+        (partial / "half.safetensors").write_text("half")
+        raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_layer_keyed_tensors_round_trip(tmp_path):
