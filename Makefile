@@ -35,8 +35,11 @@ demo: install
 		--cost-rounds 3 --storage sqlite:///runs/demo.db --out runs/demo --tasks books-cloze,books-lastword \
 		--task-limit 20
 
+# Two pytest workers share the cores (a whole test file each, so its fixtures are built once); torch's threads wait
+# passively, as any job sharing cores should. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
