@@ -13,7 +13,8 @@ The modules, grouped by the data flow they serve (which may import which, lowest
 5. **One pipeline**: ``session`` (model + texts -> statistics -> importance -> plan -> pruned model, once),
    ``incremental`` (Adapt-Pruner's schedule over it), ``finetune`` (LoRA after the cut).
 6. **Scores**: ``evaluate`` (perplexity), ``tasks`` (lm-evaluation-harness), ``inference_cost`` (speed and
-   memory), ``llama_runtime`` (the same in llama.cpp).
+   memory), ``llama_runtime`` (the same in llama.cpp), ``decode_time`` (a pruned model's decode speed predicted
+   from its shape, fitted to probe models timed in either runtime).
 7. **Out**: ``export`` (a transformers folder), ``to_gguf`` (a GGUF file for llama.cpp).
 8. **The search**: ``search`` (the job, the space, the objective, the study and its report over Optuna).
 9. **Front ends**: ``cli`` (the ``adapruner`` command). The HTTP service (``service/``) sits above it all and

@@ -137,6 +137,10 @@ class JobCreate(BaseModel):
         "validation windows per source added for that re-scoring"))
     channel_multiple: StrictInt | None = Field(default=SearchJob.channel_multiple, ge=1, le=4096, description=(
         "kept MLP channels per layer in multiples of this (hardware-friendly sizes); null: 64 on CUDA, 1 on CPU"))
+    min_speedup: float | None = Field(default=SearchJob.min_speedup, gt=1.0, lt=100.0, allow_inf_nan=False, strict=True,
+                                      description=(
+        "choose only a model predicted to decode at least this many times as fast as the unpruned one in llama.cpp "
+        "on the worker (torch where llama.cpp is not installed); layers are then dropped as needed; null: no floor"))
     finetune: FinetuneSpec | None = Field(
         default=None, validation_alias=AliasChoices("finetune", "recover"), description=(
             "LoRA fine-tuning of the best model after the search (also accepted under its earlier name, recover)"))

@@ -52,6 +52,8 @@ def test_prune_saves_a_loadable_model(capsys, tmp_path, tiny_model_dir, corpus, 
     (["prune", "--layers", "x"], "--layers takes FIRST:LAST"),
     (["prune", "--repair", "refit"], "invalid choice: 'refit'"),
     (["prune", "--ridge", "0"], "--ridge"),
+    (["search", "--min-speedup", "fast"], "--min-speedup must be a number"),
+    (["search", "--min-speedup", "-1"], "--min-speedup must be positive"),
     (["eval", "--split", "train"], "invalid choice: 'train'"),
     (["nonsense"], "invalid choice"),
 ])
@@ -189,6 +191,10 @@ def test_user_errors_exit_2_with_one_line(capsys, tmp_path, tiny_model_dir, corp
     code, _, err = run(capsys, "eval", "--model", tiny_model_dir, "--data", "builtin:poems")
     assert code == 2
     assert "built-in text source 'poems'" in err
+    assert err.count("\n") == 1
+    code, _, err = run(capsys, "search", "--model", tiny_model_dir, "--calib", f"{corpus}:4", "--min-speedup", 1)
+    assert code == 2
+    assert "min_speedup must be a number above 1" in err
     assert err.count("\n") == 1
 
 

@@ -185,6 +185,9 @@ def test_the_job_list_shows_the_progress_the_job_shows(client, backend):
     ({"heldout": ["x" * 300]}, 422, "heldout", "cannot be a path in the texts folder"),
     ({"calibration": ["loop"]}, 422, "calibration", "cannot be a path in the texts folder (a symlink loop)"),
     ({"target": "0.2"}, 422, "target", "valid number"),  # strict types: no strings for numbers or booleans
+    ({"min_speedup": 1.0}, 422, "min_speedup", "greater than 1"),
+    ({"min_speedup": "1.5"}, 422, "min_speedup", "valid number"),
+    ({"min_speedup": 1e9}, 422, "min_speedup", "less than 100"),
     ({"trust_remote_code": 0}, 422, "trust_remote_code", "valid boolean"),
     ({"space": {"depth": "yes"}}, 422, "depth", "valid boolean"),
     ({"measure_cost": 1}, 422, "measure_cost", "valid boolean"),

@@ -52,7 +52,7 @@ def search_job(args: argparse.Namespace):
         baselines=tuple(b for b in args.baselines.split(",") if b), baseline_draws=args.baseline_draws, space=space,
         start=args.start, repair_windows=args.repair_windows, finalists=args.finalists,
         selection_windows=args.selection_windows,
-        channel_multiple=args.channel_multiple,
+        channel_multiple=args.channel_multiple, min_speedup=args.min_speedup,
         finetune=lora_from(args) if args.lora_steps else None,
         tasks=tuple(args.tasks or ()), task_limit=args.task_limit, export_dtype=args.export_dtype,
         export_format=args.export_format, gguf_type=args.gguf_type,
@@ -207,6 +207,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--finalists", type=positive(int, "--finalists"), default=SearchJob.finalists,
                    help="best trials by validation re-scored on more validation windows before the final choice "
                    "(default: %(default)s)")
+    p.add_argument("--min-speedup", type=positive(float, "--min-speedup"), default=None, metavar="X",
+                   help="choose only a model predicted to decode at least X times as fast as the unpruned one in "
+                   "llama.cpp (torch without it), from probe models timed on this machine; layers are then dropped "
+                   "as needed (default: no floor)")
     p.add_argument("--selection-windows", type=not_negative(int, "--selection-windows"),
                    default=SearchJob.selection_windows,
                    help="validation windows per source added for that re-scoring (default: %(default)s)")

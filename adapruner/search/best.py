@@ -10,6 +10,7 @@ from pathlib import Path
 import optuna
 import torch
 from optuna.artifacts import upload_artifact
+from optuna.trial import TrialState
 
 from ..data import training_windows
 from ..errors import AdaPrunerError
@@ -22,7 +23,7 @@ from ..to_gguf import write_gguf
 from .artifacts import artifact_store
 from .baselines import baseline_config
 from .job import SearchJob
-from .record import StudyKey, TrialKey, stored_sizes
+from .record import StudyKey, TrialKey, meets_floor, stored_sizes
 from .selection import chosen_trial
 
 UNPRUNED = "unpruned"
@@ -32,14 +33,20 @@ GGUF_ARTIFACT = "gguf_artifact_id"  # its artifact, in the study's best-model re
 
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     """The study's chosen trial once the finalists are re-scored (:mod:`.selection`), before that the best by
-    validation; ``None`` while no trial has completed."""
+    validation among the trials that meet the job's speed-up floor (all, without one); ``None`` while no such trial
+    has completed."""
     chosen = chosen_trial(study)
     if chosen is not None:
         return chosen
-    try:
-        return study.best_trial
-    except ValueError:
-        return None
+    floor = study.user_attrs.get(StudyKey.JOB, {}).get("min_speedup")
+    if floor is None:
+        try:
+            return study.best_trial
+        except ValueError:
+            return None
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if t.value is not None and meets_floor(t, floor)]
+    return min(complete, key=lambda t: (t.value, t.number)) if complete else None
 
 
 def compared_models(study: optuna.Study, session: PruningSession, job: SearchJob,

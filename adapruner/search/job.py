@@ -54,6 +54,9 @@ class SearchJob:
     finalists: int = 4  # the best trials by validation (baselines included) re-scored on more validation windows
     selection_windows: int = 96  # validation windows per source added for that re-scoring
     channel_multiple: int | None = None  # kept MLP channels per layer in multiples of this; None: 64 on CUDA, else 1
+    # The least decode speed-up (tokens/s over the unpruned model's) the chosen model must be predicted to reach in
+    # llama.cpp (torch without it); None: no floor. See adapruner.search.speed.
+    min_speedup: float | None = None
     finetune: LoRA | None = None  # LoRA fine-tuning of the best configuration after the search
     # lm-eval tasks scored after the search (unpruned, baselines, best); measured, never searched on.
     tasks: tuple[str, ...] = ()
@@ -98,6 +101,11 @@ class SearchJob:
             raise AdaPrunerError(f"unknown gguf_type {self.gguf_type!r} (choose from {', '.join(GGUF_TYPES)})")
         if self.selection_windows < 0:
             raise AdaPrunerError(f"selection_windows must be >= 0, got {self.selection_windows}")
+        if self.min_speedup is not None and (isinstance(self.min_speedup, bool)
+                                             or not isinstance(self.min_speedup, int | float)
+                                             or not 1.0 < self.min_speedup < 100.0):
+            raise AdaPrunerError(f"min_speedup must be a number above 1 (the unpruned model decodes at 1), "
+                                 f"got {self.min_speedup!r}")
         if self.task_limit is not None and self.task_limit < 1:
             raise AdaPrunerError(f"task_limit must be positive, got {self.task_limit}")
 

@@ -22,12 +22,14 @@ from contextlib import contextmanager
 import optuna
 import torch
 
+from ..decode_time import DecodeTime
 from ..evaluate import window_losses
-from ..plan import params_to_remove
+from ..plan import PruningPlan, params_to_remove
 from ..session import PruneConfig, PruningSession
 from ..structure import ModelStructure
-from .record import TrialKey, stored_sizes
+from .record import TrialKey, meets_floor, stored_sizes
 from .space import PoolClusters, SearchSpace, suggest_config
+from .speed import drop_range
 
 logger = logging.getLogger(__name__)
 
@@ -131,11 +133,15 @@ class Objective:
         batch_size: int = 4,
         estimate_stopped: bool = False,
         intermediate_unit: str = PERPLEXITY,
+        decode_time: DecodeTime | None = None,
+        min_speedup: float | None = None,
     ):
         """``estimate_stopped``: a trial stopped early completes with :func:`paired_estimate` instead of
         being marked pruned (stopped early) — for samplers that learn only from completed trials (GP, BoTorch).
         ``intermediate_unit``: what :meth:`optuna.Trial.report` receives, :data:`PERPLEXITY` or
-        :data:`LOG_PERPLEXITY` (a study begun before the unit was recorded)."""
+        :data:`LOG_PERPLEXITY` (a study begun before the unit was recorded). ``decode_time``: every trial's decode
+        speed-up is predicted with it and recorded; ``min_speedup``: the floor a searched trial must be predicted
+        to reach (:mod:`.speed`), else it stops before validation."""
         if intermediate_unit not in (PERPLEXITY, LOG_PERPLEXITY):
             raise ValueError(f"unknown intermediate unit {intermediate_unit!r}")
         self.intermediate_unit = intermediate_unit
@@ -145,7 +151,13 @@ class Objective:
         self.estimate_stopped = estimate_stopped and not running_mean
         self.weights = source_weights(session.window_sources("validation"))
         n_val = len(self.weights)
-        self.max_drop = max_drop_layers(session.structure, target)
+        self.decode_time, self.min_speedup = decode_time, min_speedup
+        n_layers = len(session.structure.layers)
+        # whole layers a trial may drop: a quarter at most (half with a speed-up floor), as far as the target pays
+        cap = n_layers // 2 if min_speedup is not None else n_layers // 4
+        self.min_drop, self.max_drop = drop_range(session.structure, target,
+                                                  min(max_drop_layers(session.structure, target), cap),
+                                                  decode_time, min_speedup)
         # One fixed order for every trial, so early windows are a fair sample and losses pair up.
         self.order = torch.randperm(n_val, generator=torch.Generator().manual_seed(seed)).tolist()
 
@@ -154,7 +166,7 @@ class Objective:
         if baseline:
             return self.baselines[(baseline, trial.user_attrs.get(TrialKey.DRAW, 0))]
         return suggest_config(trial, self.space, self.clusters, len(self.session.structure.layers), self.seed,
-                              self.max_drop)
+                              self.max_drop, self.min_drop)
 
     def __call__(self, trial: optuna.Trial) -> float:
         seconds: dict[str, float] = {}
@@ -178,6 +190,8 @@ class Objective:
             trial.set_user_attr(TrialKey.REMOVED_SHARE, round(plan.removed_share, 6))
             trial.set_user_attr(TrialKey.SIZES, stored_sizes(plan.sizes()))
             trial.set_user_attr(TrialKey.DROPPED_LAYERS, list(plan.dropped))
+            if self.decode_time is not None:
+                self._check_speed(trial, plan)
             with phase("validation"):
                 baseline = bool(trial.user_attrs.get(TrialKey.BASELINE))  # baselines are never stopped early
                 val_nll, stopped = self._validate(trial, pruned, may_stop_early=not baseline)
@@ -232,7 +246,13 @@ class Objective:
         for key, value in test_scores(self.session, model, self.batch_size).items():
             trial.set_user_attr(key, value)
 
-    @staticmethod
-    def _is_new_best(trial: optuna.Trial, value: float) -> bool:
+    def _check_speed(self, trial: optuna.Trial, plan: PruningPlan) -> None:
+        """Record the plan's predicted decode speed-up; stop a searched trial predicted below the floor."""
+        speedup = self.decode_time.speedup_of(self.session.structure, plan)
+        trial.set_user_attr(TrialKey.SPEEDUP, round(speedup, 4))
+        if self.min_speedup is not None and speedup < self.min_speedup and not trial.user_attrs.get(TrialKey.BASELINE):
+            raise optuna.TrialPruned(f"predicted decode speed-up {speedup:.2f} is below the floor {self.min_speedup:g}")
+
+    def _is_new_best(self, trial: optuna.Trial, value: float) -> bool:
         done = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-        return all(value < t.value for t in done if t.value is not None)
+        return all(value < t.value for t in done if t.value is not None and meets_floor(t, self.min_speedup))

@@ -31,6 +31,7 @@ class StudyKey:
     INFERENCE_COST = "inference_cost"  # measured speed and memory of the same models
     FINETUNE = "finetune"  # the chosen model's LoRA fine-tuning, when the job asks for one
     BEST_MODEL = "best_model"  # the exported model's trial and artifact
+    DECODE_TIME = "decode_time"  # the decode-time model a speed-up floor is predicted with (measured once)
 
 
 class TrialKey:
@@ -43,6 +44,7 @@ class TrialKey:
     REMOVED_SHARE = "removed_share"  # the share of all parameters the plan removes
     SIZES = "sizes"  # per layer: [KV groups, MLP channels]
     DROPPED_LAYERS = "dropped_layers"
+    SPEEDUP = "predicted_speedup"  # decode tokens/s over the unpruned model's, predicted (jobs with a speed-up floor)
     VAL_PPL = "val_ppl"
     PARTIAL_VAL_PPL = "partial_val_ppl"  # the perplexity over the windows scored before it was stopped early
     WINDOWS = "windows"  # validation windows scored
@@ -93,3 +95,9 @@ def stored_sizes(sizes: list[dict[str, int]]) -> list[list[int]]:
 def searched(trials: list[FrozenTrial]) -> list[FrozenTrial]:
     """The searched trials (not the baselines), in order."""
     return [t for t in trials if baseline_of(t) is None]
+
+
+def meets_floor(trial: FrozenTrial, min_speedup: float | None) -> bool:
+    """Whether ``trial``'s model is predicted to decode at least ``min_speedup`` times as fast as the unpruned
+    model (every trial does without a floor; see :mod:`~adapruner.search.speed`)."""
+    return min_speedup is None or trial.user_attrs.get(TrialKey.SPEEDUP, 0.0) >= min_speedup

@@ -13,6 +13,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from ..decode_time import DecodeTime
 from ..export import load_instructions
 from .accuracy import accuracy_table
 from .best import best_trial
@@ -204,6 +205,21 @@ def _selection_lines(record: dict | None) -> list[str]:
     return lines
 
 
+def _floor_lines(job: SearchJob, decode_time: dict | None, best: FrozenTrial | None) -> list[str]:
+    """The speed-up floor, the decode-time model it was predicted with, and what the choice is predicted to do."""
+    if job.min_speedup is None or not decode_time:
+        return []
+    fit = DecodeTime.from_dict(decode_time)
+    probes = ", ".join(f"{p.label} {1 / p.seconds:.1f} tok/s ({fit.residuals[p.label]:+.1%} off the fit)"
+                       for p in fit.probes)
+    predicted = best.user_attrs.get(TrialKey.SPEEDUP) if best is not None else None
+    chosen = f"the chosen model: {predicted:.2f}x" if predicted else "no trial met it"
+    return ["", f"Speed-up floor: only models predicted to decode at least {job.min_speedup:g}x as fast as the "
+            f"unpruned one were chosen from ({chosen}). The prediction: a decode-time model fitted to probe models "
+            f"timed in {fit.runtime} on the machine that ran the search ({probes}). What the chosen model really "
+            "does is measured below (\"What the pruned models buy\"), when the search measured it."]
+
+
 def margin_sentence(best: FrozenTrial, reference: FrozenTrial) -> str:
     """How the best configuration compares with the LLM-Pruner baseline: out-of-domain when there is a
     held-out test, since in-domain text is what the search was tuned on."""
@@ -279,6 +295,7 @@ def report_markdown(study: optuna.Study, curve_png: str | None = None) -> str:
         if load_line(best):
             lines += ["", f"Load the exported model (the `model` folder beside this report) with transformers alone: "
                       f"`{load_line(best)}`."]
+    lines += _floor_lines(job, study.user_attrs.get(StudyKey.DECODE_TIME), best)
     tuned = stored(study.user_attrs, StudyKey.FINETUNE)
     if tuned:
         lines += ["", f"LoRA fine-tuning of the best configuration: r={tuned['r']}, {tuned['steps']} steps of "

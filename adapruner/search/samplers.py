@@ -11,7 +11,7 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from ..errors import AdaPrunerError
-from .record import TrialKey
+from .record import TrialKey, meets_floor
 
 SAMPLERS = ("tpe", "gp", "botorch", "random", "qmc")
 PRUNERS = ("wilcoxon", "median", "sha", "hyperband", "none")
@@ -132,15 +132,48 @@ def _make_sampler(name: str, seed: int, n_startup_trials: int) -> optuna.sampler
     raise AdaPrunerError(f"unknown sampler {name!r} (choose from {', '.join(SAMPLERS)})")
 
 
-def make_pruner(name: str, n_windows: int) -> optuna.pruners.BasePruner:
+def make_pruner(name: str, n_windows: int, min_speedup: float | None = None) -> optuna.pruners.BasePruner:
     """A pruner for trials that report one loss per validation window (step = window index).
 
     ``wilcoxon`` pairs each window's loss with the best trial's loss on the same window and stops a
     trial once it is significantly worse; the others compare running means, which is what they
-    expect, so the objective reports those to them instead.
+    expect, so the objective reports those to them instead. With a speed-up floor, a trial is compared only
+    with the trials that meet it (:class:`FloorPruner`).
     """
     with chosen_experimental_features():
-        return _make_pruner(name, n_windows)
+        pruner = _make_pruner(name, n_windows)
+    return pruner if min_speedup is None else FloorPruner(pruner, min_speedup)
+
+
+class _TrialsMeetingFloor(_SearchedTrials):
+    """A study as a pruner should see it under a speed-up floor: the trials predicted to meet it, and the best
+    of them (a baseline or a shallow trial below the floor is no yardstick for the models that may be chosen)."""
+
+    def __init__(self, study: optuna.Study, min_speedup: float):
+        super().__init__(study)
+        self._min_speedup = min_speedup
+
+    def _get_trials(self, deepcopy: bool = True, states=None, use_cache: bool = False) -> list[FrozenTrial]:
+        trials = self._study._get_trials(deepcopy=deepcopy, states=states, use_cache=use_cache)
+        return [t for t in trials if meets_floor(t, self._min_speedup)]
+
+    @property
+    def best_trial(self) -> FrozenTrial:
+        complete = [t for t in self.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                    if t.value is not None]
+        if not complete:
+            raise ValueError("no completed trial meets the speed-up floor yet")
+        return min(complete, key=lambda t: t.value)
+
+
+class FloorPruner(optuna.pruners.BasePruner):
+    """Wraps a pruner so that it judges a trial against the trials that meet the speed-up floor only."""
+
+    def __init__(self, pruner: optuna.pruners.BasePruner, min_speedup: float):
+        self.pruner, self.min_speedup = pruner, min_speedup
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        return self.pruner.prune(_TrialsMeetingFloor(study, self.min_speedup), trial)  # type: ignore[arg-type]
 
 
 def _make_pruner(name: str, n_windows: int) -> optuna.pruners.BasePruner:

@@ -24,15 +24,16 @@ from ..evaluate import window_losses
 from ..session import PruneConfig, PruningSession
 from .job import SearchJob
 from .objective import source_weights, test_scores, weighted_mean
-from .record import StudyKey, TrialKey
+from .record import StudyKey, TrialKey, meets_floor
 
 TEST_KEYS = (TrialKey.TEST_PPL, TrialKey.TEST_PPL_BY_SOURCE, TrialKey.HELDOUT_PPL, TrialKey.HELDOUT_PPL_BY_SOURCE)
 
 
-def finalists(trials: Sequence[FrozenTrial], n: int) -> list[FrozenTrial]:
-    """The ``n`` completed trials of lowest validation perplexity (a stopped trial's estimate does not count)."""
+def finalists(trials: Sequence[FrozenTrial], n: int, min_speedup: float | None = None) -> list[FrozenTrial]:
+    """The ``n`` completed trials of lowest validation perplexity (a stopped trial's estimate does not count) among
+    those predicted to meet the speed-up floor, if there is one."""
     complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None
-                and not t.user_attrs.get(TrialKey.ESTIMATED)]
+                and not t.user_attrs.get(TrialKey.ESTIMATED) and meets_floor(t, min_speedup)]
     return sorted(complete, key=lambda t: (t.value, t.number))[:n]
 
 
@@ -55,7 +56,7 @@ def select(session: PruningSession, job: SearchJob, trials: Sequence[FrozenTrial
            known: dict[int, float] | None = None) -> dict:
     """Re-score the finalists among ``trials`` and choose: the record :attr:`~.record.StudyKey.SELECTION`
     stores. ``known``: trial numbers' selection perplexities already measured (another selection's, say)."""
-    chosen_from = finalists(trials, job.finalists)
+    chosen_from = finalists(trials, job.finalists, job.min_speedup)
     if not chosen_from:
         return {}
     known = known or {}

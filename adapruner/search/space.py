@@ -22,8 +22,9 @@ the end, the adaptive strength, the share of each layer's budget taken from atte
 a budget per layer, or FLAP's one ranking of every unit of the pruned layers (``global``, where the
 strength and the attention share play no part). Flat (no conditional parameters), so every sampler —
 TPE, GP, BoTorch, QMC — handles it. With ``depth`` the
-number of whole layers dropped (0 .. a quarter of them, and never more than the target pays for) is
-searched too; fixing ``drop_layers`` sets it.
+number of whole layers dropped (0 .. a quarter of them, and never more than the target pays for; with a floor on
+the decode speed-up, from the fewest that can meet it up to half of them: :mod:`.speed`) is searched too; fixing
+``drop_layers`` sets it.
 
 **Iterations.** With FLAP's score, the plan may be built in 1-4 steps, FLAP's score re-measured on the model
 pruned and repaired so far between them (:class:`~adapruner.session.PruneConfig` ``iterations``); with the
@@ -264,8 +265,9 @@ class _Params:
 
 
 def suggest_config(trial: optuna.Trial, space: SearchSpace, clusters: PoolClusters, n_layers: int,
-                   seed: int = 0, max_drop: int | None = None) -> PruneConfig:
-    """The :class:`PruneConfig` of one trial; ``max_drop``: the most whole layers the target pays for."""
+                   seed: int = 0, max_drop: int | None = None, min_drop: int = 0) -> PruneConfig:
+    """The :class:`PruneConfig` of one trial; whole layers dropped from ``min_drop`` to ``max_drop`` (default: a
+    quarter of them; the caller caps it at what the target pays for) when the space searches depth."""
     p = _Params(trial, space.fixed)
     pool_size = clusters.pool_size
     if space.subset_mode == "all":
@@ -294,13 +296,14 @@ def suggest_config(trial: optuna.Trial, space: SearchSpace, clusters: PoolCluste
         mixture = Mixture.single("flap", aggregation, seed)
     else:
         iterations = 1  # the mixture is measured once (see the module docstring)
+    drops = n_layers // 4 if max_drop is None else max_drop
     allocation = Allocation(
         first=p.int("layer_first", 0, n_layers // 4),
         last=-p.int("layer_last", 0, n_layers // 8),
         strength=p.float("strength", 0.0, 1.0),
         attn_share=p.float("attn_share", 0.0, 1.0) if space.attn_share else None,
-        drop_layers=p.int("drop_layers", 0, min(n_layers // 4, n_layers if max_drop is None else max_drop))
-        if space.depth or "drop_layers" in space.fixed else 0,
+        drop_layers=p.int("drop_layers", min(min_drop, drops), drops) if space.depth or "drop_layers" in space.fixed
+        else 0,
         scope=p.categorical("scope", space.scopes),
     )
     mode = p.categorical("repair", space.repairs)

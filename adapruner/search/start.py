@@ -60,11 +60,12 @@ class _Domains:
         return choices[0]
 
 
-def search_domains(job: SearchJob, clusters: PoolClusters, n_layers: int, max_drop: int) -> dict[str, tuple]:
+def search_domains(job: SearchJob, clusters: PoolClusters, n_layers: int, max_drop: int,
+                   min_drop: int = 0) -> dict[str, tuple]:
     """Each searched parameter of ``job``'s space on this model: ``("float" | "int", low, high)`` or
     ``("categorical", choices)``."""
     recorder = _Domains()
-    suggest_config(recorder, job.space, clusters, n_layers, job.seed, max_drop)  # type: ignore[arg-type]
+    suggest_config(recorder, job.space, clusters, n_layers, job.seed, max_drop, min_drop)  # type: ignore[arg-type]
     return recorder.domains
 
 
@@ -167,15 +168,17 @@ def warm_params(storage: optuna.storages.BaseStorage, job: SearchJob, study_name
 
 
 def informed_params(job: SearchJob, session: PruningSession, clusters: PoolClusters, max_drop: int,
-                    storage: optuna.storages.BaseStorage | None = None, study_name: str = "") -> list[dict]:
+                    storage: optuna.storages.BaseStorage | None = None, study_name: str = "",
+                    min_drop: int = 0) -> list[dict]:
     """The parameters of the trials a study starts with (peers, then priors, then earlier studies), fitted to the
-    space, without repeats, at most ``job.trials``."""
+    space (the layers they drop clamped to ``min_drop`` .. ``max_drop``), without repeats, at most
+    ``job.trials``."""
     if job.start == "random":
         return []
     candidates = peer_params(job, session.structure, len(clusters.members)) + prior_params(job)
     if job.start == "warm" and storage is not None:
         candidates += warm_params(storage, job, study_name)
-    domains = search_domains(job, clusters, len(session.structure.layers), max_drop)
+    domains = search_domains(job, clusters, len(session.structure.layers), max_drop, min_drop)
     queued: list[dict] = []
     for params in candidates:
         fitted = fit_to_space(params, domains)
@@ -185,11 +188,11 @@ def informed_params(job: SearchJob, session: PruningSession, clusters: PoolClust
 
 
 def enqueue_informed(study: optuna.Study, job: SearchJob, session: PruningSession, clusters: PoolClusters,
-                     max_drop: int, storage: optuna.storages.BaseStorage | None = None) -> None:
+                     max_drop: int, storage: optuna.storages.BaseStorage | None = None, min_drop: int = 0) -> None:
     """Queue the informed start once per study (call it holding the study lock)."""
     if StudyKey.INFORMED_START in study.user_attrs:
         return
-    params = informed_params(job, session, clusters, max_drop, storage, study.study_name)
+    params = informed_params(job, session, clusters, max_drop, storage, study.study_name, min_drop)
     for p in params:
         study.enqueue_trial(p, skip_if_exists=True)
     study.set_user_attr(StudyKey.INFORMED_START, len(params))

@@ -42,6 +42,7 @@ from .record import StudyKey, TrialKey, baseline_attrs, baseline_of, draw_of
 from .samplers import ESTIMATING_SAMPLERS, make_pruner, make_sampler, reports_running_mean
 from .selection import record_selection
 from .space import cluster_pool
+from .speed import study_decode_time
 from .start import enqueue_informed
 from .storage import (
     STORAGE_ERRORS,
@@ -83,7 +84,7 @@ def open_session(job: SearchJob, device: str | None = None, dtype: str | None = 
 def create_study(storage: optuna.storages.BaseStorage, name: str, job: SearchJob) -> optuna.Study:
     """Create the study with its spec and queued baselines; an existing study must have the same spec."""
     sampler = make_sampler(job.sampler, job.seed)
-    pruner = make_pruner(job.pruner, job.val_windows)
+    pruner = make_pruner(job.pruner, job.val_windows, job.min_speedup)
     try:
         study = optuna.create_study(storage=storage, study_name=name, direction="minimize", sampler=sampler,
                                     pruner=pruner, load_if_exists=False)
@@ -192,13 +193,16 @@ def run_search(
     clusters = cluster_pool(session.statistics.embedding, job.space.n_clusters, job.seed)
     baselines = {(name, draw): baseline_config(name, session, job.seed, draw, job.target)
                  for name, draw in job.baseline_runs}
+    lock = StudyLock(storage_url, name)
+    with lock:
+        decode_time = study_decode_time(study, session, job)
     objective = Objective(session, job.space, clusters, job.target, baselines, job.seed,
                           running_mean=reports_running_mean(job.pruner),
                           estimate_stopped=job.sampler in ESTIMATING_SAMPLERS,
-                          intermediate_unit=intermediate_unit(study))
-    lock = StudyLock(storage_url, name)
+                          intermediate_unit=intermediate_unit(study), decode_time=decode_time,
+                          min_speedup=job.min_speedup)
     with lock:
-        enqueue_informed(study, job, session, clusters, objective.max_drop, storage)
+        enqueue_informed(study, job, session, clusters, objective.max_drop, storage, objective.min_drop)
     with tqdm(total=job.total_trials, initial=count_trials(study)[0], desc=f"search {name}", unit="trial",
               disable=not progress) as bar:
         run_trials(study, job, objective, lock, storage, bar, should_stop, poll_seconds)
