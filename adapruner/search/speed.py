@@ -21,6 +21,8 @@ the pruned models buy", llama.cpp figures included), never searched on.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
+
 import optuna
 
 from ..decode_time import DecodeTime, measure_decode_time
@@ -45,19 +47,25 @@ def speed_runtime(job: SearchJob) -> tuple[str, str]:
     return "llama.cpp", job.gguf_type if job.export_format == "gguf" else SPEED_GGUF_TYPE
 
 
-def study_decode_time(study: optuna.Study, session: PruningSession, job: SearchJob) -> DecodeTime | None:
-    """The study's decode-time model: measured by the first process (call it holding the study lock) and stored;
-    ``None`` for a job without a floor."""
+def study_decode_time(study: optuna.Study, session: PruningSession, job: SearchJob,
+                      lock: AbstractContextManager) -> DecodeTime | None:
+    """The study's decode-time model, measured once and stored with the study for every process (``None`` for a job
+    without a floor). Measured outside ``lock`` (the study lock: a minute of probes must not hold a database
+    transaction open); the first process to store its measurement wins, and every process uses that one."""
     if job.min_speedup is None:
         return None
-    if StudyKey.DECODE_TIME in study.user_attrs:
-        return DecodeTime.from_dict(study.user_attrs[StudyKey.DECODE_TIME])
-    if session.on_step is not None:
-        session.on_step("decode time", 0, 1)
-    runtime, quant = speed_runtime(job)
-    decode_time = measure_decode_time(session.model, session.tokenizer, runtime, quant)
-    study.set_user_attr(StudyKey.DECODE_TIME, decode_time.to_dict())
-    return decode_time
+    stored = study.user_attrs.get(StudyKey.DECODE_TIME)
+    if stored is None:
+        if session.on_step is not None:
+            session.on_step("decode time", 0, 1)
+        runtime, quant = speed_runtime(job)
+        measured = measure_decode_time(session.model, session.tokenizer, runtime, quant)
+        with lock:
+            stored = study.user_attrs.get(StudyKey.DECODE_TIME)
+            if stored is None:
+                stored = measured.to_dict()
+                study.set_user_attr(StudyKey.DECODE_TIME, stored)
+    return DecodeTime.from_dict(stored)
 
 
 def drop_range(structure: ModelStructure, target: float | int, max_drop: int, decode_time: DecodeTime | None,

@@ -194,8 +194,7 @@ def run_search(
     baselines = {(name, draw): baseline_config(name, session, job.seed, draw, job.target)
                  for name, draw in job.baseline_runs}
     lock = StudyLock(storage_url, name)
-    with lock:
-        decode_time = study_decode_time(study, session, job)
+    decode_time = study_decode_time(study, session, job, lock)
     objective = Objective(session, job.space, clusters, job.target, baselines, job.seed,
                           running_mean=reports_running_mean(job.pruner),
                           estimate_stopped=job.sampler in ESTIMATING_SAMPLERS,
