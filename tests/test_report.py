@@ -37,3 +37,17 @@ def test_the_console_speed_line_says_noise_and_never_glues_x_to_it():
     assert "1.17x (0.88-1.19) the unpruned model's over 5 rounds: too noisy" in line and "noisyx" not in line
     cost["spread"]["best"]["decode"] |= {"low": 1.15, "noisy": False}
     assert "1.17 (1.15-1.19)x the unpruned model's;" in speed_line(cost)
+
+
+def test_a_configuration_is_described_with_its_scope_depth_and_steps():
+    from adapruner.importance import Mixture
+    from adapruner.plan import Allocation
+    from adapruner.repair import Repair
+    from adapruner.search.report import describe_config
+    from adapruner.session import PruneConfig
+
+    deep = PruneConfig(Mixture.single("flap"), (0, 1, 2), Allocation(scope="global", drop_layers=3), Repair("pool"), 2)
+    text = describe_config(deep.to_dict())
+    assert "one ranking across layers" in text and "3 whole layers dropped" in text and "in 2 steps" in text
+    plain = describe_config(PruneConfig(Mixture.single("flap"), (0,), Allocation()).to_dict())
+    assert "a budget per layer" in plain and "dropped" not in plain and "steps" not in plain

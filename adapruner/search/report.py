@@ -99,9 +99,14 @@ def describe_config(config: dict) -> str:
     mixture = ", ".join(f"{m} {w / total:.2f}" for m, w in sorted(weights.items(), key=lambda kv: -kv[1]))
     alloc = config["allocation"]
     share = "proportional" if alloc["attn_share"] is None else f"{alloc['attn_share']:.2f}"
+    scope = "one ranking across layers" if alloc.get("scope") == "global" else "a budget per layer"
+    drop = alloc.get("drop_layers", 0)
+    depth = f"; {drop} whole layer{'s' if drop != 1 else ''} dropped" if drop else ""
+    steps = config.get("iterations", 1)
     return (f"metrics: {mixture}; aggregation: {config['mixture']['aggregation']}; "
             f"calibration: {len(config['subset'])} samples; layers {alloc['first']}..{alloc['last'] or 'end'}, "
-            f"adaptive strength {alloc['strength']:.2f}, attention share {share}; repair {describe_repair(config)}")
+            f"{scope}, adaptive strength {alloc['strength']:.2f}, attention share {share}{depth}"
+            + (f"; in {steps} steps" if steps > 1 else "") + f"; repair {describe_repair(config)}")
 
 
 def describe_repair(config: dict) -> str:
