@@ -9,7 +9,7 @@ row, final norm, output projection, the runtime's own work) is the same for ever
 where ``per_layer`` is the cost of a layer whatever its width (kernel launches, norms, attention over the
 cache, thread hand-offs: what dominates a small model in llama.cpp on a fast CPU) and ``per_weight`` the cost
 of reading and multiplying one weight. The two depend on the machine, its threads and the runtime: on one 2-core
-machine 40% of the weights removed by width alone decoded 1.05x faster in llama.cpp, on another 1.5x. So the
+machine 40% of the weights removed by width alone decoded 1.05x as fast in llama.cpp, on another 1.6x. So the
 coefficients are measured, not assumed: :func:`measure_decode_time` times :func:`probe_plans`' models (the
 unpruned one, half its layers dropped, every layer at half width, and a quarter dropped with the rest at three
 quarters) in interleaved rounds, and :meth:`DecodeTime.fit` solves for the three coefficients by least squares.

@@ -248,8 +248,8 @@ class Objective:
 
     def _check_speed(self, trial: optuna.Trial, plan: PruningPlan) -> None:
         """Record the plan's predicted decode speed-up; stop a searched trial predicted below the floor."""
-        speedup = self.decode_time.speedup_of(self.session.structure, plan)
-        trial.set_user_attr(TrialKey.SPEEDUP, round(speedup, 4))
+        speedup = round(self.decode_time.speedup_of(self.session.structure, plan), 4)  # as stored and compared later
+        trial.set_user_attr(TrialKey.SPEEDUP, speedup)
         if self.min_speedup is not None and speedup < self.min_speedup and not trial.user_attrs.get(TrialKey.BASELINE):
             raise optuna.TrialPruned(f"predicted decode speed-up {speedup:.2f} is below the floor {self.min_speedup:g}")
 

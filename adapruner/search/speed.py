@@ -1,19 +1,18 @@
 """A floor on the chosen model's decode speed (``SearchJob.min_speedup``): the smallest decode tokens/s over the
 unpruned model's that the chosen model must reach, where it will be served.
 
-Perplexity alone never asks for depth: at 40% a search drops no layer, and in llama.cpp on a fast CPU a model
-cut in width alone decodes hardly faster. With a floor, the study first measures a decode-time model
-(:mod:`adapruner.decode_time`: probe models timed in llama.cpp at the job's GGUF type, q4_k_m unless it exports
-another, when llama-cpp-python is installed; else in torch where the search runs), once, stored with the study
-for every process. Then:
+Perplexity alone never asks for depth: at 40% a search drops no layer, and on some machines a model cut in width
+alone decodes hardly faster in llama.cpp (on others it does; docs/results.md). With a floor, the study first
+measures a decode-time model (:mod:`adapruner.decode_time`: probe models timed in llama.cpp at the job's GGUF type,
+q4_k_m unless it exports another, when llama-cpp-python is installed; else in torch where the search runs), once,
+stored with the study for every process. Then:
 
 * the layers dropped are searched from the fewest with which the target can meet the floor up to half the
   layers (:func:`drop_range`): at a given target the kept layers' weights are fixed, so the predicted speed-up
   depends on the kept layers alone, and almost every trial meets it;
 * a searched trial whose plan is predicted below the floor stops before validation (pruned);
-* the final choice is made among the trials that meet it; baselines, which drop no layer,
-  are scored and reported beside it as always
-  (:func:`~.record.meets_floor`; the early-stopping pruner too compares a trial only with those that meet it).
+* the final choice is made among the trials that meet it (:func:`~.record.meets_floor`), and the early-stopping
+  pruner compares a trial only with those; baselines, which drop no layer, are scored and reported beside it.
 
 The prediction is a model; what the chosen model really does is measured after the search (the report's "What
 the pruned models buy", llama.cpp figures included), never searched on.
