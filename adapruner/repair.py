@@ -36,7 +36,11 @@ Modes (:data:`REPAIR_MODES`):
   produce; three passes of each cut layer over the calibration windows per trial.
 
 Memory: one ``in × in`` float32 covariance per layer for o_proj and for down_proj: 30 × (576² + 1536²)
-× 4 bytes = 323 MB for SmolLM2-135M; 32 × (4096² + 11008²) × 4 bytes = 17.7 GB for a Llama-2-7B.
+× 4 bytes = 323 MB for SmolLM2-135M; 28 × (1536² + 8960²) × 4 bytes = 9.2 GB for Qwen2.5-1.5B; 32 × (4096² +
+11008²) × 4 bytes = 17.7 GB for a Llama-2-7B. They are summed in float64, twice that, so :func:`collect_moments`
+runs the layers in groups whose sums fit :data:`MOMENTS_CHUNK_BYTES` and writes each group's moments to the cache
+before the next; a job reads them memory-mapped, paging in what its repairs read. (Summed all at once and held in
+memory, the 1.5B model's moments ended a search on a 24 GB machine: killed for memory at 19.2 GB.)
 """
 
 from __future__ import annotations
@@ -60,7 +64,12 @@ from .structure import decoder_layers, group_index, layer_linears, model_structu
 REPAIR_WINDOWS = 256
 
 REPAIR_MODES = ("off", "bias", "pool", "sequential")
-MOMENTS_VERSION = 2  # bump when the cached input moments change (2: mean and covariance, from the repair windows)
+# bump when the cached input moments change (2: mean and covariance, from the repair windows; 3: a folder of parts)
+MOMENTS_VERSION = 3
+# The float64 sums one pass over the repair windows holds at a time: the layers are visited in groups whose sums fit,
+# the hidden states carried from one group to the next, and each group's moments are written (when a folder is given)
+# before the next begins. All at once, a 1.5B model's 28 down_proj sums (8960 x 8960 each) would take 18 GB.
+MOMENTS_CHUNK_BYTES = 2 * 2**30
 REPAIRED = ("o_proj", "down_proj")  # the projections whose input columns a plan removes
 Key = tuple[int, str]  # (layer, module)
 
@@ -102,14 +111,19 @@ class InputMoments:
 
     @classmethod
     def load(cls, path: str | Path) -> InputMoments:
+        """What :meth:`save` wrote, or a folder of such files (:func:`collect_moments`' parts), memory-mapped:
+        a repair pages in the covariances it reads."""
         from safetensors import safe_open
 
+        path = Path(path)
         tables: dict[str, dict[Key, torch.Tensor]] = {"mean": {}, "covariance": {}}
-        with safe_open(str(path), framework="pt") as f:
-            tokens = int(f.metadata()["tokens"])
-            for name in f.keys():
-                kind, layer, module = name.split(".")
-                tables[kind][(int(layer), module)] = f.get_tensor(name)
+        tokens = 0
+        for part in sorted(path.glob("*.safetensors")) if path.is_dir() else [path]:
+            with safe_open(str(part), framework="pt") as f:
+                tokens = int(f.metadata()["tokens"])
+                for name in f.keys():
+                    kind, layer, module = name.split(".")
+                    tables[kind][(int(layer), module)] = f.get_tensor(name)
         return cls(tables["mean"], tables["covariance"], tokens)
 
 
@@ -243,23 +257,61 @@ class _MomentRecorder:
 
 @torch.no_grad()
 def collect_moments(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, progress: bool = True,
-                    on_step: OnStep | None = None) -> InputMoments:
+                    on_step: OnStep | None = None, folder: str | Path | None = None,
+                    chunk_bytes: int = MOMENTS_CHUNK_BYTES) -> InputMoments:
     """Mean and covariance of every o_proj and down_proj input over ``windows`` (``[N, seq_len]``), summed in
-    float64 and stored float32 on the CPU."""
+    float64 and stored float32 on the CPU. The decoder layers are run in groups whose float64 sums fit in
+    ``chunk_bytes`` (:data:`MOMENTS_CHUNK_BYTES`), the hidden states carried between groups; with ``folder``, each
+    group's moments are written there as a part (``part-000.safetensors``, ...) as soon as they are known and the
+    result is the folder, memory-mapped (:meth:`InputMoments.load`), so that no more than one group's moments are
+    ever held in memory."""
     device = next(model.parameters()).device
-    recorder = _MomentRecorder(dict(enumerate(decoder_layers(model))))
-    with eval_mode(model):
-        try:
-            starts = range(0, windows.shape[0], batch_size)
-            for start in tqdm(starts, desc="repair moments", unit="batch", disable=not progress, leave=False):
-                if on_step is not None:
-                    on_step("repair moments", start, windows.shape[0])
-                model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
-        finally:
-            recorder.remove()
-    moments = {key: recorder.moments(key) for key in recorder.grams}
-    return InputMoments({k: m.float().cpu() for k, (m, _) in moments.items()},
-                        {k: c.float().cpu() for k, (_, c) in moments.items()}, windows.numel())
+    layers = decoder_layers(model)
+    groups = _layer_groups(layers, chunk_bytes)
+    batches = [windows[s : s + batch_size].to(device) for s in range(0, windows.shape[0], batch_size)]
+    mean: dict[Key, torch.Tensor] = {}
+    covariance: dict[Key, torch.Tensor] = {}
+    with eval_mode(model), tqdm(total=len(groups) * len(batches), desc="repair moments", unit="batch",
+                                disable=not progress, leave=False) as bar:
+        hidden, kwargs = first_layer_inputs(model, batches)
+        for g, group in enumerate(groups):
+            recorder = _MomentRecorder({i: layers[i] for i in group})
+            try:
+                for b, kw in enumerate(kwargs):
+                    if on_step is not None:
+                        on_step("repair moments", g * len(batches) + b, len(groups) * len(batches))
+                    h = hidden[b]
+                    for i in group:
+                        h = layer_output(layers[i](h, **kw))
+                    hidden[b] = h
+                    bar.update()
+            finally:
+                recorder.remove()
+            measured = {k: recorder.moments(k) for k in recorder.grams}
+            part = InputMoments({k: m.float().cpu() for k, (m, _) in measured.items()},
+                                {k: c.float().cpu() for k, (_, c) in measured.items()}, windows.numel())
+            del recorder, measured  # the group's float64 sums, before the next group's
+            if folder is None:
+                mean |= part.mean
+                covariance |= part.covariance
+            else:
+                part.save(Path(folder) / f"part-{g:03d}.safetensors")
+    return InputMoments(mean, covariance, windows.numel()) if folder is None else InputMoments.load(folder)
+
+
+def _layer_groups(layers: nn.ModuleList, chunk_bytes: int) -> list[list[int]]:
+    """Consecutive layer indices whose float64 input sums (o_proj's and down_proj's) fit in ``chunk_bytes`` (one
+    layer at least per group)."""
+    groups: list[list[int]] = [[]]
+    used = 0
+    for i, layer in enumerate(layers):
+        need = sum(8 * layer_linears(layer)[m].in_features ** 2 for m in REPAIRED)
+        if groups[-1] and used + need > chunk_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(i)
+        used += need
+    return groups
 
 
 class _LayerInputs(Exception):

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .cache import cache_dir, load_layer_tensors, save_layer_tensors
+from .cache import atomic_folder, cache_dir, load_layer_tensors, save_layer_tensors
 from .data import DEFAULT_CALIBRATION, DEFAULT_SEQ_LEN, TextSource, check_heldout, load_source
 from .data.windows import CalibrationPool, build_pool, eval_windows, pool_draws, sample_windows
 from .device import default_channel_multiple
@@ -216,17 +216,20 @@ class PruningSession:
     @cached_property
     def moments(self) -> InputMoments:
         """Mean and covariance of every o_proj/down_proj input over :attr:`repair_pool` (unpruned model): loaded
-        from the cache, or measured in one forward pass and cached. Kept apart from the statistics, so that a
-        job that never repairs never holds them (see :mod:`adapruner.repair` for their size)."""
+        from the cache, or measured in one forward pass and cached, a group of layers at a time. Kept apart from
+        the statistics, so that a job that never repairs never holds them; cached, they are memory-mapped from the
+        cache's folder (see :mod:`adapruner.repair` for their size)."""
         digest = hashlib.sha256(self.repair_pool.numpy().tobytes()).hexdigest()[:16]
-        path = cache_dir("moments") / f"{self.fingerprint}-{digest}-m{MOMENTS_VERSION}.safetensors"
-        if self.cache_statistics and path.is_file():
-            logger.info("repair moments from cache %s", path)
-            return InputMoments.load(path)
-        moments = collect_moments(self.model, self.repair_pool, progress=self.progress, on_step=self.on_step)
-        if self.cache_statistics:
-            moments.save(path)
-        return moments
+        folder = cache_dir("moments") / f"{self.fingerprint}-{digest}-m{MOMENTS_VERSION}"
+        if not self.cache_statistics:
+            return collect_moments(self.model, self.repair_pool, progress=self.progress, on_step=self.on_step)
+        if not folder.is_dir():
+            with atomic_folder(folder) as partial:
+                collect_moments(self.model, self.repair_pool, progress=self.progress, on_step=self.on_step,
+                                folder=partial)
+        else:
+            logger.info("repair moments from cache %s", folder)
+        return InputMoments.load(folder)
 
     def exact_taylor(self, metric: str, subset: Sequence[int]) -> dict[tuple[int, str], torch.Tensor]:
         """LLM-Pruner's exact Taylor unit scores of ``subset`` (a backward pass, in float16 for

@@ -256,7 +256,7 @@ def test_the_repaired_baseline_is_llm_pruners_model_refitted_from_one_backward(t
     assert not torch.equal(logits(fixed), logits(model))
     # a new session on the same model and pool reads the backward and the moments from the disk cache
     again = toy_session(tiny_tokenizer)
-    assert any(cache_dir("moments").glob("*.safetensors"))
+    assert any(cache_dir("moments").glob("*/part-*.safetensors"))  # a folder of parts, one per group of layers
     second, _ = again.prune(repaired, 0.2)
     assert len(calls) == 1
     assert torch.equal(logits(second), logits(fixed))
@@ -325,3 +325,26 @@ def test_a_search_with_repair_in_its_space_reports_it(tiny_tokenizer, tmp_path):
     assert row.split("|")[-2].strip() == "pool, ridge k/T"
     row = next(line for line in report.splitlines() if line.startswith("| baseline: llm-pruner "))
     assert row.split("|")[-2].strip() == "off"
+
+
+def test_moments_by_groups_of_layers_equal_one_pass(tmp_path):
+    """A chunk budget of one layer runs the layers one group at a time, the hidden states carried between them:
+    the same moments as one pass, written as one part per group and read back mapped."""
+    dense = make_tiny_model()
+    whole = collect_moments(dense, WINDOWS, batch_size=5, progress=False)
+    grouped = collect_moments(dense, WINDOWS, batch_size=5, progress=False, folder=tmp_path, chunk_bytes=1)
+    assert len(list(tmp_path.glob("part-*.safetensors"))) == len(decoder_layers(dense))
+    assert grouped.tokens == whole.tokens and set(grouped.covariance) == set(whole.covariance)
+    for key in whole.mean:
+        torch.testing.assert_close(grouped.mean[key], whole.mean[key], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grouped.covariance[key], whole.covariance[key], rtol=1e-5, atol=1e-6)
+
+
+def test_a_groups_sums_fit_the_budget():
+    from adapruner.repair import _layer_groups
+
+    layers = decoder_layers(make_tiny_model())
+    per_layer = sum(8 * layer_linears(layers[0])[m].in_features ** 2 for m in REPAIRED)
+    assert _layer_groups(layers, 10**12) == [[0, 1, 2, 3]]
+    assert _layer_groups(layers, 2 * per_layer) == [[0, 1], [2, 3]]
+    assert _layer_groups(layers, 1) == [[0], [1], [2], [3]]  # a layer over the budget still goes, alone
