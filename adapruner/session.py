@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 
 import torch
@@ -219,14 +219,29 @@ class PruningSession:
         from the cache, or measured in one forward pass and cached, a group of layers at a time. Kept apart from
         the statistics, so that a job that never repairs never holds them; cached, they are memory-mapped from the
         cache's folder (see :mod:`adapruner.repair` for their size)."""
+        return self._input_moments(covariance=True)
+
+    @cached_property
+    def means(self) -> InputMoments:
+        """The same inputs' means alone (all the ``bias`` repair reads): :attr:`moments` where they are measured or
+        cached already, else measured without the covariances (a fraction of the time, none of the memory)."""
+        if "moments" in self.__dict__ or (self.cache_statistics and self._moments_folder(True).is_dir()):
+            return self.moments
+        return self._input_moments(covariance=False)
+
+    def _moments_folder(self, covariance: bool) -> Path:
         digest = hashlib.sha256(self.repair_pool.numpy().tobytes()).hexdigest()[:16]
-        folder = cache_dir("moments") / f"{self.fingerprint}-{digest}-m{MOMENTS_VERSION}"
+        return cache_dir("moments") / f"{self.fingerprint}-{digest}-m{MOMENTS_VERSION}{'' if covariance else '-means'}"
+
+    def _input_moments(self, covariance: bool) -> InputMoments:
+        collect = partial(collect_moments, self.model, self.repair_pool, progress=self.progress, on_step=self.on_step,
+                          covariance=covariance)
         if not self.cache_statistics:
-            return collect_moments(self.model, self.repair_pool, progress=self.progress, on_step=self.on_step)
+            return collect()
+        folder = self._moments_folder(covariance)
         if not folder.is_dir():
-            with atomic_folder(folder) as partial:
-                collect_moments(self.model, self.repair_pool, progress=self.progress, on_step=self.on_step,
-                                folder=partial)
+            with atomic_folder(folder) as partial_folder:
+                collect(folder=partial_folder)
         else:
             logger.info("repair moments from cache %s", folder)
         return InputMoments.load(folder)
@@ -353,7 +368,8 @@ class PruningSession:
     def repair(self, pruned: nn.Module, plan: PruningPlan, repair: Repair) -> nn.Module:
         """Re-fit ``pruned``'s cut projections as ``repair`` says (in place; see :mod:`adapruner.repair`)."""
         if repair.mode in ("bias", "pool"):
-            return repair_pruned(pruned, self.model, plan, self.moments, repair)
+            return repair_pruned(pruned, self.model, plan, self.moments if repair.mode == "pool" else self.means,
+                                 repair)
         if repair.mode == "sequential":
             return repair_sequential(pruned, self.model, plan, self.pool.windows, repair.ridge)
         return pruned

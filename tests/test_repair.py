@@ -15,6 +15,7 @@ from adapruner.plan import Allocation, LayerPlan, PruningPlan
 from adapruner.prune import prune_model
 from adapruner.repair import (
     REPAIRED,
+    SOLVE_DTYPE,
     InputMoments,
     Repair,
     collect_moments,
@@ -83,11 +84,34 @@ def test_a_vanishing_ridge_is_least_squares_with_an_intercept():
     x, w = regression_data()
     keep = torch.tensor([0, 2, 3, 7, 8, 11])
     mean, cov = moments_of(x)
-    kept, bias = compensate(w, mean, cov, keep, ridge=1e-12)
+    kept, bias = compensate(w, mean, cov, keep, ridge=1e-12, dtype=torch.float64)
     design = torch.cat([x[:, keep], torch.ones(x.shape[0], 1)], 1).double()
     solution = torch.linalg.lstsq(design, (x @ w.T).double()).solution.T
     torch.testing.assert_close(kept.double(), solution[:, :-1], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(bias.double(), solution[:, -1], rtol=1e-4, atol=1e-4)
+
+
+def test_the_float32_solve_fits_as_well_as_float64_at_the_smallest_searched_ridge():
+    """The repair solves in float32 (SOLVE_DTYPE): on inputs whose channel scales span four decades (activation
+    outliers), correlated, not centred, its fit is the float64 one's to a part in a million."""
+    g = torch.Generator().manual_seed(0)
+    n, d = 4000, 256
+    scales = torch.logspace(-2, 2, d)[torch.randperm(d, generator=g)]
+    x = (torch.randn(n, d, generator=g) @ torch.randn(d, d, generator=g) / 16) * scales + torch.randn(d, generator=g)
+    w = torch.randn(64, d, generator=g)
+    mean, cov = moments_of(x)
+    keep = torch.sort(torch.randperm(d, generator=g)[:200]).values
+    assert SOLVE_DTYPE == torch.float32
+
+    def error(kept, bias):
+        return float(((x @ w.T).double() - (x[:, keep] @ kept.T + bias).double()).square().mean())
+
+    wide = compensate(w, mean, cov.float(), keep, ridge=1e-3, dtype=torch.float64)
+    narrow = compensate(w, mean, cov.float(), keep, ridge=1e-3)
+    assert error(*narrow) == pytest.approx(error(*wide), rel=1e-6)
+    assert error(*narrow) < 0.6 * error(w[:, keep], torch.zeros(64))  # and the fit is a real one
+    change = (wide[0] - w[:, keep]).norm()
+    assert float((narrow[0] - wide[0]).norm() / change) < 1e-5
 
 
 def test_without_a_covariance_it_is_flaps_bias_compensation():
@@ -348,3 +372,41 @@ def test_a_groups_sums_fit_the_budget():
     assert _layer_groups(layers, 10**12) == [[0, 1, 2, 3]]
     assert _layer_groups(layers, 2 * per_layer) == [[0, 1], [2, 3]]
     assert _layer_groups(layers, 1) == [[0], [1], [2], [3]]  # a layer over the budget still goes, alone
+
+
+def test_the_means_alone_are_the_full_moments_means_and_repair_the_bias_mode_alike(tmp_path):
+    dense = make_tiny_model()
+    plan = cut_plan(dense)
+    full = collect_moments(dense, WINDOWS, batch_size=5, progress=False)
+    means = collect_moments(dense, WINDOWS, batch_size=5, progress=False, folder=tmp_path, chunk_bytes=1,
+                            covariance=False)
+    assert len(list(tmp_path.glob("part-*.safetensors"))) == 1  # one group: no sums of products to bound
+    assert means.covariance == {} and means.tokens == full.tokens and set(means.mean) == set(full.mean)
+    for key in full.mean:
+        torch.testing.assert_close(means.mean[key], full.mean[key], rtol=1e-5, atol=1e-6)
+    by_means = repair_pruned(prune_model(dense, plan), dense, plan, means, Repair("bias"))
+    by_full = repair_pruned(prune_model(dense, plan), dense, plan, full, Repair("bias"))
+    torch.testing.assert_close(logits(by_means), logits(by_full), rtol=1e-5, atol=1e-5)
+    with pytest.raises(AdaPrunerError, match="covariances"):
+        repair_pruned(prune_model(dense, plan), dense, plan, means, Repair("pool"))
+
+
+def test_a_session_repairing_by_the_bias_alone_never_measures_the_covariances(tiny_tokenizer, monkeypatch):
+    import adapruner.session as session_module
+
+    asked = []
+    collect = session_module.collect_moments
+    monkeypatch.setattr(session_module, "collect_moments",
+                        lambda *a, **k: asked.append(k["covariance"]) or collect(*a, **k))
+    bias = PruneConfig(Mixture.single("magnitude_l2"), (0, 1), Allocation(), Repair("bias"))
+    pool = PruneConfig(Mixture.single("magnitude_l2"), (0, 1), Allocation(), Repair("pool", 1e-3))
+    session = toy_session(tiny_tokenizer)
+    first, _ = session.prune(bias, 0.2)
+    assert asked == [False] and "moments" not in session.__dict__
+    assert [p.name.endswith("-means") for p in cache_dir("moments").iterdir()] == [True]
+    session.prune(pool, 0.2)  # the pool repair measures the covariances, and later sessions' bias reads them
+    assert asked == [False, True]
+    again = toy_session(tiny_tokenizer)
+    second, _ = again.prune(bias, 0.2)
+    assert asked == [False, True] and again.means is again.moments
+    torch.testing.assert_close(logits(second), logits(first), rtol=1e-5, atol=1e-5)
