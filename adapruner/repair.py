@@ -26,7 +26,8 @@ at 65k and 131k, where ``k / T`` is 0.12, 0.016 and 0.008.
 
 Modes (:data:`REPAIR_MODES`):
 
-* ``bias`` — FLAP's bias compensation alone (the ``λ → ∞`` limit; no ridge).
+* ``bias`` — FLAP's bias compensation alone (the ``λ → ∞`` limit; no ridge; it reads only the inputs' means,
+  measured without the covariances where these are not already there).
 * ``pool`` — the regression above, from the unpruned model's input moments over the *repair windows*:
   hundreds of windows of every calibration source's pool part, far more tokens than any trial's
   calibration subset (one forward pass per job, no gradients, cached on disk; see
