@@ -368,7 +368,7 @@ def test_a_groups_sums_fit_the_budget():
     from adapruner.repair import _layer_groups
 
     layers = decoder_layers(make_tiny_model())
-    per_layer = sum(8 * layer_linears(layers[0])[m].in_features ** 2 for m in REPAIRED)
+    per_layer = sum(12 * layer_linears(layers[0])[m].in_features ** 2 for m in REPAIRED)
     assert _layer_groups(layers, 10**12) == [[0, 1, 2, 3]]
     assert _layer_groups(layers, 2 * per_layer) == [[0, 1], [2, 3]]
     assert _layer_groups(layers, 1) == [[0], [1], [2], [3]]  # a layer over the budget still goes, alone
@@ -410,3 +410,38 @@ def test_a_session_repairing_by_the_bias_alone_never_measures_the_covariances(ti
     second, _ = again.prune(bias, 0.2)
     assert asked == [False, True] and again.means is again.moments
     torch.testing.assert_close(logits(second), logits(first), rtol=1e-5, atol=1e-5)
+
+
+def test_moments_by_panels_of_the_upper_triangle_and_float32_partial_sums_equal_the_direct_ones(monkeypatch):
+    """Every input cut into panels (only the blocks on and above the diagonal multiplied), the float32 products of
+    two batches summed before they join the float64 sums: the same moments as computed directly in float64."""
+    import adapruner.repair as repair_module
+
+    monkeypatch.setattr(repair_module, "GRAM_PANEL_MIN", 1)
+    monkeypatch.setattr(repair_module, "FLUSH_BATCHES", 2)
+    assert len(repair_module.gram_edges(96)) == repair_module.GRAM_PANELS + 1
+    dense = make_tiny_model()
+    moments = collect_moments(dense, WINDOWS, batch_size=3, progress=False)  # 4 batches: two flushes
+    for key in [(0, "o_proj"), (1, "down_proj"), (3, "down_proj")]:
+        mean, cov = moments_of(inputs_of(dense, key))
+        torch.testing.assert_close(moments.mean[key].double(), mean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(moments.covariance[key].double(), cov, rtol=1e-4, atol=1e-5)
+        assert torch.equal(moments.covariance[key], moments.covariance[key].T)
+
+
+def test_a_large_mean_costs_the_covariance_nothing():
+    """Inputs a thousand times their spread away from zero: their covariance is measured about their mean (the first
+    batch's), so the float32 products lose nothing to the cancellation of Σ xᵀx / n - μμᵀ."""
+    dense = make_tiny_model()
+    key = (1, "down_proj")
+    down = layer_linears(decoder_layers(dense)[1])["down_proj"]
+    handle = down.register_forward_pre_hook(lambda _m, args: (args[0] + 1000.0,))  # before the recorder's hooks
+    try:
+        moments = collect_moments(dense, WINDOWS, batch_size=5, progress=False)
+        mean, cov = moments_of(inputs_of(dense, key).double())  # the shifted inputs, in float64
+    finally:
+        handle.remove()
+    assert float(mean.mean()) > 999
+    torch.testing.assert_close(moments.mean[key].double(), mean, rtol=1e-6, atol=1e-4)
+    spread = float(cov.diagonal().mean())
+    torch.testing.assert_close(moments.covariance[key].double(), cov, rtol=1e-3, atol=1e-5 * spread)
