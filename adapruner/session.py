@@ -119,6 +119,7 @@ class PruningSession:
     progress: bool = True
     channel_multiple: int | None = None  # kept MLP channels per layer step; None: the device's default
     repair_windows: int = REPAIR_WINDOWS  # windows of each calibration source's pool part for the repair's moments
+    means_alone: bool = True  # the bias repair measures the means alone (False: a job that will regress anyway)
     on_step: OnStep | None = None  # told of each step of long work; may raise Stopped (see adapruner.errors)
     _windows: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict, repr=False)
     _exact: dict[tuple[str, tuple[int, ...]], dict] = field(default_factory=dict, repr=False)
@@ -224,8 +225,10 @@ class PruningSession:
     @cached_property
     def means(self) -> InputMoments:
         """The same inputs' means alone (all the ``bias`` repair reads): :attr:`moments` where they are measured or
-        cached already, else measured without the covariances (a fraction of the time, none of the memory)."""
-        if "moments" in self.__dict__ or (self.cache_statistics and self._moments_folder(True).is_dir()):
+        cached already or where the job will need them anyway (not :attr:`means_alone`), else measured without the
+        covariances (a fraction of the time, none of the memory)."""
+        if (not self.means_alone or "moments" in self.__dict__
+                or (self.cache_statistics and self._moments_folder(True).is_dir())):
             return self.moments
         return self._input_moments(covariance=False)
 

@@ -374,6 +374,30 @@ def test_a_groups_sums_fit_the_budget():
     assert _layer_groups(layers, 1) == [[0], [1], [2], [3]]  # a layer over the budget still goes, alone
 
 
+def test_a_job_that_may_regress_measures_the_moments_once_for_both_repairs(tiny_tokenizer, monkeypatch):
+    """A search whose space, baselines or informed start may take the pool repair has its session read the bias
+    repair's means from the full moments: one pass, not a pass of means and then one of moments."""
+    import adapruner.session as session_module
+    from adapruner.search import SearchJob, SearchSpace
+
+    assert SearchJob().regresses
+    assert SearchJob(space=SearchSpace(fixed={"repair": "pool"})).regresses
+    assert SearchJob(space=SearchSpace(repairs=("off", "bias")), baselines=("llm-pruner+repair",),
+                     start="random").regresses
+    assert not SearchJob(space=SearchSpace(repairs=("off", "bias")), baselines=("flap",), start="random").regresses
+    assert not SearchJob(space=SearchSpace(fixed={"repair": "bias"}), baselines=("llm-pruner",),
+                         start="random").regresses
+    asked = []
+    collect = session_module.collect_moments
+    monkeypatch.setattr(session_module, "collect_moments",
+                        lambda *a, **k: asked.append(k["covariance"]) or collect(*a, **k))
+    session = toy_session(tiny_tokenizer)
+    session.means_alone = False
+    session.prune(PruneConfig(Mixture.single("magnitude_l2"), (0, 1), Allocation(), Repair("bias")), 0.2)
+    session.prune(PruneConfig(Mixture.single("magnitude_l2"), (0, 1), Allocation(), Repair("pool", 1e-3)), 0.2)
+    assert asked == [True]
+
+
 def test_the_means_alone_are_the_full_moments_means_and_repair_the_bias_mode_alike(tmp_path):
     dense = make_tiny_model()
     plan = cut_plan(dense)

@@ -110,6 +110,14 @@ class SearchJob:
             raise AdaPrunerError(f"task_limit must be positive, got {self.task_limit}")
 
     @property
+    def regresses(self) -> bool:
+        """Whether a trial or baseline may take the ``pool`` repair (its space, the ``llm-pruner+repair`` baseline,
+        the informed start's repaired peers): then the ``bias`` repair reads its means from the same moments,
+        measured once, rather than from a pass of their own."""
+        modes = {self.space.fixed["repair"]} if "repair" in self.space.fixed else set(self.space.repairs)
+        return "pool" in modes or "llm-pruner+repair" in self.baselines or self.start != "random"
+
+    @property
     def baseline_runs(self) -> tuple[tuple[str, int], ...]:
         """``(baseline, draw)`` of every baseline trial of the study."""
         return tuple((name, d) for name in self.baselines for d in draws(name, self.baseline_draws))

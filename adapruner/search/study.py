@@ -77,7 +77,7 @@ def open_session(job: SearchJob, device: str | None = None, dtype: str | None = 
         max_eval_windows={"validation": job.val_windows, "test": job.test_windows,
                           "selection": job.val_windows + job.selection_windows},
         progress=progress, heldout=job.heldout, on_step=on_step, channel_multiple=job.channel_multiple,
-        repair_windows=job.repair_windows,
+        repair_windows=job.repair_windows, means_alone=not job.regresses,
     )
 
 
