@@ -3,8 +3,12 @@ evaluation mode for a block of work."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 
 import torch
 from torch import nn
@@ -64,3 +68,23 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         yield model
     finally:
         model.train(was_training)
+
+
+@cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS, Windows)."""
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    return getattr(libc, "malloc_trim", None)
+
+
+def release_memory() -> None:
+    """Give freed memory back to the system: Python's cycles collected, glibc's free heap pages returned, CUDA's
+    cache emptied. Without the trim, a CPU process keeps the pages of its largest step (LLM-Pruner's float16 backward
+    on a 1.5B model: 19 GB) resident for the rest of its life, though torch freed them."""
+    gc.collect()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -32,6 +32,7 @@ import optuna
 import torch
 from transformers import AutoModelForCausalLM
 
+from adapruner.device import release_memory
 from adapruner.evaluate import window_losses
 from adapruner.inference_cost import PeakMemory
 from adapruner.search import SearchJob, open_session
@@ -85,6 +86,7 @@ def run(args) -> dict:
     # This process lets go of its model before the search starts: on a 24 GB machine, the search's float16 backward
     # (LLM-Pruner's draws) beside a second copy of the weights here was killed for memory.
     measured = in_process(job, args.dtype, out / "in-process.json")
+    release_memory()
     evaluation = measured["evaluation_seconds"]
     storage = f"sqlite:///{out / 'studies.db'}"
     search = timed_process(

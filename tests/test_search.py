@@ -581,7 +581,7 @@ def one_trial_out_of_memory(session, tmp_path, monkeypatch):
         return original(model, plan, **kwargs)
 
     monkeypatch.setattr(session_module, "prune_model", prune)
-    monkeypatch.setattr(objective, "free_device_memory", lambda: freed.append(calls["n"]))
+    monkeypatch.setattr(objective, "release_memory", lambda: freed.append(calls["n"]))
     result = run_search(tiny_job(trials=5, baselines=("magnitude",)), f"sqlite:///{tmp_path / 'm.db'}", "m",
                         session=session, progress=False, artifact_dir=tmp_path / "a")
     return result.study, freed

@@ -11,7 +11,6 @@ test perplexities are recorded, never optimised.
 
 from __future__ import annotations
 
-import gc
 import logging
 import math
 import time
@@ -23,6 +22,7 @@ import optuna
 import torch
 
 from ..decode_time import DecodeTime
+from ..device import release_memory
 from ..evaluate import window_losses
 from ..plan import PruningPlan, params_to_remove
 from ..session import PruneConfig, PruningSession
@@ -78,13 +78,6 @@ def paired_estimate(evaluated: Mapping[int, float], best_losses: Mapping[int, fl
     full = weighted_mean(best_losses, weights)
     difference = weighted_mean({i: evaluated[i] - best_losses[i] for i in shared}, weights)
     return max(math.exp(full + difference), math.nextafter(best_ppl, math.inf))
-
-
-def free_device_memory() -> None:
-    """Return the memory of a failed trial's tensors to the device, so that the next trial starts clean."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def max_drop_layers(structure: ModelStructure, target: float | int) -> int:
@@ -205,7 +198,7 @@ class Objective:
             return val_ppl
         except torch.OutOfMemoryError:  # this trial's copy did not fit: free it; the trial fails (see run_trial)
             pruned = None  # noqa: F841  (drop the reference before the cache is emptied)
-            free_device_memory()
+            release_memory()
             raise
 
     def _validate(self, trial: optuna.Trial, model: torch.nn.Module,

@@ -14,7 +14,6 @@ Heartbeats (RDB storages) mark the trial of a process that died as failed, and
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 import warnings
@@ -28,6 +27,7 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from .. import __version__
+from ..device import release_memory
 from ..errors import AdaPrunerError, OnStep
 from ..evaluate import perplexity
 from ..session import PruningSession
@@ -278,7 +278,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, objective: Objective,
             reason = f"{kind}: {exc}"
             logger.warning("trial %d failed: %s", trial.number, reason)
     told = finish_trial(study, trial, state, value, reason, retry=retry)
-    gc.collect()
+    release_memory()  # the trial's copy and its backward's pages, before the next trial
     return int(told and state == TrialState.FAIL and not retry)
 
 
