@@ -20,6 +20,12 @@ numbers: the search sees only its validation text, the priors came from other st
     python bench/generalise.py                  # 18 studies of 40 trials; about 15 minutes each on 2 CPU cores
     python bench/generalise.py --seeds 0 --leave-out news --starts informed
     python bench/generalise.py --table-only     # the tables of what ran (runs/bench-generalise.json)
+    python bench/generalise.py --seeds 0 --starts informed --far-validation /path/to/far.txt \
+        --json runs/bench-far.json --storage sqlite:///runs/bench-far.db
+
+``--far-validation``: the studies also validate (and choose their finalists) on a text far from both calibration
+sources, which they never calibrate on and which is never reported as out-of-domain; in-domain test is still the
+calibration sources' own.
 """
 
 from __future__ import annotations
@@ -35,10 +41,10 @@ from pathlib import Path
 
 import optuna
 
-from adapruner.data import BUILTIN_SOURCES
+from adapruner.data import BUILTIN_SOURCES, parse_draw
 from adapruner.repair import Repair
 from adapruner.search import SearchJob, baseline_trials, open_session, run_search, select
-from adapruner.search.objective import test_scores
+from adapruner.search.objective import geometric_mean, test_scores
 from adapruner.search.record import StudyKey, TrialKey
 from adapruner.search.selection import chosen_trial
 from adapruner.session import PruneConfig
@@ -47,8 +53,18 @@ REFERENCE = "llm-pruner"
 PEERS = ("flap", "wanda-sp", "llm-pruner+repair")  # the other baselines; the best of them is the bar
 
 
-def scores(attrs: dict) -> dict:
-    return {"in_domain": attrs["test_ppl"], "out_of_domain": attrs["heldout_ppl"],
+def in_domain(job: SearchJob, by_source: dict, summary: float) -> float:
+    """The geometric mean over the sources ``job`` calibrates on (``summary``, the mean over every evaluation source,
+    when it validates on nothing else)."""
+    names = [parse_draw(spec, 0)[0].removeprefix("builtin:") for spec in job.calibration]
+    if not job.evaluation or set(names) == set(by_source):
+        return summary
+    return geometric_mean(by_source[name] for name in names)
+
+
+def scores(attrs: dict, job: SearchJob) -> dict:
+    return {"in_domain": in_domain(job, attrs["test_ppl_by_source"], attrs["test_ppl"]),
+            "out_of_domain": attrs["heldout_ppl"],
             "by_source": {**attrs["test_ppl_by_source"], **attrs["heldout_ppl_by_source"]}}
 
 
@@ -59,7 +75,7 @@ def chosen_at(study: optuna.Study, session, job: SearchJob, budget: int) -> dict
     known = {r["trial"]: r["selection_ppl"] for r in study.user_attrs[StudyKey.SELECTION]["finalists"]}
     record = select(session, job, [t for t in trials if TrialKey.BASELINE in t.user_attrs] + searched, known)
     trial = trials[record["chosen"]]
-    return {"trial": trial.number, "baseline": trial.user_attrs.get(TrialKey.BASELINE), **scores(record["scores"]),
+    return {"trial": trial.number, "baseline": trial.user_attrs.get(TrialKey.BASELINE), **scores(record["scores"], job),
             "config": trial.user_attrs[TrialKey.CONFIG],
             "finalists": record["finalists"]}
 
@@ -70,7 +86,7 @@ def without_repair(session, job: SearchJob, config: dict) -> dict | None:
     if not config.repair.enabled:
         return None
     plain = PruneConfig(config.mixture, config.subset, config.allocation, Repair())
-    return scores(test_scores(session, session.prune(plain, job.target)[0]))
+    return scores(test_scores(session, session.prune(plain, job.target)[0]), job)
 
 
 def summarise(study: optuna.Study, session, job: SearchJob, budgets: list[int]) -> dict:
@@ -78,14 +94,16 @@ def summarise(study: optuna.Study, session, job: SearchJob, budgets: list[int]) 
     chosen = chosen_trial(study)
     best = {budget: chosen_at(study, session, job, budget) for budget in budgets if budget < job.trials}
     best[job.trials] = {"trial": chosen.number, "baseline": chosen.user_attrs.get(TrialKey.BASELINE),
-                        **scores(chosen.user_attrs), "config": chosen.user_attrs[TrialKey.CONFIG],
+                        **scores(chosen.user_attrs, job), "config": chosen.user_attrs[TrialKey.CONFIG],
                         "finalists": study.user_attrs[StudyKey.SELECTION]["finalists"]}
     unpruned = study.user_attrs[StudyKey.UNPRUNED]
     reference = baselines[REFERENCE]
     return {
-        "unpruned": {"in_domain": unpruned["test"], "out_of_domain": unpruned["heldout"]},
-        "baselines": {name: scores(t.user_attrs) for name, t in baselines.items()},
-        "llm_pruner_draws": [{"in_domain": d["test_ppl"], "out_of_domain": d["heldout_ppl"]}
+        "unpruned": {"in_domain": in_domain(job, unpruned.get("test_by_source", {}), unpruned["test"]),
+                     "out_of_domain": unpruned["heldout"]},
+        "baselines": {name: scores(t.user_attrs, job) for name, t in baselines.items()},
+        "llm_pruner_draws": [{"in_domain": in_domain(job, d["test_ppl_by_source"], d["test_ppl"]),
+                              "out_of_domain": d["heldout_ppl"]}
                              for d in reference.user_attrs[TrialKey.DRAWS]],
         "best": {str(b): v for b, v in best.items()},
         "best_without_repair": without_repair(session, job, best[job.trials]["config"]),
@@ -95,15 +113,17 @@ def summarise(study: optuna.Study, session, job: SearchJob, budgets: list[int]) 
 def run(args) -> list[dict]:
     Path("runs").mkdir(exist_ok=True)
     rows = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else []
-    done = {(r["left_out"], r["seed"], r["start"]) for r in rows}
+    done = {(r["left_out"], r["seed"], start_label(r)) for r in rows}
+    far = tuple(args.far_validation.split(",")) if args.far_validation else ()
     budgets = sorted(int(b) for b in args.budgets.split(","))
     for start in args.starts.split(","):  # informed first: the warm studies start from them
         for seed in (int(s) for s in args.seeds.split(",")):
             for left_out in args.leave_out.split(","):
-                if (left_out, seed, start) in done:
+                if (left_out, seed, start_label({"start": start, "far_validation": far})) in done:
                     continue
                 calibration = tuple(f"builtin:{name}" for name in BUILTIN_SOURCES if name != left_out)
                 job = SearchJob(model="smollm2-135m", calibration=calibration, heldout=(f"builtin:{left_out}",),
+                                evaluation=(*calibration, *far) if far else (),
                                 target=args.ratio, trials=max(budgets), seed=seed, pool_size=args.pool_size,
                                 val_windows=args.val_windows, test_windows=args.test_windows, start=start,
                                 measure_cost=False)
@@ -112,16 +132,21 @@ def run(args) -> list[dict]:
                 session = open_session(job, progress=False)
                 begin = time.perf_counter()
                 with tempfile.TemporaryDirectory(prefix="adapruner-bench-") as artifacts:
-                    study = run_search(job, storage, f"{name}-{start}", session=session, artifact_dir=artifacts,
-                                       progress=False).study
-                row = {"left_out": left_out, "seed": seed, "start": start,
+                    study = run_search(job, storage, f"{name}-{start}{'-far' if far else ''}", session=session,
+                                       artifact_dir=artifacts, progress=False).study
+                row = {"left_out": left_out, "seed": seed, "start": start, "far_validation": far,
                        "informed": study.user_attrs.get(StudyKey.INFORMED_START),
                        **summarise(study, session, job, budgets), "seconds": round(time.perf_counter() - begin)}
                 rows.append(row)
-                print(f"{name}-{start}: {json.dumps(row['best'][str(max(budgets))]['out_of_domain'])}",
+                print(f"{name}-{start_label(row)}: {json.dumps(row['best'][str(max(budgets))]['out_of_domain'])}",
                       file=sys.stderr, flush=True)
                 Path(args.json).write_text(json.dumps(rows, indent=1))
     return rows
+
+
+def start_label(row: dict) -> str:
+    """The start, and whether validation also read far text (``--far-validation``)."""
+    return f"{row['start']} + far validation" if row.get("far_validation") else row["start"]
 
 
 def warm_storage(args, left_out: str, seed: int, name: str) -> str:
@@ -149,7 +174,7 @@ def markdown(rows: list[dict], command: str, budgets: list[int]) -> str:
         draws = [d["out_of_domain"] for d in r["llm_pruner_draws"]]
         other = min(ood(p) for p in PEERS if p in r["baselines"])
         best = {b: r["best"][str(b)]["out_of_domain"] for b in budgets}
-        lines.append(f"| {r['left_out']} | {r['seed']} | {r['start']} | {ood(REFERENCE):.1f} ({min(draws):.1f}-"
+        lines.append(f"| {r['left_out']} | {r['seed']} | {start_label(r)} | {ood(REFERENCE):.1f} ({min(draws):.1f}-"
                      f"{max(draws):.1f}) | {ood('llm-pruner+repair'):.1f} | {ood('flap'):.1f} | "
                      f"{ood('wanda-sp'):.1f} | "
                      + " | ".join(f"{best[b]:.1f}" for b in budgets)
@@ -159,8 +184,8 @@ def markdown(rows: list[dict], command: str, budgets: list[int]) -> str:
               + f" | best at {top} / best other baseline | repair: with / without | LLM-Pruner+repair / LLM-Pruner |",
               "|---|---|" + "---:|" * len(budgets) + "---:|---:|---:|"]
     for left in dict.fromkeys(r["left_out"] for r in rows):
-        for start in dict.fromkeys(r["start"] for r in rows):
-            group = [r for r in rows if r["left_out"] == left and r["start"] == start]
+        for start in dict.fromkeys(start_label(r) for r in rows):
+            group = [r for r in rows if r["left_out"] == left and start_label(r) == start]
             if not group:
                 continue
             cells = []
@@ -181,8 +206,8 @@ def markdown(rows: list[dict], command: str, budgets: list[int]) -> str:
             lines.append(f"| {left} | {start} | " + " | ".join(cells)
                          + f" | {statistics.mean(other):.3f} [{statistics.mean(other_in):.3f}] | {repair_cell} | "
                          f"{statistics.mean(lp):.3f} |")
-    for start in dict.fromkeys(r["start"] for r in rows):
-        group = [r for r in rows if r["start"] == start]
+    for start in dict.fromkeys(start_label(r) for r in rows):
+        group = [r for r in rows if start_label(r) == start]
         for b in budgets:
             out = [r["best"][str(b)]["out_of_domain"] / r["baselines"][REFERENCE]["out_of_domain"] for r in group]
             worse = sum(o > 1 for o in out)
@@ -205,6 +230,9 @@ def main() -> None:
     parser.add_argument("--test-windows", type=int, default=32)
     parser.add_argument("--storage", default="sqlite:///runs/bench-generalise.db")
     parser.add_argument("--json", default="runs/bench-generalise.json")
+    parser.add_argument("--far-validation", default="",
+                        help="text sources, comma-separated, the studies also validate on (never calibrate on, never "
+                             "report as out-of-domain): text far from both calibration sources")
     parser.add_argument("--table-only", action="store_true", help="print the tables of the studies in --json, run none")
     args = parser.parse_args()
     budgets = sorted(int(b) for b in args.budgets.split(","))

@@ -90,6 +90,12 @@ def test_the_unpruned_model_is_scored_on_the_heldout_source(heldout_study):
     assert heldout_study.user_attrs["unpruned"]["heldout"] > 1
 
 
+def test_the_unpruned_models_in_domain_test_is_recorded_per_source(heldout_study):
+    unpruned = heldout_study.user_attrs["unpruned"]
+    assert set(unpruned["test_by_source"]) == {"big", "small"}
+    assert unpruned["test"] == pytest.approx(math.prod(unpruned["test_by_source"].values()) ** 0.5, rel=1e-9)
+
+
 def test_the_report_shows_heldout_beside_in_domain_test(heldout_study):
     report = report_markdown(heldout_study)
     assert "| configuration | validation | test (in-domain) | held-out test | parameters kept |" in report

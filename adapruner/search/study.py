@@ -158,7 +158,9 @@ def describe_data(study: optuna.Study, session: PruningSession) -> None:
                           desc=f"unpruned {source.name} {split}").ppl
 
     # Per-source geometric means, as the objective scores trials.
-    unpruned = {split: geometric_mean(ppl(s, split) for s in session.eval_sources) for split in ("validation", "test")}
+    by_source = {split: {s.name: ppl(s, split) for s in session.eval_sources} for split in ("validation", "test")}
+    unpruned = {split: geometric_mean(table.values()) for split, table in by_source.items()}
+    unpruned["test_by_source"] = by_source["test"]
     heldout = {s.name: ppl(s, "test") for s in session.heldout_sources}
     if heldout:
         unpruned["heldout"] = geometric_mean(heldout.values())
