@@ -277,7 +277,8 @@ class JobOut(BaseModel):
     best: TrialSummary | None = None
     baselines: list[TrialSummary] = Field(default_factory=list)
     unpruned: dict[str, float | dict[str, float]] | None = Field(default=None, description=(
-        "the unpruned model's perplexities: val, test, heldout, test_by_source and heldout_by_source (one per source)"))
+        "the unpruned model's perplexities: validation, test, heldout, test_by_source and heldout_by_source "
+        "(one per source)"))
     finetune: dict[str, Any] | None = Field(default=None, description=(
         "the best model's LoRA fine-tuning, when the job asked for one: steps, test perplexity before and after"))
     tasks: dict[str, Any] | None = Field(default=None, description=(
