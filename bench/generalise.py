@@ -20,7 +20,7 @@ numbers: the search sees only its validation text, the priors came from other st
     python bench/generalise.py                  # 18 studies of 40 trials; about 15 minutes each on 2 CPU cores
     python bench/generalise.py --seeds 0 --leave-out news --starts informed
     python bench/generalise.py --table-only     # the tables of what ran (runs/bench-generalise.json)
-    python bench/generalise.py --seeds 0 --starts informed --far-validation /path/to/far.txt \
+    python bench/generalise.py --seeds 0 --starts informed --far-validation builtin:jargon \
         --json runs/bench-far.json --storage sqlite:///runs/bench-far.db
 
 ``--far-validation``: the studies also validate (and choose their finalists) on a text far from both calibration

@@ -223,6 +223,29 @@ def test_iter_articles(tmp_path):
 # --- Splitting documents ------------------------------------------------------------------------
 
 
+def test_dictd_entries_follow_the_data_file_once_each():
+    def number(value: int) -> str:  # dictd's base 64, most significant digit first
+        digits = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+        out = digits[value % 64]
+        while value >= 64:
+            value //= 64
+            out = digits[value % 64] + out
+        return out
+
+    parts = ["00-database-short\n  A dictionary\n", "zeta\n /zay·t*/, n.\n\n    Last, ‘here’.\n",
+             "alpha\n //\n\n    First.\n" + "x" * 70]  # offsets past 64 need two digits
+    text = "".join(parts).encode()
+    starts = [0]
+    for part in parts[:-1]:
+        starts.append(starts[-1] + len(part.encode()))
+    index = [f"{word}\t{number(start)}\t{number(len(part.encode()))}"
+             for word, start, part in zip(("00-database-short", "zeta", "alpha"), starts, parts, strict=True)]
+    index.append(f"omega\t{number(starts[1])}\t{number(len(parts[1].encode()))}")  # a second headword, one entry
+    assert number(starts[2]) != number(starts[2])[-1:]  # the test reaches a two-digit offset
+    entries = builtin_module.dictd_entries("\n".join(sorted(index)), text)
+    assert entries == parts[1:]
+
+
 def test_split_documents_is_disjoint_stable_and_order_free():
     docs = make_documents(40, words_per_doc=30)
     source = split_documents("s", docs + docs[:5] + ["  \n"])
@@ -357,7 +380,8 @@ def test_spec_errors(tmp_path):
         load_source(str(missing))
     with pytest.raises(AdaPrunerError, match="did you mean builtin:books"):
         load_source("books")
-    with pytest.raises(AdaPrunerError, match="unknown built-in text source 'novels'; choose one of: books, wiki, news"):
+    with pytest.raises(AdaPrunerError, match="unknown built-in text source 'novels'; choose one of: books, wiki, news, "
+                                             "jargon"):
         load_source("builtin:novels")
     assert BUILTIN_SOURCES == ("books", "wiki", "news")
     (tmp_path / "data.csv").write_text("a,b")

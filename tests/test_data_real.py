@@ -6,13 +6,13 @@ import re
 
 import pytest
 
-from adapruner.data import BUILTIN_SOURCES, load_source, split_documents
+from adapruner.data import BUILTIN_SOURCES, FAR_SOURCES, load_source, split_documents
 from adapruner.data.builtin import builtin_corpus
 from adapruner.data.sources import SPLITS, TextSource, split_works
 
 pytestmark = pytest.mark.real
 
-MIN_DOCUMENTS = {"books": 200, "wiki": 50, "news": 250}
+MIN_DOCUMENTS = {"books": 200, "wiki": 50, "news": 250, "jargon": 1500}
 
 
 def builtin_documents(name: str) -> list[str]:
@@ -38,7 +38,7 @@ def test_fetch_from_an_empty_cache(tmp_path, monkeypatch):
         assert load_source(f"builtin:{name}").hashes == fetched[name].hashes
 
 
-@pytest.mark.parametrize("name", BUILTIN_SOURCES)
+@pytest.mark.parametrize("name", BUILTIN_SOURCES + FAR_SOURCES)
 def test_builtin_source_parts(name):
     source = load_source(f"builtin:{name}")
     assert source.name == name
@@ -107,3 +107,17 @@ def test_news_are_whole_articles():
     articles = builtin_documents("news")
     assert articles[0].startswith("Hundreds of people have been forced to vacate their homes")
     assert all(looks_like_prose(a) and "\n" not in a for a in articles)
+
+
+def test_jargon_entries_are_definitions_in_prose():
+    entries = builtin_documents("jargon")
+    assert 1700 <= len(entries) <= 1900  # 2,309 entries in the Jargon File 4.4.7, the short ones left out
+    by_headword = {entry.split("\n\n", 1)[0]: entry for entry in entries}
+    assert by_headword["/dev/null"].split("\n\n")[1].startswith("[from the Unix null device, used as a data sink]")
+    assert "See bit bucket." in by_headword["/dev/null"]  # the cross-reference's braces dropped, its words kept
+    assert not any(headword.startswith("00-database") for headword in by_headword)
+    for entry in entries:
+        assert "{" not in entry and "}" not in entry
+        assert "\n\n\n" not in entry
+        assert not entry.split("\n\n")[1].startswith(("/", " "))  # the pronunciation's line dropped
+    assert sum(looks_like_prose(entry) for entry in entries) > 0.9 * len(entries)

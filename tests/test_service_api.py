@@ -213,6 +213,14 @@ def test_bad_jobs_get_4xx_naming_the_field(client, change, status, field, messag
     assert any(field.split(".")[-1] in map(str, d["loc"]) and message in d["msg"] for d in detail), detail
 
 
+def test_the_far_builtin_text_validates_a_job(client):
+    response = submit(client, evaluation=["builtin:books", "builtin:wiki", "builtin:jargon"])
+    assert response.status_code == 202, response.text
+    assert response.json()["spec"]["evaluation"] == ["builtin:books", "builtin:wiki", "builtin:jargon"]
+    refused = submit(client, evaluation=["builtin:jargons"])
+    assert refused.status_code == 422 and "choose from books, wiki, news, jargon" in refused.text
+
+
 def test_a_whole_number_written_with_a_decimal_point_is_that_number(client):
     """JSON has one kind of number; JSON Schema's integer takes 5.0 (schemathesis sends such bodies)."""
     response = submit(client, trials=5.0, seq_len=32.0)

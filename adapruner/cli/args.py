@@ -29,7 +29,7 @@ def add_eval_args(p: argparse.ArgumentParser, split_default: str = "test") -> No
     from ..data import DEFAULT_SEQ_LEN
 
     p.add_argument("--data", action="append", metavar="SOURCE",
-                   help="text source: builtin:books|wiki|news, hf:NAME[:CONFIG], or a local file/folder; "
+                   help="text source: builtin:books|wiki|news|jargon, hf:NAME[:CONFIG], or a local file/folder; "
                    "repeatable (default: builtin:books)")
     p.add_argument("--split", default=split_default, choices=["pool", "validation", "test"])
     p.add_argument("--seq-len", type=positive(int, "--seq-len"), default=DEFAULT_SEQ_LEN,

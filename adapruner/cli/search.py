@@ -181,7 +181,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib", action="append", metavar="SOURCE",
                    help=f"calibration pool source, repeatable (default: {' '.join(SearchJob.calibration)})")
     p.add_argument("--eval", action="append", metavar="SOURCE",
-                   help="validation and in-domain test source, repeatable (default: the calibration sources)")
+                   help="validation and in-domain test source, repeatable (default: the calibration sources; add a "
+                        "text you never calibrate on, such as builtin:jargon, to prefer models that carry beyond them)")
     p.add_argument("--heldout", action="append", metavar="SOURCE",
                    help="out-of-domain test source, repeatable, never calibrated or validated on; 'none' for none "
                    "(default: the built-in sources the job does not use, when it uses one)")

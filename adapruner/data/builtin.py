@@ -4,6 +4,10 @@
   ``r-cran-janeaustenr``), so that :mod:`.sources` can hold out whole novels.
 * ``wiki`` -- about a hundred English Wikipedia articles from 2016 (a test dump in the gensim wheel).
 * ``news`` -- the Lee corpus of Australian news articles (also in the gensim wheel).
+* ``jargon`` -- the Jargon File 4.4.7, hacker slang defined in hacker prose, one document per entry (Debian's
+  ``dict-jargon``): text far from all three, for validation (a study that validates on it also prefers what
+  carries beyond its calibration text; ``bench/generalise.py --far-validation``): one of :data:`FAR_SOURCES`,
+  not of :data:`BUILTIN_SOURCES`, the sources that calibrate and hold one another out by default.
 
 Borrowing the files from packages means no download site of our own and nothing bundled in this
 repository; ``pip`` and ``apt-get`` already know how to reach their registries. Each corpus is parsed
@@ -13,6 +17,7 @@ mapping each novel's title to its list of chapters.
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -34,6 +39,9 @@ GENSIM, GENSIM_VERSION = "gensim", "4.4.0"
 GENSIM_DATA = "gensim/test/test_data"
 WIKI_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 LEE_CORPUS = "lee_background.cor"
+JARGON = "dict-jargon"
+JARGON_DATA = "usr/share/dictd/jargon"  # .dict.dz (gzip) and .index (headword, offset, length; dictd's base 64)
+_DICTD_DIGITS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 
 # Pages shorter than this are stubs or lists that survived markup stripping, not articles.
 MIN_ARTICLE_CHARS = 200
@@ -105,6 +113,42 @@ def lee_articles() -> list[str]:
     return [line.strip() for line in lines if line.strip()]
 
 
+def _dictd_number(digits: str) -> int:
+    """A number as a dictd index writes it: base 64, most significant digit first."""
+    value = 0
+    for digit in digits:
+        value = value * 64 + _DICTD_DIGITS.index(digit)
+    return value
+
+
+def dictd_entries(index: str, text: bytes) -> list[str]:
+    """The entries of a dictd dictionary (each its headword's line, then the definition), in the order of its data
+    file, each once however many headwords point at it, the dictionary's own ``00-database-*`` entries left out."""
+    spans = {}
+    for line in index.splitlines():
+        offset, length = line.split("\t")[1:3]
+        spans[_dictd_number(offset)] = _dictd_number(length)
+    entries = (text[start:start + spans[start]].decode("utf-8") for start in sorted(spans))
+    return [entry for entry in entries if not entry.startswith("00-database")]
+
+
+def jargon_entries() -> list[str]:
+    """The Jargon File's entries, each its headword and the definition's paragraphs (the line of pronunciation and
+    part of speech, and the braces that mark cross-references, dropped)."""
+    folder = _raw_dir(JARGON)
+    files = {suffix: deb_member(JARGON, f"{JARGON_DATA}.{suffix}", folder / f"jargon.{suffix}")
+             for suffix in ("index", "dict.dz")}
+    documents = []
+    for entry in dictd_entries(files["index"].read_text(encoding="utf-8"),
+                               gzip.decompress(files["dict.dz"].read_bytes())):
+        headword, _, rest = entry.replace("{", "").replace("}", "").partition("\n")
+        body = rest.split("\n\n", 1)[1:]  # below the line of pronunciation
+        document = "\n\n".join([headword.strip(), *(_paragraphs(body[0].splitlines()) if body else [])])
+        if len(document) >= MIN_ARTICLE_CHARS:
+            documents.append(document)
+    return documents
+
+
 # A corpus is a list of independent documents, or, when its documents are parts of larger works, each
 # work's documents by title.
 Corpus = list[str] | dict[str, list[str]]
@@ -113,8 +157,12 @@ _CORPORA: dict[str, Callable[[], Corpus]] = {
     "books": austen_novels,
     "wiki": wikipedia_articles,
     "news": lee_articles,
+    "jargon": jargon_entries,
 }
-BUILTIN_SOURCES: tuple[str, ...] = tuple(_CORPORA)
+# The sources that calibrate, validate and hold one another out by default (:func:`.heldout.default_heldout`), and
+# those far from all of them, for validation, never held out by default.
+BUILTIN_SOURCES: tuple[str, ...] = ("books", "wiki", "news")
+FAR_SOURCES: tuple[str, ...] = ("jargon",)
 # Two kinds of text by default, so that validation does not reward fitting one of them.
 DEFAULT_CALIBRATION: tuple[str, ...] = ("builtin:books", "builtin:wiki")
 
@@ -129,7 +177,7 @@ def _is_corpus(value: Any) -> bool:
 def builtin_corpus(name: str) -> Corpus:
     """Built-in corpus ``name`` (see :data:`Corpus`), fetched and parsed on first use, then read from cache."""
     if name not in _CORPORA:
-        raise AdaPrunerError(f"unknown built-in text source {name!r}; choose one of: {', '.join(BUILTIN_SOURCES)}")
+        raise AdaPrunerError(f"unknown built-in text source {name!r}; choose one of: {', '.join(_CORPORA)}")
     path = cache_dir("corpora") / f"{name}.v{FORMAT_VERSION}.json"
     if path.exists():
         try:

@@ -11,7 +11,7 @@ also calibrates is not really held out.
 
 Spec strings name a source on the command line:
 
-* ``builtin:books`` | ``builtin:wiki`` | ``builtin:news`` -- the corpora of :mod:`.builtin`;
+* ``builtin:books`` | ``builtin:wiki`` | ``builtin:news`` | ``builtin:jargon`` -- the corpora of :mod:`.builtin`;
 * ``hf:PATH[:CONFIG][?split=NAME&field=FIELD]`` -- a Hugging Face dataset (hub id or local folder);
 * a path -- a ``.txt``/``.md`` file, or a folder of them.
 """
@@ -30,7 +30,7 @@ from urllib.parse import parse_qsl
 
 from ..cache import cache_dir
 from ..errors import AdaPrunerError
-from .builtin import BUILTIN_SOURCES, builtin_corpus
+from .builtin import BUILTIN_SOURCES, FAR_SOURCES, builtin_corpus
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -225,7 +225,7 @@ def _texts(spec: str, rows: Dataset, field: str) -> tuple[str, ...]:
 def _local_source(spec: str) -> TextSource:
     path = Path(spec).expanduser()
     if not path.exists():
-        hint = f" (did you mean builtin:{spec}?)" if spec in BUILTIN_SOURCES else ""
+        hint = f" (did you mean builtin:{spec}?)" if spec in (*BUILTIN_SOURCES, *FAR_SOURCES) else ""
         raise AdaPrunerError(f"text source not found: no file or folder {spec}{hint}")
     if path.is_dir():
         files = sorted(
