@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from adapruner.data import BUILTIN_SOURCES, FAR_SOURCES, parse_draw, pool_draws
+from adapruner.data import BUILTIN_TEXTS, parse_draw, pool_draws
 from adapruner.errors import AdaPrunerError
 from adapruner.models import BUILTIN_MODELS, prunable_params_of, read_model_config
 from adapruner.search import check_fixed
@@ -96,9 +96,8 @@ def check_text(spec: str, settings: Settings, field: str) -> str:
     suffix = f":{count}" if count else ""
     if source.startswith("builtin:"):
         name = source.removeprefix("builtin:")
-        if name not in (*BUILTIN_SOURCES, *FAR_SOURCES):
-            raise InvalidField(field, f"unknown built-in text {name!r} "
-                                      f"(choose from {', '.join((*BUILTIN_SOURCES, *FAR_SOURCES))})")
+        if name not in BUILTIN_TEXTS:
+            raise InvalidField(field, f"unknown built-in text {name!r} (choose from {', '.join(BUILTIN_TEXTS)})")
         return spec
     if source.startswith("hf:"):
         target = source[3:].split("?", 1)[0].split(":", 1)[0]

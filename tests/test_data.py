@@ -16,7 +16,16 @@ import pytest
 from helpers import make_documents
 
 from adapruner.cache import cache_dir
-from adapruner.data import BUILTIN_SOURCES, SPLITS, TextSource, load_source, load_sources, split_documents
+from adapruner.data import (
+    BUILTIN_SOURCES,
+    BUILTIN_TEXTS,
+    FAR_SOURCES,
+    SPLITS,
+    TextSource,
+    load_source,
+    load_sources,
+    split_documents,
+)
 from adapruner.data import builtin as builtin_module
 from adapruner.data.rdata import RDataError, read_lazyload, unserialize
 from adapruner.data.sources import split_works
@@ -383,7 +392,8 @@ def test_spec_errors(tmp_path):
     with pytest.raises(AdaPrunerError, match="unknown built-in text source 'novels'; choose one of: books, wiki, news, "
                                              "jargon"):
         load_source("builtin:novels")
-    assert BUILTIN_SOURCES == ("books", "wiki", "news")
+    assert BUILTIN_SOURCES == ("books", "wiki", "news")  # held out from one another by default; not the far text
+    assert BUILTIN_TEXTS == BUILTIN_SOURCES + FAR_SOURCES == ("books", "wiki", "news", "jargon")
     (tmp_path / "data.csv").write_text("a,b")
     with pytest.raises(AdaPrunerError, match="expected a .txt or .md file"):
         load_source(str(tmp_path / "data.csv"))

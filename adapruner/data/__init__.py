@@ -6,7 +6,7 @@ windows over those parts are built in :mod:`.windows`; :mod:`.heldout` names the
 tests on but never sees.
 """
 
-from .builtin import BUILTIN_SOURCES, DEFAULT_CALIBRATION, FAR_SOURCES
+from .builtin import BUILTIN_SOURCES, BUILTIN_TEXTS, DEFAULT_CALIBRATION, FAR_SOURCES
 from .heldout import check_heldout, default_heldout
 from .sources import SPLITS, TextSource, load_source, load_sources, split_documents, split_works
 from .windows import (
@@ -23,8 +23,8 @@ from .windows import (
 
 __all__ = [
     "DEFAULT_CALIBRATION", "DEFAULT_SEQ_LEN",
-    "BUILTIN_SOURCES", "FAR_SOURCES", "SPLITS", "CalibrationPool", "TextSource", "build_pool", "check_heldout",
-    "default_heldout",
+    "BUILTIN_SOURCES", "BUILTIN_TEXTS", "FAR_SOURCES", "SPLITS", "CalibrationPool", "TextSource", "build_pool",
+    "check_heldout", "default_heldout",
     "eval_windows", "load_source", "load_sources", "parse_draw", "pool_draws", "sample_windows", "split_documents",
     "split_works",
     "tokenize_windows", "training_windows",

@@ -163,6 +163,7 @@ _CORPORA: dict[str, Callable[[], Corpus]] = {
 # those far from all of them, for validation, never held out by default.
 BUILTIN_SOURCES: tuple[str, ...] = ("books", "wiki", "news")
 FAR_SOURCES: tuple[str, ...] = ("jargon",)
+BUILTIN_TEXTS: tuple[str, ...] = tuple(_CORPORA)  # every built-in text: the sources, then the far ones
 # Two kinds of text by default, so that validation does not reward fitting one of them.
 DEFAULT_CALIBRATION: tuple[str, ...] = ("builtin:books", "builtin:wiki")
 
@@ -176,8 +177,8 @@ def _is_corpus(value: Any) -> bool:
 
 def builtin_corpus(name: str) -> Corpus:
     """Built-in corpus ``name`` (see :data:`Corpus`), fetched and parsed on first use, then read from cache."""
-    if name not in _CORPORA:
-        raise AdaPrunerError(f"unknown built-in text source {name!r}; choose one of: {', '.join(_CORPORA)}")
+    if name not in BUILTIN_TEXTS:
+        raise AdaPrunerError(f"unknown built-in text source {name!r}; choose one of: {', '.join(BUILTIN_TEXTS)}")
     path = cache_dir("corpora") / f"{name}.v{FORMAT_VERSION}.json"
     if path.exists():
         try:

@@ -30,7 +30,7 @@ from urllib.parse import parse_qsl
 
 from ..cache import cache_dir
 from ..errors import AdaPrunerError
-from .builtin import BUILTIN_SOURCES, FAR_SOURCES, builtin_corpus
+from .builtin import BUILTIN_TEXTS, builtin_corpus
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -225,7 +225,7 @@ def _texts(spec: str, rows: Dataset, field: str) -> tuple[str, ...]:
 def _local_source(spec: str) -> TextSource:
     path = Path(spec).expanduser()
     if not path.exists():
-        hint = f" (did you mean builtin:{spec}?)" if spec in (*BUILTIN_SOURCES, *FAR_SOURCES) else ""
+        hint = f" (did you mean builtin:{spec}?)" if spec in BUILTIN_TEXTS else ""
         raise AdaPrunerError(f"text source not found: no file or folder {spec}{hint}")
     if path.is_dir():
         files = sorted(
