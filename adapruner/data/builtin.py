@@ -142,8 +142,8 @@ def jargon_entries() -> list[str]:
     for entry in dictd_entries(files["index"].read_text(encoding="utf-8"),
                                gzip.decompress(files["dict.dz"].read_bytes())):
         headword, _, rest = entry.replace("{", "").replace("}", "").partition("\n")
-        body = rest.split("\n\n", 1)[1:]  # below the line of pronunciation
-        document = "\n\n".join([headword.strip(), *(_paragraphs(body[0].splitlines()) if body else [])])
+        body = rest.partition("\n\n")[2]  # below the line of pronunciation
+        document = "\n\n".join([headword.strip(), *_paragraphs(body.splitlines())])
         if len(document) >= MIN_ARTICLE_CHARS:
             documents.append(document)
     return documents
