@@ -14,6 +14,7 @@ from adapruner.search.space import cluster_pool
 from adapruner.search.start import (
     fit_to_space,
     informed_params,
+    own_subset,
     prior_params,
     rule_ridge,
     search_domains,
@@ -110,8 +111,24 @@ def test_a_warm_start_takes_earlier_studies_that_never_saw_the_heldout_source(se
     clusters = cluster_pool(session.statistics.embedding, 3, 0)
     params = informed_params(job, session, clusters, max_drop=0, storage=storage, study_name="next")
     assert len(params) == 5  # four peers, then the first study's choice; never the one that saw "other"
-    assert params[4] == {k: v for k, v in chosen.params.items()}
+    subset = {k for k in chosen.params if k.startswith("calib_c")}
+    assert subset and any(chosen.params[k] != 1.0 for k in subset)  # its own cluster weights ...
+    assert params[4] == {**chosen.params, **dict.fromkeys(subset, 1.0)}  # ... become this pool's even ones
     assert all(p.get("strength") != 0.123 for p in params)
+
+
+def test_a_transferred_configuration_takes_this_jobs_subset_and_keeps_its_size(session, clusters, monkeypatch):
+    """A prior's cluster weights name clusters of another seed's pool: it starts from this pool's even subset."""
+    theirs = {"calib_size": 5, "calib_seed": 77, "calib_c0": 0.9, "calib_c1": 0.0, "calib_c2": 0.05, "calib_c7": 0.3,
+              "strength": 0.4}
+    monkeypatch.setattr(start_module, "shipped_priors", lambda: {"priors": [{"params": theirs, "seen": ["toy"]}]})
+    job = tiny_job(seed=3, heldout=("other",))
+    assert own_subset(theirs, job, 3) == {"calib_size": 5, "strength": 0.4, "calib_seed": 3, "calib_c0": 1.0,
+                                          "calib_c1": 1.0, "calib_c2": 1.0}
+    assert own_subset({"strength": 0.4}, job, 3) == {"strength": 0.4}  # nothing of a subset: nothing added
+    prior = informed_params(job, session, clusters, max_drop=0)[4]
+    assert prior == {"calib_size": 5, "strength": 0.4, "calib_c0": 1.0, "calib_c1": 1.0, "calib_c2": 1.0}
+    assert prior["calib_size"] != informed_params(job, session, clusters, max_drop=0)[1]["calib_size"]  # not FLAP's
 
 
 def test_a_study_queues_its_informed_start_once(session, tmp_path):

@@ -13,6 +13,10 @@ trials that the sampler learns from (:data:`~.job.STARTS`):
 3. **warm** (``start="warm"``) — the chosen configuration of each earlier finished study in the same storage
    (the space is the same for every model: layer ranges are clamped to the model).
 
+A prior's or an earlier study's calibration subset does not carry: its weights name clusters of that study's pool,
+drawn and clustered with its own seed, so on this job's pool they pick an arbitrary subset. Such a configuration
+starts with the peers' subset instead (even weights over this job's clusters, its seed), keeping its size.
+
 A prior or an earlier study that calibrated or validated on any of this job's held-out sources is never
 used: its configuration was tuned, in part, on what this job reports as unseen. TPE's random start-up
 counts these trials among its start-up trials, so it shrinks accordingly.
@@ -98,15 +102,29 @@ def rule_ridge(job: SearchJob, structure: ModelStructure) -> float:
     return widest / (job.repair_windows * job.seq_len * len(job.calibration))
 
 
+def even_subset(job: SearchJob, n_clusters: int) -> dict[str, Any]:
+    """The subset every cluster of this job's pool shares evenly (its samples nearest their centroid first)."""
+    return {"calib_seed": job.seed, **{f"calib_c{c}": 1.0 for c in range(n_clusters)}}
+
+
+def own_subset(params: dict[str, Any], job: SearchJob, n_clusters: int) -> dict[str, Any]:
+    """``params`` from another study with this job's :func:`even_subset` in place of that study's subset
+    composition (the subset's size carries)."""
+    theirs = [name for name in params if name == "calib_seed" or name.startswith("calib_c")]
+    if not theirs:
+        return dict(params)
+    return {**{k: v for k, v in params.items() if k not in theirs}, **even_subset(job, n_clusters)}
+
+
 def peer_params(job: SearchJob, structure: ModelStructure, n_clusters: int) -> list[dict[str, Any]]:
     """LLM-Pruner's and FLAP's own configurations as points of the search space, each as its tool gives it and
     then with the ``pool`` repair (the ``llm-pruner+repair`` baseline's, ridge by its rule): the strongest
     baseline is then a point the sampler learns from, not only a hidden yardstick."""
     n_layers = len(structure.layers)
     shape = structure.layers[0]
-    even = {f"calib_c{c}": 1.0 for c in range(n_clusters)}
+    even = even_subset(job, n_clusters)
     llm_pruner = {
-        "calib_size": 10, "calib_seed": job.seed, **even,
+        "calib_size": 10, **even,
         **_metric_weights("taylor_first_persample", job.space.metrics),  # closest per-sample metric to its Taylor
         "score": "mixture", "aggregation": "sum", "layer_first": min(4, n_layers // 4),
         "layer_last": min(2, n_layers // 8),
@@ -114,7 +132,7 @@ def peer_params(job: SearchJob, structure: ModelStructure, n_clusters: int) -> l
         "scope": "layer", "repair": "off", "drop_layers": 0, "iterations": 1,
     }
     flap = {
-        "calib_size": job.space.subset_size[1], "calib_seed": job.seed, **even,
+        "calib_size": job.space.subset_size[1], **even,
         **_metric_weights("flap_fluctuation", job.space.metrics), "score": "flap", "aggregation": "last",
         "layer_first": 0, "layer_last": 0, "strength": 0.0, "attn_share": 0.0, "scope": "global",
         "repair": "bias", "drop_layers": 0, "iterations": 1,
@@ -170,14 +188,17 @@ def warm_params(storage: optuna.storages.BaseStorage, job: SearchJob, study_name
 def informed_params(job: SearchJob, session: PruningSession, clusters: PoolClusters, max_drop: int,
                     storage: optuna.storages.BaseStorage | None = None, study_name: str = "",
                     min_drop: int = 0) -> list[dict]:
-    """The parameters of the trials a study starts with (peers, then priors, then earlier studies), fitted to the
-    space (the layers they drop clamped to ``min_drop`` .. ``max_drop``), without repeats, at most
-    ``job.trials``."""
+    """The parameters of the trials a study starts with (peers, then priors, then earlier studies, those two with
+    this job's own subset), fitted to the space (the layers they drop clamped to ``min_drop`` .. ``max_drop``),
+    without repeats, at most ``job.trials``."""
     if job.start == "random":
         return []
-    candidates = peer_params(job, session.structure, len(clusters.members)) + prior_params(job)
+    transferred = prior_params(job)
     if job.start == "warm" and storage is not None:
-        candidates += warm_params(storage, job, study_name)
+        transferred += warm_params(storage, job, study_name)
+    n_clusters = len(clusters.members)
+    candidates = peer_params(job, session.structure, n_clusters) + [own_subset(p, job, n_clusters)
+                                                                      for p in transferred]
     domains = search_domains(job, clusters, len(session.structure.layers), max_drop, min_drop)
     queued: list[dict] = []
     for params in candidates:
