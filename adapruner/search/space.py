@@ -73,6 +73,20 @@ FIXABLE: dict[str, tuple] = {
 }
 
 
+_CLUSTER_WEIGHT = "calib_c"  # a trial's weight of one cluster of the pool: calib_c0, calib_c1, ...
+
+
+def cluster_weight(c: int) -> str:
+    """The name of a trial's weight of the pool's cluster ``c`` (see the module docstring)."""
+    return f"{_CLUSTER_WEIGHT}{c}"
+
+
+def cluster_index(name: str) -> int | None:
+    """``c`` where ``name`` is :func:`cluster_weight` ``(c)``, else ``None``."""
+    digits = name.removeprefix(_CLUSTER_WEIGHT)
+    return int(digits) if digits != name and digits.isdigit() else None
+
+
 def _in_range(value: Any, kind: str, low: float, high: float | None) -> bool:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         return False
@@ -83,13 +97,14 @@ def _in_range(value: Any, kind: str, low: float, high: float | None) -> bool:
 
 def check_fixed(name: str, value: Any, n_clusters: int) -> None:
     """A fixed parameter must be one that trials have (``calib_c0`` .. one per cluster), in its range."""
-    if name.startswith("calib_c") and name[7:].isdigit() and int(name[7:]) < n_clusters:
+    cluster = cluster_index(name)
+    if cluster is not None and cluster < n_clusters:
         domain = _UNIT
     elif name in FIXABLE:
         domain = FIXABLE[name]
     else:
         raise AdaPrunerError(f"cannot fix {name!r}: not a search parameter (choose from {', '.join(FIXABLE)}, "
-                             f"calib_c0..calib_c{n_clusters - 1})")
+                             f"{cluster_weight(0)}..{cluster_weight(n_clusters - 1)})")
     if domain[0] in ("integer", "number", "positive number"):
         kind, low, high = domain
         if not _in_range(value, kind, low, high):
@@ -279,7 +294,7 @@ def suggest_config(trial: optuna.Trial, space: SearchSpace, clusters: PoolCluste
             generator = torch.Generator().manual_seed(p.int("calib_seed", 0, 2**20))
             subset = tuple(sorted(torch.randperm(pool_size, generator=generator)[:k].tolist()))
         else:
-            weights = [p.float(f"calib_c{c}", 0.0, 1.0) for c in range(len(clusters.members))]
+            weights = [p.float(cluster_weight(c), 0.0, 1.0) for c in range(len(clusters.members))]
             subset = subset_from_clusters(clusters, weights, k)
     weights = {m: 1.0 for m in space.metrics}
     if len(space.metrics) > 1:

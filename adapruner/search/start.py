@@ -38,7 +38,7 @@ from ..structure import ModelStructure
 from .job import SearchJob
 from .record import StudyKey, TrialKey
 from .selection import chosen_trial
-from .space import PoolClusters, suggest_config
+from .space import PoolClusters, cluster_index, cluster_weight, suggest_config
 
 logger = logging.getLogger(__name__)
 
@@ -104,13 +104,13 @@ def rule_ridge(job: SearchJob, structure: ModelStructure) -> float:
 
 def even_subset(job: SearchJob, n_clusters: int) -> dict[str, Any]:
     """The subset every cluster of this job's pool shares evenly (its samples nearest their centroid first)."""
-    return {"calib_seed": job.seed, **{f"calib_c{c}": 1.0 for c in range(n_clusters)}}
+    return {"calib_seed": job.seed, **{cluster_weight(c): 1.0 for c in range(n_clusters)}}
 
 
 def own_subset(params: dict[str, Any], job: SearchJob, n_clusters: int) -> dict[str, Any]:
     """``params`` from another study with this job's :func:`even_subset` in place of that study's subset
     composition (the subset's size carries)."""
-    theirs = [name for name in params if name == "calib_seed" or name.startswith("calib_c")]
+    theirs = [name for name in params if name == "calib_seed" or cluster_index(name) is not None]
     if not theirs:
         return dict(params)
     return {**{k: v for k, v in params.items() if k not in theirs}, **even_subset(job, n_clusters)}
